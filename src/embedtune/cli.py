@@ -1,0 +1,119 @@
+"""`embedtune <step> --flags`: a CLI generated from the step config dataclasses.
+
+Each field of `<Step>Config` becomes a flag in both spellings (`--lora-rank` and `--lora_rank`, so ms-swift
+users can paste their flags); its help text is the trailing comment on the field in `config.py`. Booleans
+take an optional value (`--infonce-use-batch`, `--infonce-use-batch false`). The step's `run(cfg)` result is
+printed as JSON on stdout. A user error (`EmbedtuneError`) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import re
+import sys
+import types
+import typing
+
+import orjson
+
+from embedtune import __version__
+from embedtune.config import STEP_CONFIGS
+from embedtune.errors import EmbedtuneError
+
+_FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=#]+(?:=.*?)?\s+#\s?(.*)$")
+
+
+def field_help(cls) -> dict[str, str]:
+    """Map field name -> the trailing comment on its line in the class source (the single help text)."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = _FIELD_LINE.match(line)
+        if m:
+            helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def parse_bool(raw: str) -> bool:
+    low = str(raw).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {raw!r}")
+
+
+def _base_type(annotation):
+    """`float | None` -> (float, True); `int` -> (int, False)."""
+    hint = annotation
+    optional = False
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    return hint, optional
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    helps = field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, optional = _base_type(hints[f.name])
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kwargs: dict = {"dest": f.name, "help": helps.get(f.name, "")}
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+            if f.default is not None and f.default != "":
+                kwargs["help"] += f" (default: {f.default!r})"
+        if kind is bool:
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs.update(type=kind, metavar=kind.__name__.upper())
+        if optional:
+            kwargs["help"] += " [unset: see help]" if not kwargs["help"] else ""
+        parser.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedtune",
+        description="Fine-tune embedding models and rerankers: convert -> split -> train -> evaluate -> merge -> register.",
+    )
+    parser.add_argument("--version", action="version", version=f"embedtune {__version__}")
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    for name, cls in STEP_CONFIGS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(name, help=doc, description=doc)
+        add_config_arguments(p, cls)
+    return parser
+
+
+def config_from_args(name: str, args: argparse.Namespace):
+    cls = STEP_CONFIGS[name]
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args.step, args)
+    step = importlib.import_module(f"embedtune.steps.{args.step}")
+    try:
+        result = step.run(cfg)
+    except EmbedtuneError as e:
+        print(f"embedtune {args.step}: error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

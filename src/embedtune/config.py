@@ -1,0 +1,185 @@
+"""One frozen dataclass per step: the single source of every knob's name, type, default and help text.
+
+The same names flow end to end: preset YAML keys == pipeline parameters == component parameters == these
+fields == CLI flags (`lora_rank` -> `--lora-rank`, `--lora_rank` also accepted) == MLflow params. Where
+ms-swift or Hugging Face `TrainingArguments` already names a knob, we use that name.
+
+The trailing comment on each field is its help text: the CLI (`embedtune train --help`) reads it from this
+file, so keep it on the same line as the field. Stdlib only: this module is imported by the components at
+compile time on machines without torch.
+
+Knobs whose default can come from an environment variable (ms-swift compatibility: INFONCE_TEMPERATURE, ...)
+default to `None` here; `resolve_env_defaults` fills them (explicit values win) and the effective values are
+logged and saved with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+# ms-swift's environment variables and the config field each one is a default for.
+ENV_DEFAULTS = {
+    "infonce_temperature": ("INFONCE_TEMPERATURE", float, 0.01),
+    "infonce_use_batch": ("INFONCE_USE_BATCH", "bool", True),
+    "infonce_hard_negatives": ("INFONCE_HARD_NEGATIVES", int, 0),
+    "infonce_mask_fake_negative": ("INFONCE_MASK_FAKE_NEGATIVE", "bool", False),
+    "positive_token": ("GENERATIVE_RERANKER_POSITIVE_TOKEN", str, "yes"),
+    "negative_token": ("GENERATIVE_RERANKER_NEGATIVE_TOKEN", str, "no"),
+}
+
+QWEN3_RERANKER_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """convert: any supported source -> canonical ms-swift rows (`query, response, rejected_response, label`)."""
+
+    source: str  # local JSONL/JSON/CSV/TSV/Parquet file or folder, or a Hugging Face dataset `name[:subset]`
+    output: str  # canonical JSONL to write; its stats JSON is written beside it (`<output>.stats.json`)
+    format: str = "auto"  # input shape: auto | canonical | mteb | sts | pairs (anchor/positive/negative columns)
+    hf_split: str = "train"  # split to read when `source` is a Hugging Face dataset
+    score_scale: float = 5.0  # STS scores are divided by this to get `label` in [0, 1] (use 1.0 for 0..1 scores)
+    sts_positive_threshold: float = 0.0  # > 0: keep only STS pairs with label >= this as positives (ms-swift stsb:positive = 0.75)
+    loss_type: str = ""  # loss the data is for; validates labels (0/1 for contrastive, [-1, 1] for cosine_similarity)
+    on_error: str = "fail"  # fail: exit non-zero listing the first problems | skip: write good rows + a `.rejected.jsonl`
+    max_errors: int = 20  # how many problems to list before stopping
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """split: canonical rows -> train / eval files, grouped by query so no query text is in both."""
+
+    dataset: str  # canonical JSONL from convert
+    train_data: str  # train JSONL to write
+    eval_data: str  # eval JSONL to write
+    split_dataset_ratio: float = 0.05  # fraction of distinct queries that go to eval, in (0, 1)
+    seed: int = 42  # seed of the query shuffle; same seed + same data -> same split
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """train: fine-tune an embedder or a reranker with the HF Trainer (DeepSpeed ZeRO-3/2 or plain)."""
+
+    model: str  # base model: local folder (HF or sentence-transformers) or a Hugging Face hub id
+    train_data: str  # canonical JSONL rows
+    output_dir: str  # where checkpoints and the final model folder are written (re-running resumes)
+    eval_data: str = ""  # optional canonical JSONL evaluated every `eval_steps`
+    task_type: str = "embedding"  # embedding | reranker
+    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; reranker: pointwise_reranker | listwise_reranker
+    train_type: str = "full"  # full | lora
+    pooling: str = "auto"  # auto (from the model's sentence-transformers config, else last for decoders, cls/mean for encoders) | last | mean | cls
+    query_instruction: str = ""  # embedding: prefix put before every query (e.g. 'Instruct: {task}\nQuery:'); stored with the model
+    reranker_instruction: str = QWEN3_RERANKER_INSTRUCTION  # reranker: the <Instruct> text of the Qwen3-Reranker prompt
+    max_length: int = 512  # tokens per text (query, document or reranker prompt); longer texts are truncated
+    lora_rank: int = 16  # LoRA rank r (train_type=lora)
+    lora_alpha: int = 32  # LoRA alpha (scaling = alpha / rank)
+    lora_dropout: float = 0.05  # LoRA dropout
+    lora_target: str = "all-linear"  # modules LoRA wraps: all-linear or a comma-separated list of module names
+    deepspeed: str = "zero3"  # zero3 | zero2 | none (configs ship in the package; 'auto' values filled by the Trainer)
+    nproc: int = 1  # processes to launch with torchrun (one per GPU; 2 on CPU for tests)
+    num_train_epochs: float = 1.0  # epochs over the train data
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 8  # rows per process per step (the global batch is this x nproc x accumulation)
+    per_device_eval_batch_size: int = 16  # rows per process per eval step
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (never adds infonce negatives)
+    learning_rate: float = 2e-5  # peak learning rate (ms-swift uses 1e-4 for LoRA, 1e-5 for full)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.1  # fraction of steps spent warming the learning rate up linearly
+    lr_scheduler_type: str = "linear"  # HF scheduler name: linear | cosine | constant | constant_with_warmup ...
+    seed: int = 42  # seed for model init, shuffling and dropout
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    logging_steps: int = 10  # log loss, lr and samples/s every N steps
+    eval_steps: int = 0  # evaluate every N steps (0: at the end only, when eval_data is given)
+    save_steps: int = 500  # checkpoint every N steps (what a preempted run resumes from)
+    save_total_limit: int = 2  # checkpoints kept on disk
+    margin: float = 0.5  # contrastive / online_contrastive: margin on the cosine distance
+    infonce_temperature: float | None = None  # logits = cos / temperature; default: env INFONCE_TEMPERATURE, else 0.01
+    infonce_use_batch: bool | None = None  # also score every other document of the global batch; default: env INFONCE_USE_BATCH, else true
+    infonce_hard_negatives: int | None = None  # > 0: each row uses exactly N of its negatives (resampled, never the positive); default: env INFONCE_HARD_NEGATIVES, else all
+    infonce_mask_fake_negative: bool | None = None  # mask negatives scoring > positive + 0.1; default: env INFONCE_MASK_FAKE_NEGATIVE, else false
+    positive_token: str | None = None  # reranker: token whose logit means relevant; default: env GENERATIVE_RERANKER_POSITIVE_TOKEN, else 'yes'
+    negative_token: str | None = None  # reranker: token whose logit means irrelevant; default: env GENERATIVE_RERANKER_NEGATIVE_TOKEN, else 'no'
+    listwise_temperature: float = 1.0  # listwise_reranker: scores are divided by this before the softmax
+    listwise_min_group_size: int = 2  # listwise_reranker: groups (1 positive + negatives) smaller than this are skipped and reported
+    trust_remote_code: bool = False  # allow the model's own Python code from the hub (off unless asked)
+    dataloader_num_workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """evaluate: metrics of a trained model (and its base) on canonical eval rows."""
+
+    model: str  # model folder from train/merge (or any sentence-transformers / HF model)
+    eval_data: str  # canonical JSONL rows
+    output: str  # metrics JSON to write; a Markdown report is written beside it (`<output>.md`)
+    baseline_model: str = ""  # optional base model measured the same way; adds delta_<metric>
+    primary_metric: str = ""  # metric used for gating; default by data shape (spearman_cosine for labels, ndcg_at_10 for ranking)
+    per_device_eval_batch_size: int = 32  # texts per forward pass
+    max_length: int = 0  # tokens per text; 0: the value saved with the model
+    report: str = ""  # Markdown report path; default `<output>.md`
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """merge: fold a LoRA adapter into its base weights and prove the result equals the adapter model."""
+
+    adapter: str  # model folder written by train with train_type=lora (a full-training folder passes through)
+    output: str  # merged model folder to write
+    tolerance: float = 1e-4  # max abs difference allowed between merged and adapter outputs (fp32)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """register: log the model to MLflow, register a version, set aliases behind a champion gate."""
+
+    model: str  # model folder to register (merged or full)
+    metrics: str  # metrics JSON written by evaluate
+    name: str  # registered model name in MLflow
+    tracking_uri: str = ""  # MLflow tracking URI; default env MLFLOW_TRACKING_URI, else a local sqlite store
+    run_id: str = ""  # pipeline run id for lineage and idempotency (same id -> same version, none created)
+    experiment_name: str = "embedtune"  # MLflow experiment of the registration run
+    min_improvement: float = 0.0  # promote to champion only when primary metric > champion's + this
+    dataset_stats: str = ""  # stats JSON from convert (its fingerprint becomes a lineage tag)
+    image: str = ""  # container image the steps ran in (lineage tag)
+
+
+STEP_CONFIGS = {
+    "convert": ConvertConfig,
+    "split": SplitConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "merge": MergeConfig,
+    "register": RegisterConfig,
+}
+
+
+def _parse_env(name: str, kind, raw: str):
+    if kind == "bool":
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"environment variable {name}={raw!r} is not a boolean")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def resolve_env_defaults(cfg, environ=None):
+    """Fill `None` knobs from ms-swift's env vars, else the built-in default. Explicit values win.
+
+    Returns a new config with every ENV_DEFAULTS field set, so the effective values can be logged and saved.
+    """
+    environ = os.environ if environ is None else environ
+    names = {f.name for f in dataclasses.fields(cfg)}
+    updates = {}
+    for field, (env, kind, default) in ENV_DEFAULTS.items():
+        if field not in names or getattr(cfg, field) is not None:
+            continue
+        raw = environ.get(env)
+        updates[field] = default if raw in (None, "") else _parse_env(env, kind, raw)
+    return dataclasses.replace(cfg, **updates)
