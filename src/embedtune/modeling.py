@@ -1,0 +1,506 @@
+"""The two model kinds embedtune trains, and the folder format they are saved in.
+
+**Embedder**: any Hugging Face encoder or decoder + pooling + L2 normalization, so dot product == cosine.
+  - `last`  (decoder LLMs: Qwen3-Embedding, gte-Qwen2): the tokenizer appends the end-of-text token and the
+    hidden state of the last *real* token is the embedding. The position comes from the attention mask, so
+    left or right padding give the same vectors.
+  - `mean`  (BERT, MiniLM): mean of real-token hidden states.
+  - `cls`   (gte-modernbert): the first real token.
+  Queries get `query_instruction` prepended (e.g. Qwen3's `Instruct: {task}\\nQuery:`); documents never do.
+
+**Reranker**: a decoder LM that reads the Qwen3-Reranker prompt and scores relevance as
+  `z = logit(yes) - logit(no)` at the last position; `score()` returns `sigmoid(z)`, which equals the official
+  softmax over [no, yes].
+
+Folder format (what train and merge write, what evaluate and register read):
+  - `embedtune.json`: task_type, base_model, train_type, pooling, query_instruction, max_length, reranker tokens
+    and instruction, and the whole effective training config (`train_config`).
+  - embedder: a sentence-transformers folder, so `SentenceTransformer(dir)` loads it with the same pooling,
+    normalization, max length and a `query` prompt; the HF weights (or, for LoRA, the PEFT adapter) at the root.
+  - reranker: an HF causal-LM folder (or a PEFT adapter on one) + tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedtune import __version__
+from embedtune.config import QWEN3_RERANKER_INSTRUCTION
+from embedtune.errors import EmbedtuneError
+from embedtune.io import write_json
+
+META_FILE = "embedtune.json"
+POOLINGS = ("last", "mean", "cls")
+ADAPTER_FILE = "adapter_config.json"
+
+RERANKER_SYSTEM = 'Judge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
+RERANKER_PREFIX = f"<|im_start|>system\n{RERANKER_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+# --------------------------------------------------------------------------------------------- folder helpers
+def read_meta(path: str | os.PathLike) -> dict:
+    """The `embedtune.json` of a model folder, or `{}` for a plain HF / sentence-transformers model."""
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _hub_file(path: str, name: str) -> str | None:
+    """Path of `name` in a local folder or a hub repo (cached), or None when the repo has no such file."""
+    local = Path(path)
+    if local.is_dir():
+        return str(local / name) if (local / name).is_file() else None
+    from transformers.utils import cached_file
+
+    return cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    """True when the folder holds a PEFT adapter instead of full weights."""
+    return (Path(path) / ADAPTER_FILE).is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base model an adapter folder was trained on (embedtune.json first, then PEFT's own config)."""
+    base = read_meta(path).get("base_model")
+    if not base:
+        base = json.loads((Path(path) / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise EmbedtuneError(f"{path}: adapter folder names no base model")
+    return base
+
+
+def detect_pooling(path: str, config) -> str:
+    """Pooling of a model: its sentence-transformers config when present, else by architecture."""
+    modules = _hub_file(path, "modules.json")
+    if modules:
+        for module in json.loads(Path(modules).read_text()):
+            if module["type"].endswith("Pooling"):
+                cfg_file = _hub_file(path, f"{module['path']}/config.json")
+                if cfg_file:
+                    return _pooling_from_st(json.loads(Path(cfg_file).read_text()))
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False):
+        return "last"
+    if getattr(config, "model_type", "") in ("modernbert",):
+        return "cls"
+    return "mean"
+
+
+def _pooling_from_st(cfg: dict) -> str:
+    mode = cfg.get("pooling_mode")  # sentence-transformers >= 6
+    if mode is None:  # older configs: one boolean per mode
+        mode = next(
+            (m for m in ("cls_token", "mean_tokens", "lasttoken") if cfg.get(f"pooling_mode_{m}")),
+            "mean_tokens",
+        )
+    mode = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "last", "cls": "cls", "mean": "mean"}.get(
+        mode
+    )
+    if mode is None:
+        raise EmbedtuneError(f"unsupported sentence-transformers pooling {cfg}")
+    return mode
+
+
+def _st_prompts(path: str) -> dict:
+    f = _hub_file(path, "config_sentence_transformers.json")
+    return json.loads(Path(f).read_text()).get("prompts") or {} if f else {}
+
+
+def _st_max_length(path: str) -> int | None:
+    """sentence-transformers' own max_seq_length (e.g. 256 for all-MiniLM-L6-v2, below its tokenizer's 512)."""
+    f = _hub_file(path, "sentence_bert_config.json")
+    return json.loads(Path(f).read_text()).get("max_seq_length") if f else None
+
+
+def _load_backbone(path: str, auto_cls, trust_remote_code: bool, dtype):
+    """Load full weights, or base + PEFT adapter when `path` is an adapter folder."""
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = auto_cls.from_pretrained(adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype)
+        return PeftModel.from_pretrained(base, path, is_trainable=False)
+    return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def _hf_config(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    src = adapter_base(path) if is_adapter(path) else path
+    return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+
+
+def append_eos_post_processor(tokenizer) -> None:
+    """Make a fast tokenizer append its end-of-text token, as Qwen3-Embedding's own tokenizer does.
+
+    Done on the tokenizer itself (not in our batching code) so the saved tokenizer does the same inside
+    sentence-transformers: training, evaluation and serving see identical token ids.
+    """
+    from tokenizers import processors
+
+    eos = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    if eos is None:
+        raise EmbedtuneError("last-token pooling needs an end-of-text token; the tokenizer has none")
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    if tokenizer("a")["input_ids"][-1] == eos_id:
+        return  # already appends it
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise EmbedtuneError("last-token pooling needs a fast tokenizer to append the end-of-text token")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, eos_id)]
+    )
+    assert tokenizer("a")["input_ids"][-1] == eos_id
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, L, H) hidden states + (B, L) mask -> (B, H), independent of the padding side."""
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if pooling == "last":
+        idx = (mask.long() * positions).argmax(1)  # index of the last 1 in each row
+    elif pooling == "cls":
+        idx = mask.long().argmax(1)  # index of the first 1 in each row
+    else:
+        raise EmbedtuneError(f"unknown pooling {pooling!r}: choose one of {POOLINGS}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+def _batches_by_length(lengths: Sequence[int], batch_size: int):
+    """Index batches of similar length (longest first), so padding is small; callers restore the order."""
+    order = np.argsort([-n for n in lengths], kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _progress(iterable, show: bool, desc: str):
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc)
+
+
+# --------------------------------------------------------------------------------------------- embedder
+class Embedder(nn.Module):
+    """Backbone + pooling + L2 normalization. `forward` keeps gradients (training); `encode` does not."""
+
+    def __init__(self, backbone, tokenizer, pooling: str, query_instruction: str = "", max_length: int = 512):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise EmbedtuneError(f"unknown pooling {pooling!r}: choose one of {POOLINGS}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.query_instruction = query_instruction
+        self.max_length = max_length
+        if pooling == "last":
+            append_eos_post_processor(tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        pooling: str = "auto",
+        query_instruction: str | None = None,
+        max_length: int | None = None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> Embedder:
+        """Load an embedtune folder, a sentence-transformers folder, any HF model, or an adapter folder.
+
+        Unset arguments come from the folder (embedtune.json, then sentence-transformers config, then the
+        architecture): `pooling`, `query_instruction` (the ST `query` prompt), `max_length`.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(path)
+        meta = read_meta(path)
+        config = _hf_config(path, trust_remote_code)
+        if pooling == "auto":
+            pooling = meta.get("pooling") or detect_pooling(
+                path if not is_adapter(path) else adapter_base(path), config
+            )
+        if query_instruction is None:
+            query_instruction = meta.get("query_instruction", _st_prompts(path).get("query", ""))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if not max_length:
+            max_length = (
+                meta.get("max_length") or _st_max_length(path) or min(int(tokenizer.model_max_length), 8192)
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        backbone = _load_backbone(path, AutoModel, trust_remote_code, dtype)
+        return cls(backbone, tokenizer, pooling, query_instruction, max_length)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.config.hidden_size
+
+    def tokenize(self, texts: Sequence[str], is_query: bool = False, padding: bool = True):
+        """Token ids for texts (queries get the instruction); truncation keeps the appended EOS."""
+        if is_query and self.query_instruction:
+            texts = [self.query_instruction + t for t in texts]
+        return self.tokenizer(
+            list(texts),
+            padding=padding,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt" if padding else None,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids + mask -> (B, H) unit-norm embeddings."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(pool(hidden, attention_mask, self.pooling).float(), p=2, dim=-1)
+
+    @torch.inference_mode()
+    def encode(
+        self, texts: Sequence[str], is_query: bool = False, batch_size: int = 32, show_progress: bool = False
+    ) -> np.ndarray:
+        """(N,) texts -> (N, H) float32 unit vectors, in the input order. Batched by length, no grad."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for idx in _progress(
+            _batches_by_length([len(t) for t in texts], batch_size), show_progress, "encode"
+        ):
+            batch = self.tokenize([texts[i] for i in idx], is_query=is_query).to(device)
+            out[idx] = self(batch["input_ids"], batch["attention_mask"]).cpu().numpy()
+        self.train(was_training)
+        return out
+
+    def save_pretrained(self, out_dir: str | os.PathLike, meta: dict | None = None, state_dict=None) -> None:
+        """Write a sentence-transformers folder (+ embedtune.json). A PEFT backbone saves only its adapter.
+
+        `state_dict`: weights gathered from DeepSpeed ZeRO-3 shards (keys of `self.backbone`), when the live
+        parameters are partitioned.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        self.backbone.save_pretrained(out, **kwargs)
+        self.tokenizer.model_max_length = self.max_length
+        self.tokenizer.save_pretrained(out)
+        write_st_files(out, self.dim, self.pooling, self.query_instruction)
+        write_meta(
+            out,
+            {
+                "task_type": "embedding",
+                "pooling": self.pooling,
+                "query_instruction": self.query_instruction,
+                "max_length": self.max_length,
+                **(meta or {}),
+            },
+        )
+
+
+def write_st_files(out: Path, dim: int, pooling: str, query_instruction: str) -> None:
+    """The sentence-transformers 6 config files: Transformer -> Pooling -> Normalize, and the query prompt."""
+    import sentence_transformers
+    import transformers
+
+    st_mode = {"last": "lasttoken", "mean": "mean", "cls": "cls"}[pooling]
+    modules = [
+        ("", "sentence_transformers.base.modules.transformer.Transformer"),
+        ("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling"),
+        ("2_Normalize", "sentence_transformers.base.modules.normalize.Normalize"),
+    ]
+    write_json(
+        out / "modules.json",
+        [{"idx": i, "name": str(i), "path": p, "type": t} for i, (p, t) in enumerate(modules)],
+    )
+    write_json(
+        out / "sentence_bert_config.json",
+        {
+            "transformer_task": "feature-extraction",
+            "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+            "module_output_name": "token_embeddings",
+        },
+    )
+    write_json(
+        out / "1_Pooling" / "config.json",
+        {"embedding_dimension": dim, "pooling_mode": st_mode, "include_prompt": True},
+    )
+    write_json(
+        out / "2_Normalize" / "config.json",
+        {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"},
+    )
+    write_json(
+        out / "config_sentence_transformers.json",
+        {
+            "__version__": {
+                "sentence_transformers": sentence_transformers.__version__,
+                "transformers": transformers.__version__,
+                "pytorch": torch.__version__,
+            },
+            "model_type": "SentenceTransformer",
+            "prompts": {"query": query_instruction, "document": ""},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+
+
+def write_meta(out: str | os.PathLike, meta: dict) -> None:
+    write_json(Path(out) / META_FILE, {"embedtune_version": __version__, **meta})
+
+
+# --------------------------------------------------------------------------------------------- reranker
+class Reranker(nn.Module):
+    """Decoder LM scoring relevance as logit(yes) - logit(no) after the Qwen3-Reranker prompt."""
+
+    def __init__(
+        self,
+        lm,
+        tokenizer,
+        instruction: str = QWEN3_RERANKER_INSTRUCTION,
+        max_length: int = 512,
+        positive_token: str = "yes",
+        negative_token: str = "no",
+    ):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.instruction = instruction
+        self.max_length = max_length
+        self.positive_token, self.negative_token = positive_token, negative_token
+        self.yes_id = self._single_token_id(positive_token)
+        self.no_id = self._single_token_id(negative_token)
+        self._prefix = tokenizer.encode(RERANKER_PREFIX, add_special_tokens=False)
+        self._suffix = tokenizer.encode(RERANKER_SUFFIX, add_special_tokens=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def _single_token_id(self, token: str) -> int:
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise EmbedtuneError(
+                f"reranker token {token!r} is {len(ids)} tokens in this tokenizer; it must be one"
+            )
+        return ids[0]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        instruction: str | None = None,
+        max_length: int | None = None,
+        positive_token: str | None = None,
+        negative_token: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> Reranker:
+        """Load a reranker folder (full or adapter); unset arguments come from its embedtune.json."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = str(path)
+        meta = read_meta(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        lm = _load_backbone(path, AutoModelForCausalLM, trust_remote_code, dtype)
+        return cls(
+            lm,
+            tokenizer,
+            instruction=instruction or meta.get("reranker_instruction") or QWEN3_RERANKER_INSTRUCTION,
+            max_length=max_length or meta.get("max_length") or 512,
+            positive_token=positive_token or meta.get("positive_token") or "yes",
+            negative_token=negative_token or meta.get("negative_token") or "no",
+        )
+
+    def tokenize(self, queries: Sequence[str], docs: Sequence[str], padding: bool = True):
+        """Prompt ids for (query, doc) pairs. Over max_length, the document is cut first, then the query,
+        so the prompt's prefix and suffix (where the yes/no is read) always survive."""
+        budget = self.max_length - len(self._prefix) - len(self._suffix)
+        if budget <= 8:
+            raise EmbedtuneError(f"max_length {self.max_length} leaves no room for the reranker prompt")
+        heads = [f"<Instruct>: {self.instruction}\n<Query>: {q}\n<Document>: " for q in queries]
+        enc = self.tokenizer(heads, add_special_tokens=False, truncation=True, max_length=budget // 2)[
+            "input_ids"
+        ]
+        doc_ids = self.tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+        ids = [
+            self._prefix + h + d[: budget - len(h)] + self._suffix for h, d in zip(enc, doc_ids, strict=True)
+        ]
+        if not padding:
+            return {"input_ids": ids}
+        return self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B,) z = logit(yes) - logit(no) at the last real token (any padding side).
+
+        Only the last position goes through the LM head: (B, V) logits instead of (B, L, V).
+        """
+        lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = pool(hidden, attention_mask, "last")  # (B, H)
+        logits = lm.get_output_embeddings()(last).float()  # (B, V)
+        return logits[:, self.yes_id] - logits[:, self.no_id]
+
+    @torch.inference_mode()
+    def score(self, query: str, docs: Sequence[str], batch_size: int = 16) -> list[float]:
+        """Relevance of each document to the query, in [0, 1] (P(yes) of the official reranker)."""
+        return self.score_pairs([query] * len(docs), docs, batch_size)
+
+    @torch.inference_mode()
+    def score_pairs(
+        self, queries: Sequence[str], docs: Sequence[str], batch_size: int = 16, show_progress: bool = False
+    ) -> list[float]:
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        lengths = [len(q) + len(d) for q, d in zip(queries, docs, strict=True)]
+        out = np.zeros(len(lengths), dtype=np.float64)
+        for idx in _progress(_batches_by_length(lengths, batch_size), show_progress, "score"):
+            batch = self.tokenize([queries[i] for i in idx], [docs[i] for i in idx]).to(device)
+            out[idx] = torch.sigmoid(self(batch["input_ids"], batch["attention_mask"])).cpu().numpy()
+        self.train(was_training)
+        return out.tolist()
+
+    def save_pretrained(self, out_dir: str | os.PathLike, meta: dict | None = None, state_dict=None) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        self.lm.save_pretrained(out, **kwargs)
+        self.tokenizer.save_pretrained(out)
+        write_meta(
+            out,
+            {
+                "task_type": "reranker",
+                "reranker_instruction": self.instruction,
+                "max_length": self.max_length,
+                "positive_token": self.positive_token,
+                "negative_token": self.negative_token,
+                **(meta or {}),
+            },
+        )
+
+
+# --------------------------------------------------------------------------------------------- entry points
+def load_embedder(path: str | os.PathLike, **kwargs) -> Embedder:
+    return Embedder.from_pretrained(path, **kwargs)
+
+
+def load_reranker(path: str | os.PathLike, **kwargs) -> Reranker:
+    return Reranker.from_pretrained(path, **kwargs)
+
+
+def task_type_of(path: str | os.PathLike) -> str:
+    """`embedding` or `reranker`: from embedtune.json; plain folders are embedders."""
+    return read_meta(path).get("task_type", "embedding")
+
+
+def load_model(path: str | os.PathLike, **kwargs) -> Embedder | Reranker:
+    """Load whichever kind the folder holds."""
+    return (
+        load_reranker(path, **kwargs) if task_type_of(path) == "reranker" else load_embedder(path, **kwargs)
+    )
