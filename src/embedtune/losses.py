@@ -1,0 +1,412 @@
+"""Every training loss embedtune offers, as plain functions on tensors (ms-swift's names and semantics).
+
+The train step encodes a batch, then calls one of these. Nothing here knows about models, tokenizers or the
+Trainer, so each loss can be checked against a hand-computed number and timed on its own.
+
+Embedding losses take L2-normalized embeddings (dot product == cosine):
+
+- ``infonce``: each query scored against its positive, its own hard negatives and (``use_batch``) every
+  other document of the *global* batch, cross-entropy on the positive. Ragged negatives are padded +
+  masked (no per-sample Python loop); other ranks' documents are gathered *with* gradients, so 2 ranks x
+  batch B train exactly like 1 rank x batch 2B.
+- ``cosine_similarity``: MSE between cos(a, b) and a float label.
+- ``contrastive`` / ``online_contrastive``: sentence-transformers' margin losses on the cosine distance.
+
+Reranker losses take ``z = logit(yes) - logit(no)`` at the last position (sigmoid(z) is the probability of
+"yes" under the softmax over [no, yes]):
+
+- ``pointwise_reranker``: binary cross-entropy, label 1 for a positive, 0 for a negative.
+- ``listwise_reranker``: per query, softmax cross-entropy over [positive, negatives...] / temperature.
+
+Example::
+
+    import torch.nn.functional as F
+    from embedtune.losses import infonce_loss, pack_negatives, pad_negatives
+
+    negs, mask = pad_negatives([["n1", "n2"], []], n=None, rng=random.Random(0))
+    flat = encode([t for row in negs for t in row if t is not None])        # (mask.sum(), D)
+    loss = infonce_loss(F.normalize(encode(queries), dim=-1), F.normalize(encode(positives), dim=-1),
+                        pack_negatives(F.normalize(flat, dim=-1), mask), mask,
+                        temperature=0.01, use_batch=True, mask_fake_negative=False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from embedtune.errors import DataError, EmbedtuneError
+
+# A negative whose cosine similarity to the query exceeds the positive's by more than this is treated as an
+# unlabeled positive (a "fake negative") and masked out when mask_fake_negative is on (ms-swift's margin).
+FAKE_NEGATIVE_MARGIN = 0.1
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 cosines / 0.01 would lose the ranking); fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hard negatives: sampling and padding
+
+
+def pad_negatives(
+    neg_lists: Sequence[Sequence[Any]], n: int | None, rng
+) -> tuple[list[list[Any]], torch.Tensor]:
+    """Give every row the same number of negative slots; returns ``(rows, mask)``.
+
+    - ``n > 0``: every row gets exactly ``n`` negatives: its first ``n`` when it has more, else all of
+      its own plus ones resampled (with replacement) from *its own* negatives. The positive and other rows'
+      negatives are never picked (ms-swift's resampling could pick the positive). A row with no negatives
+      gets ``n`` empty slots.
+    - ``n`` None or 0: every row keeps all its negatives and is padded to the longest row of the batch.
+
+    Empty slots hold ``None`` and are ``False`` in ``mask`` (a bool tensor ``(B, N)``), so a caller encodes
+    only the real ones (``[t for row in rows for t in row if t is not None]``, row-major, the same order as
+    ``mask``) and places them with :func:`pack_negatives`.
+
+    ``rng`` is a ``random.Random`` (or a ``numpy.random.Generator``); only resampling uses it.
+    """
+    out: list[list[Any]] = []
+    if n:
+        for row in neg_lists:
+            row = list(row)
+            if len(row) >= n:
+                out.append(row[:n])
+            elif row:
+                out.append(row + [row[_randbelow(rng, len(row))] for _ in range(n - len(row))])
+            else:
+                out.append([None] * n)
+        width = n
+    else:
+        width = max((len(row) for row in neg_lists), default=0)
+        out = [list(row) + [None] * (width - len(row)) for row in neg_lists]
+    mask = torch.tensor([[t is not None for t in row] for row in out], dtype=torch.bool).reshape(
+        len(out), width
+    )
+    return out, mask
+
+
+def _randbelow(rng, k: int) -> int:
+    return rng.randrange(k) if hasattr(rng, "randrange") else int(rng.integers(k))
+
+
+def pack_negatives(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter the real negatives' embeddings ``(mask.sum(), D)`` (row-major) into ``(B, N, D)``; zeros elsewhere."""
+    b, n = mask.shape
+    slots = mask.to(flat.device).flatten().nonzero().squeeze(1)  # (K,) row-major slot of each real negative
+    # index_copy (backward: index_select) is several times faster than masked_scatter on (B, N, D).
+    return flat.new_zeros(b * n, flat.shape[-1]).index_copy(0, slots, flat).view(b, n, -1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# infonce
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the *sum* of every rank's gradient for its slice.
+
+    Every rank's loss depends on every rank's documents; summing the gradients here means the parameters
+    of rank r receive d(sum of all ranks' losses)/d(rank r's documents), which is what one process holding
+    the whole batch would compute. (ms-swift gathers detached copies instead, losing those terms.)
+    Input: ``(L, D)``, the same ``L`` on every rank; output: ``(world_size * L, D)`` in rank order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Sum over ranks, keep our slice. (A reduce_scatter would move less data, but gloo lacks it on some
+        # builds and embeddings are small next to the model's own gradient all-reduce: one path everywhere.)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        length = grad.shape[0] // ctx.world
+        return grad[ctx.rank * length : (ctx.rank + 1) * length]
+
+
+def _gather_docs(docs: torch.Tensor, world_size: int, rank: int, batch: int):
+    """Gather every rank's documents ``(L_r, D)`` with gradients.
+
+    Returns ``(all_docs (sum L_r, D), offset of this rank's first document, global batch size)``. Ranks may
+    hold different numbers of rows and of real negatives, so each pads to the longest and the padding is
+    dropped after the gather.
+    """
+    sizes = torch.tensor([docs.shape[0], batch], device=docs.device, dtype=torch.long)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world_size)]
+    dist.all_gather(all_sizes, sizes)
+    lengths = [int(s[0]) for s in all_sizes]
+    global_batch = sum(int(s[1]) for s in all_sizes)
+    longest = max(lengths)
+    padded = F.pad(docs, (0, 0, 0, longest - docs.shape[0]))
+    gathered = _AllGatherWithGrad.apply(padded)  # (world_size * longest, D)
+    keep = torch.cat([torch.arange(longest, device=docs.device) < n for n in lengths])
+    return gathered[keep], sum(lengths[:rank]), global_batch
+
+
+def infonce_loss(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    neg_mask: torch.Tensor,
+    *,
+    temperature: float,
+    use_batch: bool,
+    mask_fake_negative: bool,
+    world_size: int = 1,
+    rank: int = 0,
+    gather: bool = True,
+) -> torch.Tensor:
+    """InfoNCE (a.k.a. MultipleNegativesRankingLoss) over ragged hard negatives, exact across ranks.
+
+    Args:
+        q: ``(B, D)`` L2-normalized query embeddings of this rank.
+        pos: ``(B, D)`` their positives.
+        neg: ``(B, N, D)`` hard negatives padded to ``N`` (see :func:`pad_negatives`, :func:`pack_negatives`),
+            or just the real ones ``(K, D)`` in row-major order of ``neg_mask`` (``K = neg_mask.sum()``):
+            the encoder's output as is, which skips a pad/unpad round trip (faster, same result).
+        neg_mask: ``(B, N)`` bool, True where a row has a real negative.
+        temperature: logits are cosine / temperature.
+        use_batch: also score every other document of the global batch: all ranks' positives and real
+            negatives. Off: a query sees only its positive and its own negatives.
+        mask_fake_negative: a negative (own or in-batch) whose cosine exceeds the positive's by more than
+            0.1 gets a logit of -inf (likely an unlabeled positive).
+        world_size, rank: the data-parallel group. With ``world_size > 1``, ``use_batch`` and ``gather``,
+            other ranks' documents are gathered *with* gradients (every rank must call this).
+        gather: False keeps ``use_batch`` to this rank's own documents (no communication).
+
+    Returns:
+        Scalar loss. For query ``i``: ``logsumexp(logits_i) - logits_i[own positive]`` with every real
+        document counted once, averaged over queries. Across ranks the value is ``sum of this rank's
+        terms * world_size / global batch``: DDP and DeepSpeed *average* gradients over ranks, so
+        this makes the averaged gradient equal the one of a single process holding the whole global batch
+        (for equal per-rank batches it is simply this rank's mean).
+    """
+    batch = neg_mask.shape[0]
+    rows = torch.arange(batch, device=q.device)
+    q = _up(q)  # logits are cos / 0.01: keep them fp32 even when the model runs in bf16
+    flat_given = neg.dim() == 2
+    if not use_batch:
+        neg = pack_negatives(neg, neg_mask) if flat_given else neg
+        # Own documents only: logits (B, 1 + N), column 0 = positive, padded negatives at -inf.
+        sims = torch.cat([(q * _up(pos)).sum(-1, keepdim=True), torch.einsum("bd,bnd->bn", q, _up(neg))], 1)
+        allowed = torch.cat([neg_mask.new_ones(batch, 1), neg_mask.to(q.device)], 1)
+        target = torch.zeros(batch, dtype=torch.long, device=q.device)
+        scale = 1.0 / batch
+    else:
+        # Every real document of the batch, ordered [this rank's positives, this rank's real negatives]
+        # per rank; padded negatives are dropped, so no column needs masking.
+        if not flat_given:
+            slots = neg_mask.to(neg.device).flatten().nonzero().squeeze(1)  # (K,) real negatives, row-major
+            neg = neg.reshape(-1, neg.shape[-1]).index_select(0, slots)
+        docs = torch.cat([pos, neg])  # (B + K, D)
+        offset, global_batch = 0, batch
+        if world_size > 1 and gather:
+            docs, offset, global_batch = _gather_docs(docs, world_size, rank, batch)
+        sims = q @ _up(docs).T  # (B, all documents of the global batch)
+        allowed = None
+        target = offset + rows  # own positive's column
+        scale = world_size / global_batch if gather else 1.0 / batch
+    if mask_fake_negative:
+        pos_sim = sims[rows, target].detach().unsqueeze(1)
+        fake = sims > pos_sim + FAKE_NEGATIVE_MARGIN
+        fake[rows, target] = False
+        allowed = ~fake if allowed is None else allowed & ~fake
+    logits = sims / temperature
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return F.cross_entropy(logits, target, reduction="sum") * scale
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pair losses
+
+
+def cosine_similarity_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``mean((cos(a_i, b_i) - label_i)^2)``: sentence-transformers' CosineSimilarityLoss. a, b: ``(B, D)``."""
+    cos = F.cosine_similarity(_up(a), _up(b), dim=-1)
+    return F.mse_loss(cos, labels.to(cos))
+
+
+def _pair_terms(d: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    # label 1 pulls together (d^2 / 2), label 0 pushes apart until d >= margin (relu(margin - d)^2 / 2).
+    return 0.5 * (labels * d.pow(2) + (1 - labels) * F.relu(margin - d).pow(2))
+
+
+def contrastive_loss(
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.5
+) -> torch.Tensor:
+    """sentence-transformers' ContrastiveLoss on the cosine distance ``d = 1 - cos(a, b)``, mean over pairs.
+
+    Label 1: ``d^2 / 2``; label 0: ``relu(margin - d)^2 / 2``. Labels must be 0 or 1.
+    """
+    d = 1 - F.cosine_similarity(_up(a), _up(b), dim=-1)
+    return _pair_terms(d, labels.to(d), margin).mean()
+
+
+def online_contrastive_loss(
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.5
+) -> torch.Tensor:
+    """Contrastive loss over the hard pairs of the batch only, **mean** over those pairs.
+
+    Hard positives: label-1 pairs farther apart than the closest label-0 pair; hard negatives: label-0 pairs
+    closer than the farthest label-1 pair (sentence-transformers' OnlineContrastiveLoss selection, including
+    its fallbacks when a side has a single pair). Each selected pair contributes the same term as
+    :func:`contrastive_loss` (``d^2/2`` or ``relu(margin - d)^2/2``).
+
+    Scale differs from sentence-transformers / ms-swift on purpose: they *sum* ``d^2`` and ``relu(m-d)^2``
+    without the 1/2, so their value is ``2 * n_hard_pairs`` times ours; the mean keeps the learning rate
+    independent of the batch size. The batch is this rank's (hard pairs are mined per rank). Returns 0 (with
+    a graph) when no pair is hard.
+    """
+    d = 1 - F.cosine_similarity(_up(a), _up(b), dim=-1)
+    labels = labels.to(d)
+    is_pos, is_neg = labels == 1, labels == 0
+    poss, negs = d[is_pos], d[is_neg]
+    with torch.no_grad():
+        neg_bound = poss.max() if poss.numel() > 1 else negs.mean()
+        pos_bound = negs.min() if negs.numel() > 1 else poss.mean()
+    hard = (is_neg & (d < neg_bound)) | (is_pos & (d > pos_bound))
+    if not bool(hard.any()):
+        return d.sum() * 0.0
+    return _pair_terms(d[hard], labels[hard], margin).mean()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reranker losses
+
+
+def pointwise_reranker_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits on ``z = logit(yes) - logit(no)`` ``(M,)``, labels 1/0, mean."""
+    z = _up(z)
+    return F.binary_cross_entropy_with_logits(z, labels.to(z))
+
+
+def skipped_groups(group_sizes, min_group_size: int = 2) -> int:
+    """How many listwise groups :func:`listwise_reranker_loss` skips (fewer than ``min_group_size`` scores)."""
+    return int((torch.as_tensor(group_sizes) < min_group_size).sum())
+
+
+def listwise_reranker_loss(
+    z: torch.Tensor, group_sizes, *, temperature: float = 1.0, min_group_size: int = 2
+) -> torch.Tensor:
+    """Softmax cross-entropy over each query's group of scores, target = the group's first score.
+
+    Args:
+        z: ``(M,)`` flat scores of groups laid out consecutively, each ``[positive, negatives...]``.
+        group_sizes: ``(G,)`` sizes summing to ``M`` (tensor or list).
+        temperature: scores are divided by it before the softmax.
+        min_group_size: groups smaller than this are skipped (a group of one has nothing to rank against);
+            count them with :func:`skipped_groups` to report them.
+
+    Returns the mean over the kept groups (0 with a graph when none is kept). Vectorized: the groups are
+    padded into a ``(G, longest)`` matrix with -inf, so no per-group Python loop.
+    """
+    sizes = torch.as_tensor(group_sizes, device=z.device, dtype=torch.long)
+    z = _up(z) / temperature
+    keep = sizes >= min_group_size
+    if not bool(keep.any()):
+        return z.sum() * 0.0
+    # (M,) group of each score, then its position inside the group.
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=z.device), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(z.numel(), device=z.device) - starts[group]
+    scores = z.new_full((len(sizes), int(sizes.max())), float("-inf")).index_put((group, slot), z)
+    scores = scores[keep]
+    return F.cross_entropy(scores, scores.new_zeros(len(scores), dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registry and data checks
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "infonce": infonce_loss,
+    "cosine_similarity": cosine_similarity_loss,
+    "contrastive": contrastive_loss,
+    "online_contrastive": online_contrastive_loss,
+    "pointwise_reranker": pointwise_reranker_loss,
+    "listwise_reranker": listwise_reranker_loss,
+}
+EMBEDDING_LOSSES = frozenset({"infonce", "cosine_similarity", "contrastive", "online_contrastive"})
+RERANKER_LOSSES = frozenset({"pointwise_reranker", "listwise_reranker"})
+
+_MAX_LISTED = 20
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_loss_data(
+    loss_type: str, rows: Sequence[dict], params: Any = None, *, source: str = "data"
+) -> None:
+    """Fail before training when rows cannot feed ``loss_type``; the message names the problem rows.
+
+    ``rows`` are canonical dicts (``query, response, rejected_response?, label?``); a ``_line`` key, when
+    present, is the row's 1-based line in ``source`` and is what the message cites (else the 1-based row
+    index). ``params`` is anything with the train knobs as attributes (a ``TrainConfig``): it reads
+    ``infonce_use_batch`` (default True) and ``listwise_min_group_size`` (default 2).
+
+    Checks: every loss needs ``response``; ``rejected_response`` must be a list of strings; infonce needs
+    negatives on every row when ``infonce_use_batch`` is false (else a query has nothing to rank against);
+    cosine_similarity needs a numeric ``label`` in [-1, 1]; contrastive / online_contrastive need ``label``
+    0 or 1; the rerankers need at least one row with negatives (a listwise group needs
+    ``listwise_min_group_size - 1`` of them; smaller groups are skipped and reported by the loss).
+    Raises one ``DataError`` (problems joined by ``; ``) like
+    ``train.jsonl lines 3, 7: label: contrastive needs label 0 or 1``.
+    """
+    if loss_type not in LOSSES:
+        raise EmbedtuneError(f"loss_type: unknown loss {loss_type!r}; choose one of {', '.join(LOSSES)}")
+    use_batch = getattr(params, "infonce_use_batch", True)
+    use_batch = True if use_batch is None else use_batch
+    min_group = getattr(params, "listwise_min_group_size", 2)
+    problems: dict[tuple[str, str], list[int]] = {}
+
+    def bad(i: int, row: dict, field: str, reason: str) -> None:
+        problems.setdefault((field, reason), []).append(int(row.get("_line", i + 1)))
+
+    need_negs = max(min_group - 1, 1) if loss_type == "listwise_reranker" else 1
+    rows_with_negatives = 0
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("response"), str) or not row["response"]:
+            bad(i, row, "response", f"{loss_type} needs a non-empty response")
+        negs = row.get("rejected_response") or []
+        if not isinstance(negs, list) or not all(isinstance(t, str) for t in negs):
+            bad(i, row, "rejected_response", "must be a list of strings")
+            negs = []
+        rows_with_negatives += len(negs) >= need_negs
+        label = row.get("label")
+        if loss_type == "infonce" and not use_batch and not negs:
+            bad(
+                i, row, "rejected_response", "infonce needs rejected_response when infonce_use_batch is false"
+            )
+        elif loss_type == "cosine_similarity" and not (_is_number(label) and -1 <= label <= 1):
+            bad(i, row, "label", "cosine_similarity needs a numeric label in [-1, 1]")
+        elif loss_type in ("contrastive", "online_contrastive") and not (
+            _is_number(label) and label in (0, 1)
+        ):
+            bad(i, row, "label", f"{loss_type} needs label 0 or 1")
+    if loss_type in RERANKER_LOSSES and rows and not rows_with_negatives:
+        reason = f"{loss_type} needs rows with at least {need_negs} negative(s); no row has them"
+        problems[("rejected_response", reason)] = []
+    if not problems:
+        return
+    unit = "lines" if any("_line" in r for r in rows) else "rows"
+    messages = []
+    for (field, reason), where in problems.items():
+        listed = ", ".join(map(str, where[:_MAX_LISTED])) + (
+            f", ... ({len(where)} in all)" if len(where) > _MAX_LISTED else ""
+        )
+        messages.append(
+            f"{source} {unit} {listed}: {field}: {reason}" if where else f"{source}: {field}: {reason}"
+        )
+    raise DataError("; ".join(messages))  # one line: the CLI prints it as is
