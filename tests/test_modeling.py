@@ -34,7 +34,9 @@ def test_minilm_embeddings_equal_sentence_transformers(minilm_path):
 def test_saved_decoder_embedder_loads_in_sentence_transformers_with_query_prompt(tiny_qwen3_path, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    model = Embedder.from_pretrained(tiny_qwen3_path, query_instruction="Instruct: find\nQuery:", max_length=32)
+    model = Embedder.from_pretrained(
+        tiny_qwen3_path, query_instruction="Instruct: find\nQuery:", max_length=32
+    )
     assert model.pooling == "last"  # a causal LM checkpoint
     eos = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert model.tokenize(["cat dog"])["input_ids"][0, -1].item() == eos

@@ -128,6 +128,7 @@ class MergeConfig:
     adapter: str  # model folder written by train with train_type=lora (a full-training folder passes through)
     output: str  # merged model folder to write
     tolerance: float = 1e-4  # max abs difference allowed between merged and adapter outputs (fp32)
+    eval_data: str = ""  # optional canonical JSONL: its first 16 rows join the built-in sample inputs of the check
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class RegisterConfig:
     model: str  # model folder to register (merged or full)
     metrics: str  # metrics JSON written by evaluate
     name: str  # registered model name in MLflow
-    tracking_uri: str = ""  # MLflow tracking URI; default env MLFLOW_TRACKING_URI, else a local sqlite store
+    tracking_uri: str = ""  # MLflow tracking URI; default env MLFLOW_TRACKING_URI, else sqlite:///~/.embedtune/mlflow.db (model files in ~/.embedtune/mlartifacts)
     run_id: str = ""  # pipeline run id for lineage and idempotency (same id -> same version, none created)
     experiment_name: str = "embedtune"  # MLflow experiment of the registration run
     min_improvement: float = 0.0  # promote to champion only when primary metric > champion's + this

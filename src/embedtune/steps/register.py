@@ -1,0 +1,623 @@
+"""register: put a trained model in the MLflow Model Registry, behind a champion gate.
+
+    embedtune register --model out/merged --metrics out/metrics.json --name my-embedder --run-id "$RUN"
+
+What one call does, in order. Nothing is created on the server before step 5, so a dead server, a bad
+folder or a bad metrics file leaves no trace:
+
+1. Read the model folder's `embedtune.json` (absent for a plain sentence-transformers folder: then it is an
+   embedder), the metrics JSON from evaluate and, when given, convert's stats JSON (its `fingerprint`).
+2. Resolve the tracking URI: `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the local store
+   `sqlite:///~/.embedtune/mlflow.db` with model files in `~/.embedtune/mlartifacts/` (`mlflow ui
+   --backend-store-uri sqlite:///$HOME/.embedtune/mlflow.db` shows it).
+3. Check the server answers (tracking and registry API). The MLflow client retries for minutes by default;
+   unless the environment says otherwise we allow 3 retries, backoff factor 1, 30 s per request, then stop
+   with an error naming the URI (credentials in the URI are masked).
+4. Idempotency: a version of NAME tagged `embedtune.pipeline_run_id == --run-id` is returned as it is; no
+   run, no version is created. (Without `--run-id` every call registers a new version.)
+5. One MLflow run: every training knob under its own name as a param (the `train_config` saved with the
+   model), the evaluation metrics (`@` is not allowed by MLflow, so `ndcg@10` becomes `ndcg_at_10`),
+   `baseline_<m>` / `delta_<m>` when evaluate measured a baseline, lineage tags (`embedtune.pipeline_run_id`,
+   `embedtune.base_model`, `embedtune.dataset_fingerprint`, `embedtune.version`, `embedtune.image`) and the
+   model, logged with the MLflow 3 API under `name="model"`.
+6. Register a version (its description is a Markdown metrics table), point alias `challenger` at it, and
+   move `champion` to it only when `primary > champion's primary + min_improvement` or there is no champion
+   (every metric embedtune reports is higher-is-better). The decision and both numbers are printed (stderr)
+   and tagged on the version and the run. A failure after the run started deletes the half-made version,
+   marks the run FAILED and raises `EmbedtuneError`.
+
+Credentials come only from the environment (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` +
+`MLFLOW_TRACKING_PASSWORD`, read by the MLflow client itself; never flags). The token and password values
+(and any `user:password@` in the URI) are masked out of every param, tag, description and message this step
+writes; the username is an identity that MLflow itself records as the run's `mlflow.user`.
+
+Consuming a registered **embedder** (sentence_transformers flavor; vectors are L2-normalized, so dot ==
+cosine; a Normalize module is appended when the folder has none):
+
+    model = mlflow.pyfunc.load_model("models:/my-embedder@champion")
+    doc_vecs = model.predict(["Paris is the capital of France."])                    # (N, dim) float32
+    query_vecs = model.predict(["capital of France?"], params={"prompt_name": "query"})
+
+`prompt_name="query"` prepends the query instruction saved with the model (its sentence-transformers
+`query` prompt, e.g. Qwen3's `Instruct: ...\\nQuery:`); the default `document` adds nothing. The native
+object works too: `mlflow.sentence_transformers.load_model(uri).encode(texts, prompt_name="query")`.
+
+A **reranker** is a pyfunc over the model folder (plus this package's code, so `embedtune` need not be
+installed where it is loaded):
+
+    model = mlflow.pyfunc.load_model("models:/my-reranker@champion")
+    scores = model.predict(pd.DataFrame({"query": ["q", "q"], "document": ["d1", "d2"]}))  # (N,) in [0, 1]
+
+It also takes a list of `{"query", "document"}` dicts; the unwrapped Python model takes `(query, document)`
+pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import requests
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+import embedtune
+from embedtune import __version__
+from embedtune.config import RegisterConfig
+from embedtune.errors import DataError, EmbedtuneError
+from embedtune.io import read_json
+
+META_FILE = "embedtune.json"
+DEFAULT_HOME = "~/.embedtune"  # local store: mlflow.db + mlartifacts/ (used when no URI is given)
+RUN_ID_TAG = "embedtune.pipeline_run_id"  # the idempotency key, set on the version as its last step
+# Read by the MLflow client itself. The username is an identity, not a secret (MLflow tags runs `mlflow.user`).
+SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+# Bounded waits for an unreachable server, applied only where the environment sets nothing.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # urllib3 waits 0, 2, 4 s (+ up to 1 s jitter each)
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+# Top-level embedtune.json fields that are knobs; they win over `train_config` (e.g. pooling auto -> mean).
+META_PARAMS = (
+    "task_type",
+    "base_model",
+    "train_type",
+    "pooling",
+    "query_instruction",
+    "max_length",
+    "positive_token",
+    "negative_token",
+    "reranker_instruction",
+)
+SAMPLE_TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France."]
+SAMPLE_PAIRS = pd.DataFrame(
+    {
+        "query": ["What is the capital of France?"] * 2,
+        "document": ["Paris is the capital of France.", "The cat sat on the mat."],
+    }
+)
+# Checkpoints and logs that may sit beside a final model folder: never shipped inside the model.
+_NOT_MODEL = re.compile(r"^(checkpoint-\d+|runs|logs|\..*)$")
+
+
+# --------------------------------------------------------------------------------------------- secrets
+class Redactor:
+    """Masks credential values (from the environment or a URI's user:password@) in any text we write."""
+
+    def __init__(self, uri: str = ""):
+        self.secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 4]
+        userinfo = re.match(r"^[a-z][\w+.-]*://([^/@]+)@", uri)
+        if userinfo:
+            self.secrets.append(userinfo.group(1))
+        self.secrets.sort(key=len, reverse=True)
+
+    def __call__(self, text) -> str:
+        text = str(text)
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text
+
+
+def redact_uri(uri: str) -> str:
+    """`https://user:pw@host/x` -> `https://***@host/x`."""
+    return re.sub(r"^([a-z][\w+.-]*://)[^/@]+@", r"\1***@", uri)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def read_model_meta(model_dir: Path) -> dict:
+    """`embedtune.json` of the folder; a plain sentence-transformers folder reads as an embedder."""
+    if not model_dir.is_dir():
+        raise EmbedtuneError(f"{model_dir}: model folder not found")
+    if (model_dir / "adapter_config.json").is_file():
+        raise EmbedtuneError(
+            f"{model_dir}: is a LoRA adapter; run `embedtune merge --adapter {model_dir} --output DIR` "
+            "and register the merged folder"
+        )
+    meta = read_json(model_dir / META_FILE) if (model_dir / META_FILE).is_file() else {}
+    meta.setdefault("task_type", "embedding")
+    meta.setdefault("base_model", str(model_dir))
+    if meta["task_type"] not in ("embedding", "reranker"):
+        raise DataError(
+            f"{model_dir / META_FILE}: task_type: {meta['task_type']!r} is not embedding or reranker"
+        )
+    return meta
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metric_name(name: str) -> str:
+    """A name MLflow accepts: `ndcg@10` -> `ndcg_at_10`; other odd characters -> `_`."""
+    return re.sub(r"[^\w\-. /]", "_", name.replace("@", "_at_"))
+
+
+def read_metrics(path: Path) -> dict:
+    """Evaluate's JSON -> primary metric, metrics to log, table rows and leftover scalars (params).
+
+    Accepts evaluate's layout (`metrics`, `baseline_metrics`, `deltas`, `primary_metric`, `primary_value`)
+    or a flat dict of floats with `primary_metric` naming one of them.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object of metrics")
+    nested = isinstance(data.get("metrics"), dict)
+    own = data["metrics"] if nested else {k: v for k, v in data.items() if _is_number(v)}
+    own = {metric_name(k): float(v) for k, v in own.items() if _is_number(v) and k != "primary_value"}
+    baseline = {
+        metric_name(k): float(v) for k, v in (data.get("baseline_metrics") or {}).items() if _is_number(v)
+    }
+    deltas = {metric_name(k): float(v) for k, v in (data.get("deltas") or {}).items() if _is_number(v)}
+    primary = data.get("primary_metric")
+    if not isinstance(primary, str) or not primary:
+        raise DataError(f"{path}: primary_metric: missing (the metric the champion gate compares)")
+    primary = metric_name(primary)
+    value = data.get("primary_value", own.get(primary))
+    if not _is_number(value) or math.isnan(float(value)):
+        raise DataError(f"{path}: primary_metric: {primary!r} has no numeric value in this file")
+
+    logged = dict(own)
+    logged.update({f"baseline_{k}": v for k, v in baseline.items()})
+    for k, v in deltas.items():
+        logged[k if k.startswith("delta_") else f"delta_{k}"] = v
+    if nested:  # evaluate's other scalars (n_eval, ...) are facts about the evaluation: params
+        skip = {"metrics", "baseline_metrics", "deltas", "primary_metric", "primary_value"}
+        skip.add("report")  # logged as a file
+        extra = {k: v for k, v in data.items() if k not in skip and (_is_number(v) or isinstance(v, str))}
+    else:
+        extra = {}
+    rows = [(k, v, baseline.get(k), deltas.get(f"delta_{k}", deltas.get(k))) for k, v in own.items()]
+    named = data.get("report") if isinstance(data.get("report"), str) else ""
+    reports = [Path(named), path.parent / Path(named).name] if named else []
+    reports.append(Path(f"{path}.md"))
+    return {
+        "primary": primary,
+        "value": float(value),
+        "metrics": logged,
+        "rows": rows,
+        "extra": extra,
+        "reports": reports,
+    }
+
+
+def read_fingerprint(path: str) -> str:
+    if not path:
+        return ""
+    stats = read_json(path)
+    fp = stats.get("fingerprint") if isinstance(stats, dict) else None
+    if not isinstance(fp, str) or not fp:
+        raise DataError(f"{path}: fingerprint: missing (expected convert's stats JSON)")
+    return fp
+
+
+def collect_params(meta: dict, metrics: dict, cfg: RegisterConfig) -> dict[str, str]:
+    """One name per knob: the training config's own field names, then evaluate's scalars and ours."""
+    params = dict(meta.get("train_config") or {})
+    params.update({k: meta[k] for k in META_PARAMS if k in meta})
+    for k, v in metrics["extra"].items():
+        params[k if k not in params or params[k] == v else f"eval_{k}"] = v
+    params.update(primary_metric=metrics["primary"], min_improvement=cfg.min_improvement)
+    return params
+
+
+# --------------------------------------------------------------------------------------------- server
+def resolve_tracking_uri(flag: str) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for new experiments or None to let the server decide)."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        home = Path(DEFAULT_HOME).expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        # A local store would put model files in ./mlruns of whatever folder we run from: keep them beside it.
+        db = Path(uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return uri, (db.parent / "mlartifacts").resolve().as_uri()
+    return uri, None
+
+
+def check_reachable(client: MlflowClient, shown_uri: str, redact: Redactor) -> None:
+    """One tracking and one registry call, with the client's (bounded) retries; a clear error if either fails."""
+    try:
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    except (MlflowException, requests.RequestException, OSError) as e:
+        reason = redact(getattr(e, "message", None) or e)
+        if re.search(r"\b(401|403)\b|unauthori[sz]ed|forbidden", reason, re.I):
+            hint = "authentication failed: set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD"
+        else:
+            retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+            hint = f"not reachable after {retries} retries" if retries else "not reachable"
+        raise EmbedtuneError(f"MLflow tracking server {shown_uri}: {hint}: {reason[:400]}") from None
+
+
+def find_registered(client: MlflowClient, name: str, run_id: str):
+    """The version an earlier call with this run id registered, or None."""
+    if not run_id:
+        return None
+    found = client.search_model_versions(f"name = '{name}' and tags.`{RUN_ID_TAG}` = '{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def current_champion(client: MlflowClient, name: str) -> tuple[str | None, str | None, float | None]:
+    """(version, primary metric name, value) of the champion; Nones when there is none."""
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None, None, None
+        raise
+    version = (rm.aliases or {}).get("champion")
+    if version is None:
+        return None, None, None
+    mv = client.get_model_version(name, str(version))
+    metric = mv.tags.get("embedtune.primary_metric")
+    raw = mv.tags.get("embedtune.primary_value")
+    if raw is None and metric and mv.run_id:  # a champion registered by other means: its run's metric
+        with contextlib.suppress(MlflowException):
+            raw = client.get_run(mv.run_id).data.metrics.get(metric)
+    return str(version), metric, (float(raw) if raw not in (None, "") else None)
+
+
+def champion_gate(
+    metric, value, champ_version, champ_metric, champ_value, min_improvement
+) -> tuple[bool, str]:
+    """(promote?, the sentence that explains it, with both numbers)."""
+    if champ_version is None:
+        return True, f"promoted to champion: no champion yet ({metric} = {value:.6g})"
+    if champ_metric != metric or champ_value is None:
+        return False, (
+            f"kept champion v{champ_version}: it was measured with {champ_metric or 'no recorded metric'}, "
+            f"this version with {metric} = {value:.6g}; not comparable (set the alias by hand to promote)"
+        )
+    bar = champ_value + min_improvement
+    if value > bar:
+        return True, (
+            f"promoted to champion: {metric} {value:.6g} > champion v{champ_version} {champ_value:.6g}"
+            f" + min_improvement {min_improvement:g}"
+        )
+    return False, (
+        f"kept champion v{champ_version}: {metric} {value:.6g} <= champion {champ_value:.6g}"
+        f" + min_improvement {min_improvement:g}; this version is challenger"
+    )
+
+
+# --------------------------------------------------------------------------------------------- model flavors
+def _pin(module) -> str:
+    """`torch==2.13.0` (local labels like `+cpu` dropped: the consumer picks its own build)."""
+    return f"{module.__name__.replace('_', '-')}=={module.__version__.split('+')[0]}"
+
+
+def log_embedder(model_dir: Path, meta: dict, extra_metadata: dict, redact: Redactor):
+    """sentence_transformers flavor: list of strings -> (N, dim) float32 unit vectors, `prompt_name` param."""
+    import sentence_transformers
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.normalize import Normalize
+
+    trust = bool((meta.get("train_config") or {}).get("trust_remote_code", False))
+    try:
+        model = SentenceTransformer(str(model_dir), device="cpu", trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise EmbedtuneError(f"{model_dir}: not a sentence-transformers model folder: {e}") from None
+    if not isinstance(model[len(model) - 1], Normalize):
+        model.append(
+            Normalize()
+        )  # consumers get unit vectors; cosine scores (what evaluate measured) unchanged
+    instruction = meta.get("query_instruction") or ""
+    if instruction and not model.prompts.get("query"):
+        model.prompts["query"] = instruction
+    model.prompts.setdefault("query", "")
+    model.prompts.setdefault("document", "")
+    # prompt_name is always passed (default "document"), so a model's default_prompt_name never leaks onto
+    # documents; consumers ask for "query" to get the query instruction.
+    vectors = model.encode(SAMPLE_TEXTS, prompt_name="document", convert_to_numpy=True)
+    signature = infer_signature(SAMPLE_TEXTS, vectors, params={"prompt_name": "document"})
+    return mlflow.sentence_transformers.log_model(
+        model,
+        name="model",
+        signature=signature,
+        pip_requirements=[_pin(sentence_transformers), _pin(transformers), _pin(torch)],
+        metadata={**extra_metadata, "query_prompt": redact(model.prompts.get("query", ""))},
+    )
+
+
+class RerankerModel(mlflow.pyfunc.PythonModel):
+    """pyfunc over a reranker folder: (query, document) pairs -> relevance scores in [0, 1]."""
+
+    def load_context(self, context):
+        from embedtune.modeling import load_reranker
+
+        self.reranker = load_reranker(context.artifacts["model"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        queries, docs = _pairs(model_input)
+        batch_size = int((params or {}).get("batch_size", 16))
+        # score_pairs batches by length, so mixed queries in one call cost no more than grouped ones
+        return np.asarray(self.reranker.score_pairs(queries, docs, batch_size=batch_size), dtype=np.float64)
+
+
+def _pairs(model_input) -> tuple[list[str], list[str]]:
+    """DataFrame / list of dicts with `query`, `document` columns, or a list of (query, document) pairs."""
+    if isinstance(model_input, list) and model_input and isinstance(model_input[0], dict):
+        model_input = pd.DataFrame(model_input)
+    if isinstance(model_input, pd.DataFrame):
+        missing = {"query", "document"} - set(model_input.columns)
+        if missing:
+            raise ValueError(f"reranker input needs columns query, document; missing {sorted(missing)}")
+        return model_input["query"].astype(str).tolist(), model_input["document"].astype(str).tolist()
+    pairs = [tuple(p) for p in model_input]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError("reranker input: expected (query, document) pairs")
+    return [str(q) for q, _ in pairs], [str(d) for _, d in pairs]
+
+
+def log_reranker(model_dir: Path, meta: dict, extra_metadata: dict, redact: Redactor):
+    """pyfunc with the model folder (checkpoints left out) and embedtune's code as artifacts."""
+    import orjson
+    import safetensors
+    import torch
+    import transformers
+
+    from embedtune.modeling import load_reranker
+
+    trust = bool((meta.get("train_config") or {}).get("trust_remote_code", False))
+    example_scores = np.asarray(
+        load_reranker(model_dir, trust_remote_code=trust).score_pairs(
+            SAMPLE_PAIRS["query"].tolist(), SAMPLE_PAIRS["document"].tolist()
+        ),
+        dtype=np.float64,
+    )
+    signature = infer_signature(SAMPLE_PAIRS, example_scores, params={"batch_size": 16})
+    with tempfile.TemporaryDirectory(prefix="embedtune-reranker-") as tmp:
+        staged = Path(tmp) / "model"
+        staged.mkdir()
+        for entry in model_dir.iterdir():
+            if _NOT_MODEL.match(entry.name):
+                continue
+            if entry.name == META_FILE:
+                _redacted_copy(entry, staged, redact)
+            else:
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staged / entry.name)
+
+        with warnings.catch_warnings():  # "no input_example": the signature is explicit, no second load
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=RerankerModel(),
+                artifacts={"model": str(staged)},
+                code_paths=[str(Path(embedtune.__file__).parent)],
+                signature=signature,
+                pip_requirements=[_pin(m) for m in (torch, transformers, safetensors, orjson, np, pd)],
+                metadata=extra_metadata,
+            )
+
+
+LOGGERS = {"embedding": log_embedder, "reranker": log_reranker}
+
+
+def _redacted_copy(src: Path, out_dir: Path, redact: Redactor) -> str:
+    """A copy of a small text file (embedtune.json, metrics, report) with credential values masked."""
+    out = out_dir / src.name
+    out.write_text(redact(src.read_text()))
+    return str(out)
+
+
+# --------------------------------------------------------------------------------------------- description
+def describe(cfg: RegisterConfig, meta: dict, metrics: dict, decision: str) -> str:
+    """The version's Markdown description: what it is, its metrics table, the gate's decision, how to load it."""
+    has_base = any(b is not None for _, _, b, _ in metrics["rows"])
+    head = "| metric | value |" + (" baseline | delta |" if has_base else "")
+    lines = [
+        f"**{meta['task_type']}** model fine-tuned from `{meta['base_model']}` "
+        f"({meta.get('train_type', 'n/a')}) by embedtune {__version__}"
+        + (f", pipeline run `{cfg.run_id}`" if cfg.run_id else "")
+        + ".",
+        "",
+        head,
+        "|---|---:|" + ("---:|---:|" if has_base else ""),
+    ]
+    for name, value, base, delta in metrics["rows"]:
+        label = f"**{name}** (primary)" if name == metrics["primary"] else name
+        row = f"| {label} | {value:.4f} |"
+        if has_base:
+            row += f" {'' if base is None else f'{base:.4f}'} | {'' if delta is None else f'{delta:+.4f}'} |"
+        lines.append(row)
+    usage = (
+        f'`mlflow.pyfunc.load_model("models:/{cfg.name}@champion").predict(texts)`; '
+        'queries: `params={"prompt_name": "query"}`'
+        if meta["task_type"] == "embedding"
+        else f'`mlflow.pyfunc.load_model("models:/{cfg.name}@champion").predict(pd.DataFrame({{"query": ..., "document": ...}}))`'
+    )
+    lines += ["", f"Champion gate: {decision}.", "", f"Load: {usage}"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the step
+def _result(client, cfg, mv, created: bool, shown_uri: str) -> dict:
+    """What the step returns, read back from the version's tags (same shape for new and existing)."""
+    aliases = sorted(client.get_model_version(cfg.name, mv.version).aliases or [])
+    tags = mv.tags
+    before = tags.get("embedtune.champion_value_before") or None
+    return {
+        "name": cfg.name,
+        "version": str(mv.version),
+        "model_uri": f"models:/{cfg.name}@champion"
+        if "champion" in aliases
+        else f"models:/{cfg.name}/{mv.version}",
+        "version_uri": f"models:/{cfg.name}/{mv.version}",
+        "aliases": aliases,
+        "promoted": tags.get("embedtune.promoted") == "true",
+        "decision": tags.get("embedtune.decision", ""),
+        "primary_metric": tags.get("embedtune.primary_metric", ""),
+        "primary_value": float(tags["embedtune.primary_value"])
+        if tags.get("embedtune.primary_value")
+        else None,
+        "champion_value_before": float(before) if before else None,
+        "champion_version_before": tags.get("embedtune.champion_version_before") or None,
+        "mlflow_run_id": mv.run_id,
+        "tracking_uri": shown_uri,
+        "created": created,
+    }
+
+
+def _say(msg: str) -> None:
+    print(f"embedtune register: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cfg: RegisterConfig) -> dict:
+    """Log, register and gate one model folder. Returns model_uri, version, aliases, promoted, decision,
+    primary_metric/primary_value, champion_value_before (see the module docstring for each step)."""
+    for field in ("name", "run_id"):
+        if re.search(r"['\"`\\]", getattr(cfg, field)):
+            raise EmbedtuneError(f"--{field.replace('_', '-')}: quotes and backslashes are not allowed")
+    if not cfg.name:
+        raise EmbedtuneError("--name: the registered model name is required")
+    model_dir = Path(cfg.model)
+    meta = read_model_meta(model_dir)
+    metrics = read_metrics(Path(cfg.metrics))
+    fingerprint = read_fingerprint(cfg.dataset_stats)
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri, artifact_location = resolve_tracking_uri(cfg.tracking_uri)
+    redact = Redactor(uri)
+    shown_uri = redact_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    check_reachable(client, shown_uri, redact)
+
+    try:
+        existing = find_registered(client, cfg.name, cfg.run_id)
+        if existing is not None:
+            _say(
+                f"{cfg.name} v{existing.version} already registered for run id {cfg.run_id}; nothing created"
+            )
+            return _result(client, cfg, existing, created=False, shown_uri=shown_uri)
+        champ_version, champ_metric, champ_value = current_champion(client, cfg.name)
+        model_existed = champ_version is not None or bool(
+            client.search_registered_models(f"name = '{cfg.name}'")
+        )
+    except MlflowException as e:
+        raise EmbedtuneError(f"MLflow at {shown_uri}: {redact(e.message)[:400]}") from None
+
+    promote, decision = champion_gate(
+        metrics["primary"], metrics["value"], champ_version, champ_metric, champ_value, cfg.min_improvement
+    )
+    lineage = {
+        RUN_ID_TAG: cfg.run_id,
+        "embedtune.base_model": str(meta["base_model"]),
+        "embedtune.dataset_fingerprint": fingerprint,
+        "embedtune.version": __version__,
+        "embedtune.image": cfg.image,
+        "embedtune.task_type": meta["task_type"],
+        "embedtune.train_type": str(meta.get("train_type", "")),
+    }
+    decision_tags = {
+        "embedtune.primary_metric": metrics["primary"],
+        "embedtune.primary_value": repr(metrics["value"]),
+        "embedtune.champion_value_before": "" if champ_value is None else repr(champ_value),
+        "embedtune.champion_version_before": champ_version or "",
+        "embedtune.min_improvement": repr(cfg.min_improvement),
+        "embedtune.promoted": "true" if promote else "false",
+        "embedtune.decision": decision,
+    }
+    lineage = {k: redact(v) for k, v in lineage.items() if v}
+    decision_tags = {k: redact(v) for k, v in decision_tags.items()}
+    params = {k: redact(v)[:6000] for k, v in collect_params(meta, metrics, cfg).items()}
+    description = redact(describe(cfg, meta, metrics, decision))
+
+    mlflow.set_tracking_uri(uri)
+    version = None
+    try:
+        exp = client.get_experiment_by_name(cfg.experiment_name)
+        exp_id = (
+            exp.experiment_id if exp else client.create_experiment(cfg.experiment_name, artifact_location)
+        )
+        run_name = f"{cfg.name}-{cfg.run_id}" if cfg.run_id else cfg.name
+        # The context manager ends the run FAILED when anything below raises.
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=lineage) as active:
+            mlflow.log_params(params)
+            mlflow.log_metrics(metrics["metrics"])
+            report = next((r for r in metrics["reports"] if r.is_file()), None)  # Markdown, plots inline
+            files = [(Path(cfg.metrics), "evaluation"), (report, "evaluation"), (model_dir / META_FILE, None)]
+            files.append((Path(cfg.dataset_stats) if cfg.dataset_stats else None, "data"))
+            with tempfile.TemporaryDirectory() as tmp:
+                for i, (src, where) in enumerate(files):
+                    if src is not None and src.is_file():
+                        (Path(tmp) / str(i)).mkdir()
+                        mlflow.log_artifact(_redacted_copy(src, Path(tmp) / str(i), redact), where)
+            extra_metadata = {"embedtune_version": __version__, "task_type": meta["task_type"]}
+            info = LOGGERS[meta["task_type"]](model_dir, meta, extra_metadata, redact)
+            mv = mlflow.register_model(
+                info.model_uri, cfg.name, tags={k: v for k, v in lineage.items() if k != RUN_ID_TAG}
+            )
+            version = mv.version
+            client.update_model_version(cfg.name, version, description=description)
+            client.set_registered_model_alias(cfg.name, "challenger", version)
+            if promote:
+                client.set_registered_model_alias(cfg.name, "champion", version)
+            for k, v in decision_tags.items():
+                client.set_model_version_tag(cfg.name, version, k, v)
+            mlflow.set_tags(decision_tags)
+            mlflow.set_tag("embedtune.registered_version", f"{cfg.name}/{version}")
+            if cfg.run_id:  # last: only a finished registration is found by the idempotency search
+                client.set_model_version_tag(cfg.name, version, RUN_ID_TAG, redact(cfg.run_id))
+            mlflow_run_id = active.info.run_id
+    except (MlflowException, requests.RequestException, OSError) as e:
+        _undo(client, cfg.name, version, model_existed)
+        reason = redact(getattr(e, "message", None) or e)[:400]
+        raise EmbedtuneError(
+            f"MLflow at {shown_uri}: registering {cfg.name} failed (run marked FAILED): {reason}"
+        ) from None
+    except BaseException:
+        _undo(client, cfg.name, version, model_existed)
+        raise
+
+    _say(f"{cfg.name} v{version} (run {mlflow_run_id}): {decision}")
+    return _result(
+        client, cfg, client.get_model_version(cfg.name, version), created=True, shown_uri=shown_uri
+    )
+
+
+def _undo(client: MlflowClient, name: str, version, model_existed: bool) -> None:
+    """Best effort: leave no half-registered version (nor a model we created that holds nothing)."""
+    if version is None:
+        return
+    with contextlib.suppress(Exception):
+        client.delete_model_version(name, version)
+        if not model_existed:
+            client.delete_registered_model(name)
