@@ -42,7 +42,7 @@ class ConvertConfig:
     hf_split: str = "train"  # split to read when `source` is a Hugging Face dataset
     score_scale: float = 5.0  # STS scores are divided by this to get `label` in [0, 1] (use 1.0 for 0..1 scores)
     sts_positive_threshold: float = 0.0  # > 0: keep only STS pairs with label >= this as positives (ms-swift stsb:positive = 0.75)
-    loss_type: str = ""  # loss the data is for; validates labels (0/1 for contrastive, [-1, 1] for cosine_similarity)
+    loss_type: str = ""  # loss the data is for; validates labels (required 0/1 for contrastive, required [-1, 1] for cosine_similarity, [0, 1] for pointwise_reranker)
     on_error: str = "fail"  # fail: exit non-zero listing the first problems | skip: write good rows + a `.rejected.jsonl`
     max_errors: int = 20  # how many problems to list before stopping
 
@@ -128,7 +128,7 @@ class MergeConfig:
     adapter: str  # model folder written by train with train_type=lora (a full-training folder passes through)
     output: str  # merged model folder to write
     tolerance: float = 1e-4  # max abs difference allowed between merged and adapter outputs (fp32)
-    eval_data: str = ""  # optional canonical JSONL: its first 16 rows join the built-in sample inputs of the check
+    eval_data: str = ""  # optional canonical JSONL; its first 16 rows join the check's built-in inputs
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,852 @@
+"""convert: turn embedding / reranker data from any common source into canonical ms-swift rows.
+
+    embedtune convert --source data/askubuntu.jsonl --output work/rows.jsonl
+    embedtune convert --source sentence-transformers/stsb --score-scale 1 --output work/sts.jsonl
+    embedtune convert --source sts.csv --sts-positive-threshold 0.75 --output work/pos.jsonl  # stsb:positive
+
+The output is one canonical row per line (see `embedtune.data`)::
+
+    {"query": "...", "response": "...", "rejected_response": ["...", ...], "label": 0.76}
+
+Sources: a local file, a folder (every JSONL / JSON / CSV / TSV / Parquet file below it, sorted by path,
+`.gz` allowed for the text formats), or a Hugging Face dataset `name[:subset]` (split `--hf-split`, read with
+`datasets` in streaming mode). Input shapes, detected per file from the keys of its first row or forced with
+`--format`:
+
+    mteb       {"query", "positive": [...], "negative": [...]}  -> one row per positive, all negatives rejected
+    canonical  {"query", "response", "rejected_response"?, "label"?}  -> validated, extra keys dropped
+    sts        {"sentence1", "sentence2", "score"}  -> label = score / score_scale; with
+               --sts-positive-threshold T > 0 only pairs with label >= T are kept, without label
+               (ms-swift's `stsb:positive` = T 0.75: infonce positives)
+    pairs      {"anchor", "positive", "negative"? | "negative_1".."negative_N"?}  -> query / response / rejected
+
+Every row is validated (texts non-empty strings, labels numbers in range for `--loss-type`). With
+`--on-error fail` the first `--max-errors` problems are listed as `FILE:LINE: field: reason` (Parquet and
+Hugging Face rows: `SOURCE:row N`) and nothing is written; with `--on-error skip` the good rows are written and
+each bad one goes to `<output>.rejected.jsonl` with its reasons. Outputs appear atomically (temp file, then
+rename), together with `<output>.stats.json`: row counts, distinct queries, negatives per row, label range,
+text length percentiles (in characters) and a sha256 fingerprint of the output for lineage.
+
+Memory does not grow with the input: rows are read, converted and written in batches. The statistics are
+bounded too: text lengths go into a histogram (exact below 4096 characters, within 1% above), and distinct
+queries are counted exactly as a set of 64-bit hashes up to 2^20 of them; past that the set keeps only
+hashes whose low bits are zero (adaptive sampling), so the count becomes an estimate (about 0.2% error) and
+`distinct_queries_exact` says false.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gc
+import gzip
+import hashlib
+import io
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from embedtune.config import ConvertConfig
+from embedtune.data import (
+    LABEL_RULES,
+    canonical,
+    check_label,
+    check_loss_type,
+    check_row,
+    check_text,
+    check_texts,
+    format_problems,
+)
+from embedtune.errors import DataError, EmbedtuneError
+from embedtune.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "canonical", "mteb", "sts", "pairs")
+FILE_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
+BATCH_BYTES = 1 << 20  # text read per batch (~1k MTEB rows: small batches stay in CPU cache, ~15% faster)
+BATCH_ROWS = 2048  # rows per batch for Parquet, Hugging Face datasets and JSON lists
+FOLD_ROWS = 1 << 16  # output rows between folds of the per-row statistics into the totals
+DISTINCT_CAP = 1 << 20  # exact distinct-query hashes kept before sampling starts
+EXACT_CHARS = 4096  # text lengths below this are histogrammed exactly; above, in 1% log bins
+_NL = orjson.OPT_APPEND_NEWLINE
+_STR = {str}
+
+
+class _Bad:
+    """A record that could not even be parsed (bad JSON line): its raw text and why."""
+
+    __slots__ = ("raw", "reason")
+
+    def __init__(self, raw, reason: str):
+        self.raw, self.reason = raw, reason
+
+
+class _Stop(Exception):
+    """Raised inside the loop when `--on-error fail` has collected `max_errors` problems."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Readers: each yields batches `(numbers, rows)`, numbers being line numbers (text files) or 1-based row
+# numbers (Parquet, HF). A row is whatever the file holds (usually a dict) or a `_Bad`.
+
+
+def _open_text(path: Path, binary: bool = False):
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    return raw if binary else io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+def _jsonl_batches(path: Path):
+    loads = orjson.loads
+    with _open_text(path, binary=True) as f:
+        first = 0
+        while lines := f.readlines(BATCH_BYTES):
+            try:  # fast path: every line parses, so line numbers are contiguous
+                rows = list(map(loads, lines))
+                yield range(first + 1, first + 1 + len(lines)), rows
+            except orjson.JSONDecodeError:
+                numbers, rows = [], []
+                for i, line in enumerate(lines, first + 1):
+                    try:
+                        rows.append(loads(line))
+                    except orjson.JSONDecodeError as e:
+                        if not line.strip():
+                            continue  # blank lines are allowed
+                        rows.append(_Bad(line, f"invalid JSON: {e.msg} (column {e.colno})"))
+                    numbers.append(i)
+                yield numbers, rows
+            first += len(lines)
+
+
+def _json_batches(path: Path):
+    """A JSON file: a list of objects, read incrementally (or JSON Lines with a .json name)."""
+    with _open_text(path) as f:
+        head = f.read(1 << 16).lstrip()
+    if not head.startswith("["):
+        if head.startswith("{"):  # many `.json` files on the hub are really JSON Lines
+            yield from _jsonl_batches(path)
+            return
+        raise DataError(f"{path}:1: invalid JSON: expected a list of objects")
+    decoder = json.JSONDecoder()
+    with _open_text(path) as f:
+        buf, pos, line, eof = "", 0, 1, False
+
+        def more():  # append text to the buffer; False at end of file
+            nonlocal buf, pos, eof
+            chunk = f.read(max(BATCH_BYTES, len(buf) - pos))
+            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def skip_ws():  # move past whitespace, counting lines; returns the next char or "" at EOF
+            nonlocal pos, line
+            while True:
+                start = pos
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                line += buf.count("\n", start, pos)
+                if pos < len(buf) or not more():
+                    return buf[pos] if pos < len(buf) else ""
+
+        more()
+        skip_ws()
+        pos += 1  # the "["
+        numbers, rows, expect_item = [], [], True
+        while True:
+            c = skip_ws()
+            if c == "]":
+                break
+            if c == "":
+                raise DataError(f"{path}:{line}: invalid JSON: the list is not closed with ']'")
+            if not expect_item:
+                if c != ",":
+                    raise DataError(f"{path}:{line}: invalid JSON: expected ',' or ']' between list items")
+                pos += 1
+                expect_item = True
+                continue
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    bad_line = line + buf.count("\n", pos, e.pos)  # before `more()` moves the buffer
+                    # The end of the buffer cut the item (a string runs past it, or the error sits in its
+                    # last bytes: a cut literal or escape): read more and retry. Anything else is bad JSON.
+                    cut = e.msg.startswith("Unterminated") or e.pos >= len(buf) - 16
+                    if not cut or eof or not more():
+                        raise DataError(
+                            f"{path}:{bad_line}: invalid JSON: {e.msg} (the rest of a JSON list cannot be read "
+                            "past it; JSON Lines files can skip bad lines)"
+                        ) from None
+            numbers.append(line)
+            rows.append(obj)
+            line += buf.count("\n", pos, end)
+            pos, expect_item = end, False
+            if len(rows) >= BATCH_ROWS:
+                yield numbers, rows
+                numbers, rows = [], []
+        if rows:
+            yield numbers, rows
+
+
+def _csv_value(key: str, value):
+    """CSV cells are text: numbers for label/score, JSON lists or single texts for the list columns."""
+    if value is None or key is None:
+        return value
+    if key in ("label", "score"):
+        if value == "":
+            return None
+        with contextlib.suppress(ValueError):
+            return int(value)
+        with contextlib.suppress(ValueError):
+            return float(value)
+    elif key in ("rejected_response", "negative", "positive"):
+        if value == "":
+            return None
+        if value.startswith("["):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                return orjson.loads(value)
+        return [value] if key == "rejected_response" else value  # the shapes accept one text for a list
+    return value
+
+
+def _csv_batches(path: Path, delimiter: str):
+    csv.field_size_limit(1 << 30)
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        numbers, rows = [], []
+        try:
+            for record in reader:
+                numbers.append(reader.line_num)
+                rows.append({k: _csv_value(k, v) for k, v in record.items() if k is not None})
+                if len(rows) >= BATCH_ROWS:
+                    yield numbers, rows
+                    numbers, rows = [], []
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
+        if rows:
+            yield numbers, rows
+
+
+def _parquet_batches(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    first = 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+        rows = batch.to_pylist()
+        yield range(first + 1, first + 1 + len(rows)), rows
+        first += len(rows)
+
+
+def _hf_batches(spec: str, split: str):
+    """A Hugging Face dataset `name[:subset]`, streamed (nothing is downloaded up front)."""
+    try:
+        import datasets
+    except ImportError:
+        raise EmbedtuneError(
+            f"{spec}: not a local file or folder; reading Hugging Face datasets needs the `datasets` package "
+            "(pip install 'embedtune[hub]')"
+        ) from None
+    name, _, subset = spec.partition(":")
+    hint = (
+        " (for ms-swift's `stsb:positive` use --sts-positive-threshold 0.75)" if subset == "positive" else ""
+    )
+    try:
+        stream = iter(datasets.load_dataset(name, subset or None, split=split, streaming=True))
+        first = 0
+        while True:
+            rows = [row for _, row in zip(range(BATCH_ROWS), stream, strict=False)]
+            if not rows:
+                return
+            yield range(first + 1, first + 1 + len(rows)), rows
+            first += len(rows)
+    except Exception as e:  # datasets raises many types (not found, offline, bad split, auth)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise EmbedtuneError(
+            f"{spec}: not a local file or folder, and loading it as a Hugging Face dataset (split {split!r}) "
+            f"failed: {type(e).__name__}: {reason}{hint}"
+        ) from None
+
+
+def _guarded(name: str, batches):
+    """Iterate a reader, turning unreadable input (not UTF-8, broken gzip or Parquet) into a `DataError`."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: not UTF-8 text ({e.reason})") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{name}: cannot read: {e}") from None
+        except Exception as e:
+            if type(e).__module__.startswith("pyarrow"):
+                raise DataError(f"{name}: cannot read: {e}") from None
+            raise
+        yield item
+
+
+def _file_kind(path: Path) -> str | None:
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    kind = FILE_KINDS.get(suffixes[0].lower()) if suffixes else None
+    return None if kind == "parquet" and path.suffix == ".gz" else kind
+
+
+def _sources(source: str, hf_split: str, exclude: set[Path]) -> list[tuple[str, str, object]]:
+    """`(display name, where-format, batch iterator factory)` for each input file (or the HF dataset)."""
+    path = Path(source).expanduser()
+    readers = {
+        "jsonl": _jsonl_batches,
+        "json": _json_batches,
+        "csv": lambda p: _csv_batches(p, ","),
+        "tsv": lambda p: _csv_batches(p, "\t"),
+        "parquet": _parquet_batches,
+    }
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and _file_kind(p)
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not p.name.endswith((".stats.json", ".rejected.jsonl"))  # convert's own side files
+            and p.resolve() not in exclude
+        )
+        if not files:
+            raise EmbedtuneError(f"{source}: no JSONL / JSON / CSV / TSV / Parquet files in this folder")
+    elif path.is_file():
+        if not _file_kind(path):
+            raise EmbedtuneError(
+                f"{source}: unsupported file type {''.join(path.suffixes) or '(none)'} "
+                "(expected .jsonl, .json, .csv, .tsv or .parquet, text ones optionally .gz)"
+            )
+        files = [path]
+    elif source.startswith((".", "/", "~")) or _file_kind(path) or source.count("/") > 1 or not source:
+        raise EmbedtuneError(f"{source}: file not found")
+    else:
+        return [(source, "{name}:row {n}", lambda: _hf_batches(source, hf_split))]
+    out = []
+    for p in files:
+        kind = _file_kind(p)
+        where = "{name}:row {n}" if kind == "parquet" else "{name}:{n}"
+        out.append((str(p), where, lambda p=p, kind=kind: readers[kind](p)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shapes: one function per input shape, `row -> (canonical rows, problems, filtered count)`. These are the
+# reference semantics; the fast loops in `_Converter` only accept rows these functions accept and write the
+# same bytes for them.
+
+
+def _as_list(value, missing=None):
+    """One text stands for a list of one (CSV cells, some hub datasets); None becomes `missing`."""
+    return missing if value is None else [value] if isinstance(value, str) else value
+
+
+def _from_canonical(row: dict, cfg: ConvertConfig):
+    problems = check_row(row, cfg.loss_type)
+    return ([] if problems else [canonical(row)]), problems, 0
+
+
+def _from_mteb(row: dict, cfg: ConvertConfig):
+    problems = [p] if (p := check_text(row.get("query"), "query")) else []
+    positives = _as_list(row.get("positive"))
+    if not positives:
+        problems.append("positive: no positive (an MTEB row needs at least one; nothing converted)")
+    else:
+        problems += check_texts(positives, "positive")
+    negatives = _as_list(row.get("negative"), [])
+    problems += check_texts(negatives, "negative")
+    if problems:
+        return [], problems, 0
+    return [{"query": row["query"], "response": p, "rejected_response": negatives} for p in positives], [], 0
+
+
+def _from_sts(row: dict, cfg: ConvertConfig):
+    problems = [p for f in ("sentence1", "sentence2") if (p := check_text(row.get(f), f))]
+    field = "score" if row.get("score") is not None or "label" not in row else "label"
+    score = row.get(field)
+    if score is None:
+        problems.append(f"{field}: missing")
+    elif p := check_label(score, "", field):
+        problems.append(p)
+    elif field == "score" and abs(score) > cfg.score_scale:
+        scale = f"{cfg.score_scale:g}"
+        problems.append(
+            f"score: {score} is outside [-{scale}, {scale}] (label = score / score_scale {scale})"
+        )
+    if problems:
+        return [], problems, 0
+    label = score / cfg.score_scale if field == "score" else score
+    out = {"query": row["sentence1"], "response": row["sentence2"]}
+    if cfg.sts_positive_threshold > 0:
+        if label < cfg.sts_positive_threshold:
+            return [], [], 1  # not a positive pair: filtered, not a problem
+    else:
+        out["label"] = label
+    problems = [p] if "label" in out and (p := check_label(label, cfg.loss_type)) else []
+    return ([] if problems else [out]), problems, 0
+
+
+def _from_pairs(row: dict, cfg: ConvertConfig):
+    problems = [p for f in ("anchor", "positive") if (p := check_text(row.get(f), f))]
+    negatives = _as_list(row.get("negative"), [])
+    problems += check_texts(negatives, "negative")
+    numbered = sorted(
+        (k for k in row if k.startswith("negative_") and k[9:].isdigit()), key=lambda k: int(k[9:])
+    )
+    for k in numbered:
+        if row[k] is not None:
+            if p := check_text(row[k], k):
+                problems.append(p)
+            else:
+                negatives = [*negatives, row[k]]
+    if problems:
+        return [], problems, 0
+    return [{"query": row["anchor"], "response": row["positive"], "rejected_response": negatives}], [], 0
+
+
+SHAPES = {"canonical": _from_canonical, "mteb": _from_mteb, "sts": _from_sts, "pairs": _from_pairs}
+
+
+def detect_format(keys) -> str | None:
+    """The input shape a row with these keys has, or None."""
+    keys = set(keys)
+    if {"query", "response"} <= keys:
+        return "canonical"
+    if {"query", "positive"} <= keys:
+        return "mteb"
+    if {"sentence1", "sentence2"} <= keys:
+        return "sts"
+    if {"anchor", "positive"} <= keys:
+        return "pairs"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Statistics with bounded memory.
+
+
+class LengthHistogram:
+    """Counts of text lengths: exact below `EXACT_CHARS`, then 1%-wide log bins (about 1.3k of them)."""
+
+    LOG_STEP = math.log(1.01)
+
+    def __init__(self):
+        self.counts = np.zeros(EXACT_CHARS + 2048, dtype=np.int64)
+        self.max = 0
+
+    def add(self, lengths: list[int]) -> None:
+        if not lengths:
+            return
+        a = np.asarray(lengths, dtype=np.int64)
+        self.max = max(self.max, int(a.max()))
+        big = a >= EXACT_CHARS
+        if big.any():
+            a = a.copy()
+            a[big] = EXACT_CHARS + (np.log(a[big] / EXACT_CHARS) / self.LOG_STEP).astype(np.int64)
+        self.counts += np.bincount(a, minlength=len(self.counts))[: len(self.counts)]
+
+    def summary(self) -> dict | None:
+        """Nearest-rank percentiles p50/p90/p99 (a log bin reports its lower edge) and the exact max."""
+        total = int(self.counts.sum())
+        if not total:
+            return None
+        cum = np.cumsum(self.counts)
+        out = {}
+        for q in (50, 90, 99):
+            b = int(np.searchsorted(cum, math.ceil(q / 100 * total)))
+            out[f"p{q}"] = (
+                b if b < EXACT_CHARS else min(self.max, round(EXACT_CHARS * 1.01 ** (b - EXACT_CHARS)))
+            )
+        out["max"] = self.max
+        return out
+
+
+class _HashingWriter:
+    """Writes byte blocks to a file and sha256-hashes them in a background thread.
+
+    Both `write` and `sha256.update` release the GIL, so they overlap with parsing the next batch. The queue
+    is bounded (memory stays constant); a write error is raised in the caller at its next `write`/`close`.
+    """
+
+    def __init__(self, f):
+        self.f, self.sha, self.error = f, hashlib.sha256(), None
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.thread = threading.Thread(target=self._work, name="convert-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.f.write(data)
+                    self.sha.update(data)
+                except BaseException as e:  # handed to the main thread
+                    self.error = e
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
+
+    def stop(self) -> None:
+        """Finish the thread without raising (cleanup after another error)."""
+        with contextlib.suppress(BaseException):
+            self.close()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Converter:
+    """Converts batches of rows, writing canonical JSONL and keeping the statistics."""
+
+    def __init__(self, cfg: ConvertConfig, out, rejected):
+        self.cfg, self.out, self.rejected = cfg, _HashingWriter(out), rejected
+        self.label_required = LABEL_RULES[cfg.loss_type][1]
+        self.parts: list[bytes] = []  # output lines of the current batch
+        self.qlens: list[int] = []  # per output row
+        self.rlens: list[int] = []
+        self.nlens: list[int] = []  # per negative of each output row
+        self.nnegs: list[int] = []  # negatives per output row
+        self.labels: list[float] = []
+        self.hist = {
+            "query": LengthHistogram(),
+            "response": LengthHistogram(),
+            "rejected_response": LengthHistogram(),
+        }
+        self.queries: set[int] = set()  # 64-bit hashes of distinct queries (sampled once past DISTINCT_CAP)
+        self.qmask = 0  # a hash h is kept iff h & qmask == 0
+        self.rows = self.input_rows = self.rejected_rows = self.filtered_rows = 0
+        self.neg_min, self.neg_max, self.neg_sum = None, 0, 0
+        self.label_min = self.label_max = None
+        self.label_sum = 0.0
+        self.labelled = 0
+        self.problems: list[str] = []  # `LOCATION: field: reason` (all in fail mode, the first few in skip)
+        self.sts_max_score = None
+        self.files: list[dict] = []
+
+    # -- the loops ------------------------------------------------------------------------------------
+    def convert(self, name: str, where: str, batches) -> None:
+        shape = None if self.cfg.format == "auto" else self.cfg.format
+        counted = self.input_rows
+        for numbers, rows in _guarded(name, batches):
+            if shape is None:
+                first = next(
+                    ((n, r) for n, r in zip(numbers, rows, strict=True) if isinstance(r, dict)), None
+                )
+                if first is not None:
+                    shape = detect_format(first[1])
+                    if shape is None:
+                        raise EmbedtuneError(
+                            f"{where.format(name=name, n=first[0])}: cannot tell the input shape from the keys "
+                            f"{sorted(first[1])}; expected canonical (query, response), mteb (query, positive, "
+                            "negative), sts (sentence1, sentence2, score) or pairs (anchor, positive, negative); "
+                            "pass --format"
+                        )
+            self.input_rows += len(rows)
+            # no object seen yet (only bad lines so far): `_slow` reports them without needing the shape
+            loop = {"mteb": self._mteb_batch, "canonical": self._canonical_batch}.get(shape, self._slow_batch)
+            loop(name, where, shape, numbers, rows)
+            self._flush()
+        self.files.append({"name": name, "format": shape or "empty", "input_rows": self.input_rows - counted})
+
+    def _slow_batch(self, name, where, shape, numbers, rows):
+        for n, row in zip(numbers, rows, strict=True):
+            self._slow(name, where, shape, n, row)
+
+    def _slow(self, name, where, shape, n, row):
+        if isinstance(row, _Bad):
+            out, problems, filtered = [], [row.reason], 0
+        elif not isinstance(row, dict):
+            out, problems, filtered = [], [f"row: must be a JSON object, got {type(row).__name__}"], 0
+        else:
+            out, problems, filtered = SHAPES[shape](row, self.cfg)
+            if shape == "sts" and not problems and isinstance(row.get("score"), (int, float)):
+                s = abs(row["score"])
+                self.sts_max_score = s if self.sts_max_score is None else max(self.sts_max_score, s)
+        self.filtered_rows += filtered
+        if problems:
+            self._reject(where.format(name=name, n=n), row, problems)
+        for r in out:
+            self._emit(r["query"], r["response"], r.get("rejected_response") or [], r.get("label"))
+
+    def _mteb_batch(self, name, where, shape, numbers, rows):
+        # The hot loop (1M rows in a few seconds): C-level checks (all(), map(type)) decide that a row is
+        # valid; anything unusual goes to `_slow`, which reports the exact problem or converts it.
+        dumps, parts, add_q, mask = orjson.dumps, self.parts, self.queries.add, self.qmask
+        qlens, rlens, nlens, nnegs = self.qlens, self.rlens, self.nlens, self.nnegs
+        for n, row in zip(numbers, rows, strict=True):
+            try:
+                q, pos, neg = row["query"], row["positive"], row.get("negative")
+            except (KeyError, TypeError, AttributeError):
+                self._slow(name, where, shape, n, row)
+                continue
+            if not (
+                type(q) is str
+                and q
+                and type(pos) is list
+                and pos
+                and all(pos)
+                and set(map(type, pos)) == _STR
+                and type(neg) is list
+                and (not neg or (all(neg) and set(map(type, neg)) == _STR))
+            ):
+                self._slow(name, where, shape, n, row)
+                continue
+            h = hash(q)
+            if not h & mask:
+                add_q(h)
+            lq, nn, nl = len(q), len(neg), list(map(len, neg))
+            for p in pos:
+                parts.append(
+                    dumps({"query": q, "response": p, "rejected_response": neg}, option=_NL)
+                    if nn
+                    else dumps({"query": q, "response": p}, option=_NL)
+                )
+                qlens.append(lq)
+                rlens.append(len(p))
+                nnegs.append(nn)
+                nlens += nl
+
+    def _canonical_batch(self, name, where, shape, numbers, rows):
+        loss, required = self.cfg.loss_type, self.label_required
+        for n, row in zip(numbers, rows, strict=True):
+            try:
+                q, r, neg, label = (
+                    row["query"],
+                    row["response"],
+                    row.get("rejected_response"),
+                    row.get("label"),
+                )
+            except (KeyError, TypeError, AttributeError):
+                self._slow(name, where, shape, n, row)
+                continue
+            if (
+                type(q) is str
+                and q
+                and type(r) is str
+                and r
+                and (
+                    neg is None
+                    or (type(neg) is list and (not neg or (all(neg) and set(map(type, neg)) == _STR)))
+                )
+                and (
+                    (label is None and not required)
+                    or (type(label) in (int, float) and check_label(label, loss) is None)
+                )
+            ):
+                self._emit(q, r, neg or [], label)
+            else:
+                self._slow(name, where, shape, n, row)
+
+    # -- output and bookkeeping -----------------------------------------------------------------------
+    def _emit(self, q: str, r: str, neg: list, label) -> None:
+        row = {"query": q, "response": r}
+        if neg:
+            row["rejected_response"] = neg
+        if label is not None:
+            row["label"] = label
+            self.labels.append(label)
+        try:
+            line = orjson.dumps(row, option=_NL)
+        except TypeError as e:  # e.g. lone surrogates from a Hugging Face dataset
+            raise DataError(f"a row cannot be written as JSON: {e}") from None
+        self.parts.append(line)
+        h = hash(q)
+        if not h & self.qmask:
+            self.queries.add(h)
+        self.qlens.append(len(q))
+        self.rlens.append(len(r))
+        self.nnegs.append(len(neg))
+        self.nlens += map(len, neg)
+
+    def _reject(self, location: str, row, problems: list[str]) -> None:
+        lines = [f"{location}: {p}" for p in problems]
+        self.rejected_rows += 1
+        if self.rejected is None:
+            self.problems += lines
+            if len(self.problems) >= self.cfg.max_errors:
+                raise _Stop
+            return
+        if len(self.problems) < self.cfg.max_errors:
+            self.problems += lines
+        raw = row.raw.decode("utf-8", "replace").rstrip("\n") if isinstance(row, _Bad) else row
+        self.rejected.write(
+            orjson.dumps({"location": location, "problems": problems, "row": raw}, default=str, option=_NL)
+        )
+
+    def _flush(self, final: bool = False) -> None:
+        """Write the batch's output; fold the per-row statistics into the totals every FOLD_ROWS rows."""
+        if self.parts:
+            self.out.write(b"".join(self.parts))
+            self.rows += len(self.parts)
+            self.parts.clear()
+        if len(self.nnegs) < FOLD_ROWS and not final:
+            return
+        if self.nnegs:
+            self.neg_min = min(self.nnegs) if self.neg_min is None else min(self.neg_min, min(self.nnegs))
+            self.neg_max = max(self.neg_max, max(self.nnegs))
+            self.neg_sum += sum(self.nnegs)
+        if self.labels:
+            self.labelled += len(self.labels)
+            self.label_sum += math.fsum(self.labels)
+            lo, hi = min(self.labels), max(self.labels)
+            self.label_min = lo if self.label_min is None else min(self.label_min, lo)
+            self.label_max = hi if self.label_max is None else max(self.label_max, hi)
+        for key, lens in (("query", self.qlens), ("response", self.rlens), ("rejected_response", self.nlens)):
+            self.hist[key].add(lens)
+            lens.clear()
+        self.nnegs.clear()
+        self.labels.clear()
+        while len(self.queries) > DISTINCT_CAP:  # keep half the hash space: bounded memory, estimated count
+            self.qmask = (self.qmask << 1) | 1
+            self.queries = {h for h in self.queries if not h & self.qmask}
+
+    def stats(self) -> dict:
+        warnings = []
+        if self.sts_max_score is not None and self.cfg.score_scale > 1 and self.sts_max_score <= 1:
+            warnings.append(
+                f"every STS score is within [0, 1] but --score-scale is {self.cfg.score_scale:g}, so labels end "
+                "up small; pass --score-scale 1 if the scores are already normalized"
+            )
+        return {
+            "source": self.cfg.source,
+            "files": self.files,
+            "input_rows": self.input_rows,
+            "rows": self.rows,
+            "rejected_rows": self.rejected_rows,
+            "filtered_rows": self.filtered_rows,
+            "distinct_queries": len(self.queries) * (self.qmask + 1),
+            "distinct_queries_exact": self.qmask == 0,
+            "negatives_per_row": {
+                "min": self.neg_min or 0,
+                "mean": round(self.neg_sum / self.rows, 4) if self.rows else 0.0,
+                "max": self.neg_max,
+            },
+            "labelled_rows": self.labelled,
+            "label": None
+            if not self.labelled
+            else {
+                "min": self.label_min,
+                "mean": round(self.label_sum / self.labelled, 6),
+                "max": self.label_max,
+            },
+            "text_chars": {k: h.summary() for k, h in self.hist.items()},
+            "fingerprint": "sha256:" + self.out.sha.hexdigest(),
+            "warnings": warnings,
+        }
+
+
+def _check_config(cfg: ConvertConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise EmbedtuneError(f"format: unknown {cfg.format!r} (expected one of {', '.join(FORMATS)})")
+    if cfg.on_error not in ("fail", "skip"):
+        raise EmbedtuneError(f"on_error: unknown {cfg.on_error!r} (expected fail or skip)")
+    check_loss_type(cfg.loss_type)
+    if not cfg.score_scale > 0:
+        raise EmbedtuneError(f"score_scale: must be > 0, got {cfg.score_scale}")
+    if not 0 <= cfg.sts_positive_threshold <= 1:
+        raise EmbedtuneError(f"sts_positive_threshold: must be in [0, 1], got {cfg.sts_positive_threshold}")
+    if cfg.max_errors < 1:
+        raise EmbedtuneError(f"max_errors: must be >= 1, got {cfg.max_errors}")
+    if not cfg.output or not cfg.source:
+        raise EmbedtuneError("source and output: both are required")
+
+
+def run(cfg: ConvertConfig) -> dict:
+    """Convert `cfg.source` to canonical JSONL at `cfg.output`; returns the statistics (also saved as JSON).
+
+    Raises `DataError` (with `FILE:LINE: field: reason` lines) for bad rows under `on_error="fail"`, and
+    `EmbedtuneError` for a missing source, an unknown shape or option; in both cases nothing is written.
+    """
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    output = Path(cfg.output)
+    stats_path = Path(f"{cfg.output}.stats.json")
+    rejected_path = Path(f"{cfg.output}.rejected.jsonl")
+    skip = cfg.on_error == "skip"
+    sources = _sources(cfg.source, cfg.hf_split, {p.resolve() for p in (output, stats_path, rejected_path)})
+    try:
+        with (
+            contextlib.ExitStack() as stack
+        ):  # exits in reverse: stats, rejected, output renamed only on success
+            out = stack.enter_context(atomic_write(output))
+            rejected = stack.enter_context(atomic_write(rejected_path)) if skip else None
+            stats_file = stack.enter_context(atomic_write(stats_path))
+            conv = _Converter(cfg, out, rejected)
+            stack.callback(conv.out.stop)  # runs before out's own exit: the thread is done with the file
+            hint = "fix the data, or pass --on-error skip to write the good rows and a .rejected.jsonl"
+            gc_enabled = gc.isenabled()
+            gc.disable()  # rows are acyclic; the collector would only rescan each batch's fresh objects (~30%)
+            try:
+                for name, where, batches in sources:
+                    conv.convert(name, where, batches())
+            except _Stop:
+                raise DataError(
+                    format_problems(conv.problems[: cfg.max_errors], stopped=True, hint=hint)
+                ) from None
+            finally:
+                if gc_enabled:
+                    gc.enable()
+            conv._flush(final=True)
+            conv.out.close()
+            if conv.problems and not skip:
+                raise DataError(format_problems(conv.problems, hint=hint))
+            if conv.rows == 0:
+                why = [f"{conv.input_rows} input rows"]
+                if conv.rejected_rows:
+                    why.append(f"{conv.rejected_rows} rejected, e.g. {conv.problems[0]}")
+                if conv.filtered_rows:
+                    why.append(
+                        f"{conv.filtered_rows} STS pairs below --sts-positive-threshold {cfg.sts_positive_threshold:g}"
+                    )
+                raise EmbedtuneError(f"{cfg.source}: no rows to write ({'; '.join(why)})")
+            stats = conv.stats()
+            stats_file.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2 | _NL))
+    except OSError as e:  # reading errors are DataErrors already (see `_guarded`): this is the output side
+        raise EmbedtuneError(f"{cfg.output}: cannot write: {e}") from None
+    if not skip:
+        rejected_path.unlink(missing_ok=True)  # a stale one from an earlier skip run would mislead
+    for w in stats["warnings"]:
+        log.warning("embedtune convert: warning: %s", w)
+    if conv.rejected_rows:
+        log.warning(
+            "embedtune convert: %d of %d input rows rejected (reasons in %s)",
+            conv.rejected_rows,
+            conv.input_rows,
+            rejected_path,
+        )
+    return {
+        **stats,
+        "output": str(output),
+        "stats_path": str(stats_path),
+        "rejected_path": str(rejected_path) if skip else None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,119 @@
+"""split: canonical rows -> a train file and an eval file, grouped by query text.
+
+    embedtune split --dataset work/rows.jsonl --train-data work/train.jsonl --eval-data work/eval.jsonl \\
+        --split-dataset-ratio 0.05 --seed 42
+
+Every row of a query goes to the same file, so no query text is in both (ms-swift splits by row, which leaks
+near-duplicate positives of one query into eval and inflates its metrics). The ratio applies to distinct
+queries: eval gets `round(ratio * distinct queries)` of them, whatever their row counts. The split refuses
+(`EmbedtuneError`) when that would leave eval or train empty, and when the ratio is not in (0, 1).
+
+Which queries go to eval is decided by a seeded 64-bit hash of the query text (blake2b keyed by the seed):
+the queries with the smallest hashes win. That is a uniform random sample for a given seed, deterministic,
+and independent of row order (shuffling the input file gives the same split). Rows are copied byte for
+byte, in input order. Two passes over the file; memory is 8 bytes per row plus one hash per distinct query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from array import array
+from pathlib import Path
+
+import orjson
+
+from embedtune.config import SplitConfig
+from embedtune.data import check_row, format_problems
+from embedtune.errors import DataError, EmbedtuneError
+from embedtune.io import atomic_write
+
+MAX_ERRORS = 20
+
+
+def query_key(query: str, seed: int) -> int:
+    """The seeded 64-bit hash that orders queries for the split (smallest ones go to eval)."""
+    digest = hashlib.blake2b(query.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode())
+    return int.from_bytes(digest.digest(), "big")
+
+
+def run(cfg: SplitConfig) -> dict:
+    """Split `cfg.dataset` into `cfg.train_data` and `cfg.eval_data`; returns rows and queries per side."""
+    ratio = cfg.split_dataset_ratio
+    if not 0 < ratio < 1:  # also rejects NaN
+        raise EmbedtuneError(f"split_dataset_ratio: must be in (0, 1), got {ratio}")
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise EmbedtuneError(f"{cfg.dataset}: file not found")
+    if Path(cfg.train_data).resolve() == Path(cfg.eval_data).resolve():
+        raise EmbedtuneError(f"train_data and eval_data are the same file: {cfg.train_data}")
+
+    # Pass 1: one key per row (0 marks a blank line) and the set of distinct query keys.
+    row_keys, keys, problems = array("Q"), set(), []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                row_keys.append(0)
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
+            else:
+                problems += [f"{path}:{lineno}: {p}" for p in check_row(row)]
+            if problems:
+                if len(problems) >= MAX_ERRORS:
+                    break
+                row_keys.append(0)
+                continue
+            key = query_key(row["query"], cfg.seed) or 1  # 0 is reserved for blank lines
+            row_keys.append(key)
+            keys.add(key)
+    if problems:
+        hint = "split reads canonical rows; run `embedtune convert` on other shapes"
+        raise DataError(
+            format_problems(problems[:MAX_ERRORS], stopped=len(problems) >= MAX_ERRORS, hint=hint)
+        )
+
+    n = len(keys)
+    n_eval = math.floor(ratio * n + 0.5)
+    if n_eval == 0:
+        need = 0.5 / n if n else 0
+        raise EmbedtuneError(
+            f"{cfg.dataset}: eval would be empty: split_dataset_ratio {ratio:g} of {n} distinct queries rounds "
+            f"to 0" + (f" (use a ratio >= {need:.3g} or more data)" if n else " (the file has no rows)")
+        )
+    if n_eval == n:
+        raise EmbedtuneError(
+            f"{cfg.dataset}: train would be empty: split_dataset_ratio {ratio:g} of {n} distinct queries "
+            f"rounds to all {n} (use a smaller ratio or more data)"
+        )
+    eval_keys = set(heapq.nsmallest(n_eval, keys))
+
+    # Pass 2: copy each row, unchanged, to its side.
+    counts = {"train": 0, "eval": 0}
+    try:
+        with (
+            atomic_write(cfg.train_data) as train,
+            atomic_write(cfg.eval_data) as evalf,
+            open(path, "rb") as f,
+        ):
+            for key, line in zip(row_keys, f, strict=False):
+                if not key:
+                    continue
+                side = "eval" if key in eval_keys else "train"
+                (evalf if side == "eval" else train).write(line if line.endswith(b"\n") else line + b"\n")
+                counts[side] += 1
+    except OSError as e:
+        raise EmbedtuneError(f"cannot write {cfg.train_data} / {cfg.eval_data}: {e}") from None
+    return {
+        "train_data": str(cfg.train_data),
+        "eval_data": str(cfg.eval_data),
+        "train_rows": counts["train"],
+        "train_queries": n - n_eval,
+        "eval_rows": counts["eval"],
+        "eval_queries": n_eval,
+        "split_dataset_ratio": ratio,
+        "seed": cfg.seed,
+    }
