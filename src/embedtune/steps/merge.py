@@ -1,0 +1,236 @@
+"""merge: fold a LoRA adapter into its base weights, and prove the merged model equals the adapter model.
+
+    embedtune merge --adapter out/model --output out/merged [--eval-data eval.jsonl] [--tolerance 1e-4]
+
+Users of other tools report merged LoRA models that silently behave like the base model, or differ from
+the adapter they evaluated. So merge never trusts itself; it measures:
+
+1. Load base + adapter (PEFT) in fp32, the way evaluate loaded it: `Embedder` / `Reranker` by embedtune.json.
+2. On sample inputs (built-in sentences, plus the first rows of `--eval-data` when given) record the
+   ADAPTER model's outputs (embeddings, or reranker z = logit(yes) - logit(no), which unlike sigmoid(z)
+   does not saturate), and the BASE model's (same weights, adapter disabled).
+3. `merge_and_unload()`, then save the merged model with the same `save_pretrained` as train (full
+   safetensors weights, tokenizer, sentence-transformers files for embedders, embedtune.json with the
+   training config) into a temporary folder beside `--output`.
+4. Reload that folder from disk (what consumers will load) and compare its outputs with the adapter's.
+   Fail when, in fp32,
+     - max |merged - adapter| > `--tolerance` (in memory right after merging, or after the reload), or
+     - the adapter changes the outputs (max |adapter - base| > 1e-6) while the merged model does not
+       (max |merged - base| <= 1e-6): "the merged model behaves like the base model".
+   On failure the temporary folder is deleted: nothing is written at `--output`. On success it is renamed
+   into place (an existing previous result at `--output` is replaced; any other non-empty folder is left
+   alone and is an error).
+
+The merged folder keeps embedtune.json's `train_type` (`lora`, how it was trained) and adds
+`merged_from_adapter: true` and `merge_check` (the three numbers); it holds full weights, no
+adapter_config.json, so every loader treats it as a plain model. Weights are saved in fp32, the precision
+the check ran in.
+
+A folder without adapter_config.json (full training) is copied through unchanged (into a temporary folder,
+then renamed), reported as `mode: passthrough` with zero differences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from embedtune.config import MergeConfig
+from embedtune.data import read_rows
+from embedtune.errors import EmbedtuneError
+from embedtune.io import write_json
+from embedtune.modeling import META_FILE, Embedder, Reranker, is_adapter, read_meta, task_type_of
+from embedtune.steps.evaluate import reranker_logits
+
+SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
+SAMPLE_ROWS = 16
+SAMPLE_QUERIES = [
+    "how do cats purr",
+    "what is the capital of france",
+    "best way to learn deep learning",
+    "why is the sky blue",
+    "a man is playing the guitar",
+    "symptoms of the common cold",
+]
+SAMPLE_DOCS = [
+    "Cats purr by rapidly twitching the muscles of the larynx while breathing in and out.",
+    "Paris is the capital and most populous city of France.",
+    "Start with linear algebra and calculus, then train small neural networks on real data.",
+    "Sunlight is scattered by air molecules, and blue light is scattered more than red light.",
+    "Someone is strumming a guitar on a stage.",
+    "A runny nose, sore throat and sneezing are typical early signs of a cold.",
+    "The stock market fell sharply on Monday after the announcement.",
+    "short",
+]
+
+
+def sample_inputs(eval_data: str) -> tuple[list[str], list[str]]:
+    """(queries, docs) for the check: built-in sentences + the first rows of the eval data, if any."""
+    queries, docs = list(SAMPLE_QUERIES), list(SAMPLE_DOCS)
+    if eval_data:
+        for row in read_rows(eval_data)[:SAMPLE_ROWS]:
+            queries.append(row["query"])
+            docs += [row["response"], *row.get("rejected_response", [])[:1]]
+    return queries, docs
+
+
+def load(path: str | Path, task_type: str):
+    """Load a model folder as `task_type`, in fp32, on the GPU when there is one."""
+    import torch
+
+    model = (Reranker if task_type == "reranker" else Embedder).from_pretrained(path, dtype=torch.float32)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def outputs(model, queries: list[str], docs: list[str]) -> np.ndarray:
+    """What the check compares: (Q + D, H) embeddings, or (2 Q,) reranker z scores of query-document pairs."""
+    if isinstance(model, Reranker):  # each query with 2 documents: 2 Q prompts, not Q x D
+        pairs = [(q, docs[(i + j) % len(docs)]) for i, q in enumerate(queries) for j in range(2)]
+        return reranker_logits(model, [q for q, _ in pairs], [d for _, d in pairs], batch_size=16)
+    return np.concatenate([model.encode(queries, is_query=True), model.encode(docs)]).astype(np.float64)
+
+
+def _peft(model):
+    return model.lm if isinstance(model, Reranker) else model.backbone
+
+
+def merge_lora(model) -> None:
+    """Fold the LoRA deltas into the base weights in place: W <- W + (alpha / r) * B @ A."""
+    merged = _peft(model).merge_and_unload()
+    if isinstance(model, Reranker):
+        model.lm = merged
+    else:
+        model.backbone = merged
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)))
+
+
+def check(merged: float, adapter_vs_base: float, merged_vs_base: float, tolerance: float, where: str) -> None:
+    """Raise with all three numbers unless merged == adapter within tolerance and != base when it should."""
+    numbers = (
+        f"max |merged - adapter| = {merged:.3g}, max |adapter - base| = {adapter_vs_base:.3g}, "
+        f"max |merged - base| = {merged_vs_base:.3g}"
+    )
+    if merged > tolerance:
+        hint = " (the merged model behaves like the base model)" if merged_vs_base <= SAME else ""
+        raise EmbedtuneError(f"merge check failed {where}: {numbers} > tolerance {tolerance:g}{hint}")
+    if adapter_vs_base > SAME and merged_vs_base <= SAME:
+        raise EmbedtuneError(
+            f"merge check failed {where}: the merged model behaves like the base model: {numbers}"
+        )
+
+
+def _check_output(out: Path) -> None:
+    """`out` may be missing, an empty folder, or a previous result (a folder with embedtune.json)."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / META_FILE).is_file())):
+        raise EmbedtuneError(f"output: {out} exists and is not a model folder; remove it or choose another")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary folder to `out`; a previous result there is replaced."""
+    _check_output(out)
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        else:
+            out.rmdir()
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A temporary folder beside `out` (same filesystem: the final rename is atomic), removed on error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run(cfg: MergeConfig) -> dict:
+    """Merge `cfg.adapter` into its base and write the checked result to `cfg.output` (or pass it through)."""
+    src, out = Path(cfg.adapter), Path(cfg.output)
+    if not (src / "config.json").is_file() and not is_adapter(src):
+        raise EmbedtuneError(f"{src}: not a model folder (no config.json or adapter_config.json)")
+    if src.resolve() == out.resolve():
+        raise EmbedtuneError(f"output: {out} is the input folder; choose another output")
+    _check_output(out)
+
+    if not is_adapter(src):
+        with _staging(out) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            _publish(tmp, out)
+        print(f"merge: {src} holds full weights (no adapter): copied to {out} unchanged", file=sys.stderr)
+        return {
+            "merged": False,
+            "mode": "passthrough",
+            "max_abs_diff": 0.0,
+            "adapter_vs_base_max_diff": 0.0,
+            "merged_vs_base_max_diff": 0.0,
+            "output": str(out),
+        }
+
+    task_type = task_type_of(src)
+    queries, docs = sample_inputs(cfg.eval_data)
+    model = load(src, task_type)
+    adapter_out = outputs(model, queries, docs)
+    with _peft(model).disable_adapter():
+        base_out = outputs(model, queries, docs)
+    adapter_vs_base = _max_diff(adapter_out, base_out)
+    if adapter_vs_base <= SAME:
+        print(f"merge: warning: the adapter {src} does not change the outputs (untrained?)", file=sys.stderr)
+
+    merge_lora(model)
+    merged_out = outputs(model, queries, docs)
+    in_memory = _max_diff(merged_out, adapter_out)
+    check(in_memory, adapter_vs_base, _max_diff(merged_out, base_out), cfg.tolerance, "after merging")
+
+    meta = {k: v for k, v in read_meta(src).items() if k != "embedtune_version"}
+    meta["merged_from_adapter"] = True
+    with _staging(out) as tmp:
+        model.save_pretrained(tmp, meta=meta)
+        del model
+        gc.collect()
+        if is_adapter(tmp):
+            raise EmbedtuneError(f"merge check failed: the saved folder is still an adapter ({tmp})")
+        saved_out = outputs(load(tmp, task_type), queries, docs)  # what consumers will load, from disk
+        saved = _max_diff(saved_out, adapter_out)
+        merged_vs_base = _max_diff(saved_out, base_out)
+        check(saved, adapter_vs_base, merged_vs_base, cfg.tolerance, "after saving and reloading")
+        result = {
+            "merged": True,
+            "mode": "merged",
+            "max_abs_diff": max(in_memory, saved),
+            "adapter_vs_base_max_diff": adapter_vs_base,
+            "merged_vs_base_max_diff": merged_vs_base,
+            "output": str(out),
+        }
+        numbers = {k: v for k, v in result.items() if k.endswith("diff")}
+        meta_file = tmp / META_FILE
+        write_json(
+            meta_file,
+            {**json.loads(meta_file.read_text()), "merge_check": {**numbers, "tolerance": cfg.tolerance}},
+        )
+        _publish(tmp, out)
+    print(
+        f"merge: {src} -> {out}: max |merged - adapter| = {result['max_abs_diff']:.3g} <= {cfg.tolerance:g} "
+        f"(adapter vs base {adapter_vs_base:.3g}, merged vs base {merged_vs_base:.3g})",
+        file=sys.stderr,
+    )
+    return result

@@ -1,0 +1,171 @@
+"""merge on LoRA adapters built here on the tiny random Qwen3 (embedder and reranker), with peft."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from embedtune import cli
+from embedtune.config import MergeConfig
+from embedtune.errors import EmbedtuneError
+from embedtune.modeling import Embedder, Reranker, read_meta
+from embedtune.steps import merge
+
+TEXTS = ["how do cats purr", "the river runs to the sea", "a dog is playing in the park"]
+TRAIN_CONFIG = {"loss_type": "infonce", "train_type": "lora", "lora_rank": 4}
+
+
+def randomize_lora_b(peft_model, seed: int = 1) -> None:
+    """LoRA starts with B = 0 (no change); give B small random values so the adapter changes outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def embedder_adapter(tiny_qwen3_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-embedder")
+    model = Embedder.from_pretrained(tiny_qwen3_path, query_instruction="Query: ")
+    model.backbone = get_peft_model(
+        model.backbone, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    randomize_lora_b(model.backbone)
+    meta = {"base_model": str(tiny_qwen3_path), "train_type": "lora", "train_config": TRAIN_CONFIG}
+    model.save_pretrained(out, meta=meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reranker_adapter(tiny_qwen3_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-reranker")
+    model = Reranker.from_pretrained(tiny_qwen3_path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model.lm = get_peft_model(model.lm, config)
+    randomize_lora_b(model.lm, seed=2)
+    model.save_pretrained(out, meta={"base_model": str(tiny_qwen3_path), "train_type": "lora"})
+    return out
+
+
+def leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_merged_embedder_equals_adapter_and_loads_in_sentence_transformers(embedder_adapter, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "merged"
+    result = merge.run(MergeConfig(adapter=str(embedder_adapter), output=str(out)))
+    assert result["merged"] is True and result["output"] == str(out)
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["adapter_vs_base_max_diff"] > 1e-3  # the adapter really changes the embeddings
+    assert result["merged_vs_base_max_diff"] > 1e-3
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "modules.json").is_file() and (out / "1_Pooling" / "config.json").is_file()
+    meta = read_meta(out)
+    assert meta["train_config"] == TRAIN_CONFIG and meta["merged_from_adapter"] is True
+    assert meta["train_type"] == "lora" and meta["merge_check"]["tolerance"] == 1e-4
+    assert leftovers(tmp_path) == []
+
+    adapter = Embedder.from_pretrained(embedder_adapter)
+    st = SentenceTransformer(str(out), device="cpu")
+    assert np.abs(st.encode(TEXTS) - adapter.encode(TEXTS)).max() <= 1e-4
+    st_queries = st.encode(TEXTS, prompt_name="query")
+    assert np.abs(st_queries - adapter.encode(TEXTS, is_query=True)).max() <= 1e-4
+    base = Embedder.from_pretrained(read_meta(embedder_adapter)["base_model"], query_instruction="Query: ")
+    assert np.abs(st.encode(TEXTS) - base.encode(TEXTS)).max() > 1e-3
+
+
+def test_merge_that_drops_the_lora_delta_fails_and_writes_nothing(embedder_adapter, tmp_path, monkeypatch):
+    # the bug users report: a "merged" model that is just the base model (unload() discards the deltas)
+    def unload_without_merging(model):
+        model.backbone = model.backbone.unload()
+
+    monkeypatch.setattr(merge, "merge_lora", unload_without_merging)
+    with pytest.raises(EmbedtuneError, match="behaves like the base model") as err:
+        merge.run(MergeConfig(adapter=str(embedder_adapter), output=str(tmp_path / "merged")))
+    assert "max |adapter - base|" in str(err.value) and "max |merged - base| = 0" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tampered_saved_weights_fail_the_reload_check_and_write_nothing(
+    embedder_adapter, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file, save_file
+
+    save = Embedder.save_pretrained
+
+    def save_then_tamper(self, out_dir, meta=None, state_dict=None):
+        save(self, out_dir, meta=meta, state_dict=state_dict)
+        f = out_dir / "model.safetensors"
+        weights = load_file(f)
+        name = next(k for k in weights if k.endswith("q_proj.weight"))
+        weights[name] = weights[name] + 0.05
+        save_file(weights, f, metadata={"format": "pt"})
+
+    monkeypatch.setattr(Embedder, "save_pretrained", save_then_tamper)
+    with pytest.raises(EmbedtuneError, match="after saving and reloading: max \\|merged - adapter\\|"):
+        merge.run(MergeConfig(adapter=str(embedder_adapter), output=str(tmp_path / "merged")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_a_failed_check_in_one_line(embedder_adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        merge, "merge_lora", lambda model: setattr(model, "backbone", model.backbone.unload())
+    )
+    code = cli.main(["merge", "--adapter", str(embedder_adapter), "--output", str(tmp_path / "m")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (loading progress bars come before it)
+    assert code == 2 and last.startswith("embedtune merge: error: merge check failed after merging: max")
+
+
+def test_merged_reranker_scores_equal_the_adapter_scores(reranker_adapter, tmp_path, fixtures_dir):
+    out = tmp_path / "merged"
+    result = merge.run(
+        MergeConfig(
+            adapter=str(reranker_adapter),
+            output=str(out),
+            eval_data=str(fixtures_dir / "eval" / "ranking.jsonl"),
+        )
+    )
+    assert result["merged"] is True and result["max_abs_diff"] <= 1e-4
+    assert result["adapter_vs_base_max_diff"] > 1e-3
+    assert read_meta(out)["task_type"] == "reranker" and not (out / "adapter_config.json").exists()
+    merged, adapter = Reranker.from_pretrained(out), Reranker.from_pretrained(reranker_adapter)
+    assert merged.score(TEXTS[0], TEXTS) == pytest.approx(adapter.score(TEXTS[0], TEXTS), abs=1e-5)
+
+
+def test_full_training_folder_passes_through_unchanged(tiny_qwen3_path, tmp_path):
+    full = tmp_path / "full"
+    Embedder.from_pretrained(tiny_qwen3_path).save_pretrained(full, meta={"train_type": "full"})
+    out = tmp_path / "out" / "merged"
+    result = merge.run(MergeConfig(adapter=str(full), output=str(out)))
+    assert result["merged"] is False and result["mode"] == "passthrough"
+    src_files = sorted(p.relative_to(full) for p in full.rglob("*") if p.is_file())
+    assert src_files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert all((full / f).read_bytes() == (out / f).read_bytes() for f in src_files)
+    assert leftovers(out.parent) == []
+
+
+def test_existing_folder_that_is_not_a_model_is_never_replaced(tiny_qwen3_path, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(EmbedtuneError, match="exists and is not a model folder"):
+        merge.run(MergeConfig(adapter=str(tiny_qwen3_path), output=str(out)))
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_rerun_replaces_a_previous_result(tiny_qwen3_path, tmp_path):
+    full = tmp_path / "full"
+    Embedder.from_pretrained(tiny_qwen3_path).save_pretrained(full)
+    out = tmp_path / "merged"
+    merge.run(MergeConfig(adapter=str(full), output=str(out)))
+    (out / "stale.txt").write_text("from an older run")
+    merge.run(MergeConfig(adapter=str(full), output=str(out)))
+    assert not (out / "stale.txt").exists() and json.loads((out / "embedtune.json").read_text())
+    assert leftovers(tmp_path) == []
