@@ -169,15 +169,99 @@ def test_bad_row_names_file_and_line_and_cli_exits_2(tmp_path, capsys):
 def test_sts_rows_missing_a_label_name_the_line(tmp_path):
     f = tmp_path / "mixed.jsonl"
     f.write_text('{"query": "a", "response": "b", "label": 0.5}\n{"query": "c", "response": "d"}\n')
-    with pytest.raises(DataError, match=rf"{f}:2: label: missing"):
+    with pytest.raises(DataError, match=rf"{f}:2: label: missing .* drop every label to evaluate the pairs"):
         evaluate.read_eval_data(str(f))
 
 
-def test_rows_without_labels_or_negatives_are_refused(tmp_path):
+def test_pairs_without_labels_or_negatives_rank_each_query_against_all_responses(tmp_path):
     f = tmp_path / "pairs.jsonl"
-    f.write_text('{"query": "a", "response": "b"}\n')
-    with pytest.raises(EmbedtuneError, match="neither `label` nor `rejected_response`"):
+    rows = [("q1", "a"), ("q1", "b"), ("q2", "c"), ("q3", "a"), ("q1", "a")]
+    f.write_text("".join(json.dumps({"query": q, "response": r}) + "\n" for q, r in rows))
+    data = evaluate.read_eval_data(str(f))
+    assert data.shape == "retrieval" and data.docs == ["a", "b", "c"] and data.queries == ["q1", "q2", "q3"]
+    # relevant pairs: q1-a, q1-b (the repeated row counts once), q2-c, q3-a (a response shared by queries)
+    assert sorted(zip(data.qi.tolist(), data.di.tolist(), strict=True)) == [(0, 0), (0, 1), (1, 2), (2, 0)]
+    assert (data.n_rows, data.n_pairs, data.n_queries_skipped) == (5, 9, 0)
+
+
+def test_retrieval_query_paired_with_every_response_is_skipped_and_counted(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(
+        '{"query": "q1", "response": "a"}\n{"query": "q1", "response": "b"}\n{"query": "q2", "response": "b"}\n'
+    )
+    data = evaluate.read_eval_data(str(f))
+    assert data.queries == ["q2"] and data.n_queries_skipped == 1 and data.n_pairs == 2
+
+
+def test_retrieval_with_a_single_response_is_refused(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"query": "a", "response": "b"}\n{"query": "c", "response": "b"}\n')
+    with pytest.raises(DataError, match="retrieval needs at least 2 distinct responses"):
         evaluate.read_eval_data(str(f))
+
+
+def test_some_rows_with_negatives_make_the_whole_file_ranking(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(
+        '{"query": "q1", "response": "a", "rejected_response": ["x"]}\n{"query": "q2", "response": "b"}\n'
+    )
+    data = evaluate.read_eval_data(str(f))
+    assert data.shape == "ranking" and data.queries == ["q1"] and data.n_queries_skipped == 1
+
+
+def test_retrieval_on_related_pairs_ranks_far_above_chance_and_matches_the_full_matrix(
+    minilm_path, tiny_qwen3_path, fixtures_dir, tmp_path
+):
+    path = fixtures_dir / "eval" / "pairs.jsonl"
+    result = evaluate.run(
+        EvaluateConfig(
+            model=str(minilm_path),
+            eval_data=str(path),
+            output=str(tmp_path / "r.json"),
+            baseline_model=str(tiny_qwen3_path),
+        )
+    )
+    assert result == json.loads((tmp_path / "r.json").read_text())
+    assert result["data_shape"] == "retrieval" and result["primary_metric"] == "ndcg_at_10"
+    rows = read_rows(path)
+    queries = list(dict.fromkeys(r["query"] for r in rows))
+    docs = list(dict.fromkeys(r["response"] for r in rows))
+    assert (result["n_rows"], result["n_queries"], result["n_docs"]) == (len(rows), len(queries), len(docs))
+    assert result["n_pairs"] == len(queries) * len(docs)
+    assert list(result["metrics"]) == ["map", "mrr_at_10", "ndcg_at_10", "mean_pos", "mean_neg", "margin"]
+    for k, v in result["metrics"].items():
+        assert result["deltas"][f"delta_{k}"] == pytest.approx(v - result["baseline_metrics"][k], abs=1e-12)
+
+    # independent: the full (Q x D) cosine matrix through the ranking code, one list per query
+    model = Embedder.from_pretrained(minilm_path)
+    scores = model.encode(queries, is_query=True) @ model.encode(docs).T
+    relevant = np.zeros(scores.shape, dtype=bool)
+    for r in rows:
+        relevant[queries.index(r["query"]), docs.index(r["response"])] = True
+    group = np.repeat(np.arange(len(queries)), len(docs))
+    flat = (scores.ravel(), relevant.ravel(), group)
+    want = {**ranking_metrics(*flat), **margin_metrics(*flat)}
+    assert result["metrics"] == pytest.approx(want, abs=1e-5)
+
+    # chance: the one relevant document of 21 at a uniformly random rank gives nDCG@10 ~ 0.2
+    assert result["metrics"]["ndcg_at_10"] > 0.9
+    assert result["metrics"]["ndcg_at_10"] > result["baseline_metrics"]["ndcg_at_10"] + 0.3
+
+    report = (tmp_path / "r.json.md").read_text()
+    assert f"{len(queries)} queries x a corpus of {len(docs)} documents" in report
+    assert "| **ndcg_at_10** |" in report and "| metric | base | tuned | delta |" in report
+    assert report.count("](data:image/png;base64,") == 2
+
+
+def test_reranker_refuses_retrieval_data(tiny_reranker, fixtures_dir, tmp_path):
+    cfg = EvaluateConfig(
+        model=str(tiny_reranker),
+        eval_data=str(fixtures_dir / "eval" / "pairs.jsonl"),
+        output=str(tmp_path / "m.json"),
+    )
+    with pytest.raises(EmbedtuneError, match=r"is a reranker: .* without rejected_response \(retrieval\)"):
+        evaluate.run(cfg)
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_pair_scores_are_gathered_without_a_full_matrix():
@@ -213,3 +297,19 @@ def test_reranker_refuses_sts_data(tiny_reranker, fixtures_dir, tmp_path):
     )
     with pytest.raises(EmbedtuneError, match="is a reranker: it needs ranking eval data"):
         evaluate.run(cfg)
+
+
+def test_retrieval_plot_shows_every_negative_of_a_small_corpus_and_a_bounded_sample_of_a_big_one(
+    monkeypatch,
+):
+    rng = np.random.default_rng(1)
+    q, d = rng.normal(size=(30, 4)), rng.normal(size=(40, 4))
+    data = evaluate.EvalData(
+        "retrieval", 30, ["q"] * 30, ["d"] * 40, np.arange(30), np.arange(30), relevant=np.ones(30, bool)
+    )
+    plot = evaluate._retrieval_plot(q, d, data)
+    assert plot["relevant"].sum() == 30 and (~plot["relevant"]).sum() == 30 * 40 - 30
+    assert sorted(plot["scores"]) == pytest.approx(sorted((q @ d.T).ravel()))
+    monkeypatch.setattr(evaluate, "PLOT_NEGATIVES", 100)
+    plot = evaluate._retrieval_plot(q, d, data)
+    assert plot["negatives"] == "sampled" and 0 < (~plot["relevant"]).sum() <= 100

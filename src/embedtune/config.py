@@ -115,7 +115,7 @@ class EvaluateConfig:
     eval_data: str  # canonical JSONL rows
     output: str  # metrics JSON to write; a Markdown report is written beside it (`<output>.md`)
     baseline_model: str = ""  # optional base model measured the same way; adds delta_<metric>
-    primary_metric: str = ""  # metric used for gating; default by data shape (spearman_cosine for labels, ndcg_at_10 for ranking)
+    primary_metric: str = ""  # metric used for gating; default by data shape (spearman_cosine for labels, ndcg_at_10 for ranking and retrieval)
     per_device_eval_batch_size: int = 32  # texts per forward pass
     max_length: int = 0  # tokens per text; 0: the value saved with the model
     report: str = ""  # Markdown report path; default `<output>.md`

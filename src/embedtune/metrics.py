@@ -1,6 +1,6 @@
 """Evaluation metrics as plain numpy functions: no models, no files, easy to check by hand.
 
-Three families, named exactly as they are logged (MLflow rejects `@`, so `ndcg_at_10`, not `ndcg@10`):
+Four families, named exactly as they are logged (MLflow rejects `@`, so `ndcg_at_10`, not `ndcg@10`):
 
 **Paired scores vs gold labels** (STS-style rows `{"query", "response", "label"}`), the 8 values of
 sentence-transformers' `EmbeddingSimilarityEvaluator` (and ms-swift's embedding eval, which calls the dot
@@ -33,6 +33,24 @@ nothing is O(queries x all candidates)::
   - Queries with no positive are skipped (their metrics are undefined); the caller decides about queries
     with no negative (a list of positives only scores 1.0 trivially).
 
+**Retrieval** over a whole corpus (query/response pairs without negatives, e.g. ms-swift's infonce
+positive pairs): each query is ranked against EVERY document, relevant = the documents paired with it::
+
+    retrieval_metrics(query_emb, doc_emb, qi, di)   # ranking + separation names, same definitions
+
+  - scores are dot products `query_emb @ doc_emb.T` (pass unit vectors, as `Embedder.encode` returns, to
+    rank by cosine); `(qi[m], di[m])` are the relevant (query, document) pairs.
+  - Exact, never sampled, and memory-bounded: the (Q, D) score matrix is computed `block // D` query rows
+    at a time. The full ranking is never sorted: the rank of a positive is 1 + (its query's positives
+    scoring above it) + (non-relevant documents scoring at or above it, ties against the model), counted
+    with one comparison per (positive, document). Every metric is a function of the positives' ranks, so
+    `map` (which needs the rank of every positive, however deep) is exact, as are `mrr_at_10` and
+    `ndcg_at_10`; they equal `ranking_metrics` on the flattened (Q x D) candidate lists.
+  - `mean_neg` is over ALL (query, non-relevant document) pairs (exact, from row sums), and `margin`'s
+    hardest negative is the best-scoring non-relevant document of the WHOLE corpus, so unlike the ranking
+    margin it depends on the corpus: a bigger corpus holds harder negatives and gives a lower margin.
+    Compare margins only on the same eval file.
+
 **Separation** of positives and negatives (ms-swift's infonce eval names)::
 
     margin_metrics(scores, relevant, group)    # {"mean_pos", "mean_neg", "margin"}
@@ -58,6 +76,7 @@ STS_METRICS = tuple(
 RANKING_METRICS = ("map", "mrr_at_10", "ndcg_at_10")
 MARGIN_METRICS = ("mean_pos", "mean_neg", "margin")
 TOP_K = 10
+BLOCK = 1 << 22  # retrieval: scores per (queries, corpus) block, 32 MiB in float64; bounds every temporary
 
 
 # --------------------------------------------------------------------------------------------- paired (STS)
@@ -121,19 +140,15 @@ def _sorted_groups(scores, relevant, group):
     return rel, g, rank, starts, n_groups
 
 
-def ranking_per_query(scores, relevant, group) -> dict[str, np.ndarray]:
-    """Per-query AP, RR@10, nDCG@10 ((Q,) arrays, NaN for queries without a positive) + `n_pos` (Q,).
+def _per_query_from_ranks(g, rank, hits, n_pos, n_groups) -> dict[str, np.ndarray]:
+    """Per-query AP, RR@10, nDCG@10 from the POSITIVES alone: that is all these metrics depend on.
 
-    `scores`, `relevant`, `group`: (M,) arrays, one entry per (query, candidate) pair; `group` holds query
-    ids 0..Q-1. Vectorized: one lexsort of M entries, then bincounts.
+    `g`, `rank`, `hits`: (P,) per positive candidate, its query id, its 1-based rank in its query's full
+    list, and the number of positives at or above that rank. `n_pos`: (Q,) positives per query.
     """
-    rel, g, rank, starts, n_groups = _sorted_groups(scores, relevant, group)
-    relf = rel.astype(np.float64)
-    n_pos = np.bincount(g, weights=relf, minlength=n_groups)  # (Q,)
-    cum = np.cumsum(relf)
-    hits = cum - (cum[starts] - relf[starts])[g]  # positives at or above each rank, within its query
-    ap = np.bincount(g, weights=relf * hits / rank, minlength=n_groups)
-    top = rel & (rank <= TOP_K)
+    rank = np.asarray(rank, dtype=np.float64)
+    ap = np.bincount(g, weights=hits / rank, minlength=n_groups)
+    top = rank <= TOP_K
     first = np.full(n_groups, np.inf)
     np.minimum.at(first, g[top], rank[top])  # rank of the first positive within the top 10
     rr = np.where(np.isfinite(first), 1.0 / first, 0.0)
@@ -148,6 +163,20 @@ def ranking_per_query(scores, relevant, group) -> dict[str, np.ndarray]:
             "ndcg_at_10": np.where(has_pos, dcg / idcg, np.nan),
             "n_pos": n_pos,
         }
+
+
+def ranking_per_query(scores, relevant, group) -> dict[str, np.ndarray]:
+    """Per-query AP, RR@10, nDCG@10 ((Q,) arrays, NaN for queries without a positive) + `n_pos` (Q,).
+
+    `scores`, `relevant`, `group`: (M,) arrays, one entry per (query, candidate) pair; `group` holds query
+    ids 0..Q-1. Vectorized: one lexsort of M entries, then bincounts.
+    """
+    rel, g, rank, starts, n_groups = _sorted_groups(scores, relevant, group)
+    relf = rel.astype(np.float64)
+    n_pos = np.bincount(g, weights=relf, minlength=n_groups)  # (Q,)
+    cum = np.cumsum(relf)
+    hits = cum - (cum[starts] - relf[starts])[g]  # positives at or above each rank, within its query
+    return _per_query_from_ranks(g[rel], rank[rel], hits[rel], n_pos, n_groups)
 
 
 def ranking_metrics(scores, relevant, group) -> dict[str, float]:
@@ -177,4 +206,68 @@ def margin_metrics(scores, relevant, group) -> dict[str, float]:
         "mean_pos": float(pos.mean()),
         "mean_neg": float(neg.mean()),
         "margin": float((mean_pos_q[keep] - hardest[keep]).mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------- retrieval
+def retrieval_per_query(query_emb, doc_emb, qi, di, block: int = BLOCK) -> dict[str, np.ndarray]:
+    """Per-query `map`, `mrr_at_10`, `ndcg_at_10`, `n_pos` + separation sums, ranking each query against
+    the whole corpus (see "Retrieval" in the module docstring).
+
+    `query_emb` (Q, H), `doc_emb` (D, H); `qi`, `di` (P,): relevant (query, document) pairs (duplicates
+    count once). Extra (Q,) keys: `sum_pos`, `sum_neg`, `n_neg` (non-relevant documents), `hardest` (best
+    non-relevant score, -inf when the query has none). Memory: O(block) floats beyond the inputs.
+    """
+    q = np.asarray(query_emb, dtype=np.float64)
+    d = np.asarray(doc_emb, dtype=np.float64)
+    n_q, n_d = len(q), len(d)
+    if q.ndim != 2 or d.ndim != 2 or q.shape[1] != d.shape[1] or n_d == 0:
+        raise ValueError(f"embeddings must be (Q, H) and (D >= 1, H), got {q.shape} and {d.shape}")
+    code = np.unique(np.asarray(qi, dtype=np.int64) * n_d + np.asarray(di, dtype=np.int64))  # sorted by query
+    pq, pd = code // n_d, code % n_d  # (P,) positives, grouped by query
+    n_pos = np.bincount(pq, minlength=n_q).astype(np.float64)
+    pos = np.empty(len(code))  # (P,) score of each positive
+    neg_ge = np.empty(len(code), dtype=np.int64)  # (P,) non-relevant docs scoring >= it (ties: against)
+    sum_neg, hardest = np.empty(n_q), np.empty(n_q)
+    rows = max(1, block // max(n_d, 1))  # query rows per block: a (rows, D) float64 matrix is <= block
+    for a in range(0, n_q, rows):
+        b = min(a + rows, n_q)
+        s = q[a:b] @ d.T  # (c, D)
+        lo, hi = np.searchsorted(pq, [a, b])
+        r, c = pq[lo:hi] - a, pd[lo:hi]
+        p = s[r, c]
+        pos[lo:hi] = p
+        sum_neg[a:b] = s.sum(axis=1) - np.bincount(r, weights=p, minlength=b - a)
+        s[r, c] = -np.inf  # from here on, a row holds its query's non-relevant documents only
+        hardest[a:b] = s.max(axis=1)
+        for k in range(0, hi - lo, rows):  # (rows, D) comparisons at a time, however many positives
+            neg_ge[lo + k : lo + k + rows] = (s[r[k : k + rows]] >= p[k : k + rows, None]).sum(axis=1)
+    # j-th best positive of its query (1-based): rank = j + non-relevant documents at or above it
+    order = np.lexsort((-pos, pq))
+    g = pq[order]
+    j = np.arange(len(g)) - np.searchsorted(g, g) + 1
+    per = _per_query_from_ranks(g, j + neg_ge[order], j.astype(np.float64), n_pos, n_q)
+    per.update(
+        sum_pos=np.bincount(pq, weights=pos, minlength=n_q),
+        sum_neg=sum_neg,
+        n_neg=n_d - n_pos,
+        hardest=hardest,
+    )
+    return per
+
+
+def retrieval_metrics(query_emb, doc_emb, qi, di, block: int = BLOCK) -> dict[str, float]:
+    """`map`, `mrr_at_10`, `ndcg_at_10`, `mean_pos`, `mean_neg`, `margin` of each query ranked against the
+    whole corpus; means over queries that have a positive (margin: and a non-relevant document)."""
+    per = retrieval_per_query(query_emb, doc_emb, qi, di, block)
+    keep = per["n_pos"] > 0
+    if not keep.any() or per["n_neg"].sum() == 0:
+        raise ValueError("retrieval metrics need a relevant pair and a non-relevant document")
+    both = keep & (per["n_neg"] > 0)
+    mean_pos_q = per["sum_pos"][both] / per["n_pos"][both]
+    return {
+        **{k: float(per[k][keep].mean()) for k in RANKING_METRICS},
+        "mean_pos": float(per["sum_pos"].sum() / per["n_pos"].sum()),
+        "mean_neg": float(per["sum_neg"].sum() / per["n_neg"].sum()),
+        "margin": float((mean_pos_q - per["hardest"][both]).mean()),
     }

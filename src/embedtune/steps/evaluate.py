@@ -12,13 +12,31 @@ sts        every row has a numeric `label`; none has        spearman_cosine + th
            `rejected_response`                              x cosine/euclidean/manhattan/dot correlations
 ranking    rows with `rejected_response` (labels ignored)   ndcg_at_10, map, mrr_at_10, mean_pos, mean_neg,
                                                             margin
+retrieval  no row has `label` or `rejected_response`:       ndcg_at_10, map, mrr_at_10, mean_pos, mean_neg,
+           positive pairs only (ms-swift infonce data)      margin (embedders only)
 =========  ===============================================  ===============================================
+
+The shape is decided for the whole file, in this order: any row with a non-empty `rejected_response` ->
+ranking (rows without one add positives to their query; a query left without any negative is skipped and
+counted); else a `label` on every row -> sts; else no `label` on any row -> retrieval; a file where only
+some rows have a label is refused (naming the first line without one), as it is neither.
 
 Ranking candidates (MTEB reranking semantics): rows are grouped by query text; a query's candidate list is
 ALL its positives (the `response` of every row with that query) plus ALL its negatives (deduplicated; a
 negative equal to one of the query's own positives is dropped). Nothing is sampled, so the numbers do not
 depend on the eval set's size or order. Queries left without any negative are skipped and counted
 (`n_queries_skipped`): a list of positives only would score 1.0 trivially.
+
+Retrieval candidates (MTEB retrieval semantics): the corpus is every distinct `response` of the file; each
+distinct query is ranked against the WHOLE corpus, and its relevant documents are the responses it is paired
+with (a response paired with several queries is relevant to each). The metrics are exact (the rank of every
+positive, however deep, for `map`; `mean_neg` over every (query, non-relevant document) pair) and computed
+in blocks of queries, so memory stays bounded (tens of MB) whatever the corpus size; time grows with
+queries x documents. Because the corpus is the eval file, the values depend on its size (a bigger corpus is
+harder): compare them on the same file, as the baseline deltas do. `margin` uses each query's hardest
+non-relevant document in the whole corpus. A query paired with every document is skipped and counted. A
+reranker is refused on this shape: it would have to score every query with every document (Q x D forward
+passes); evaluate it on rows with `rejected_response`.
 
 How a candidate is scored:
   - embedder: cosine of the query embedding (with the model's `query_instruction`) and the document
@@ -65,13 +83,19 @@ from embedtune.metrics import (
     STS_METRICS,
     margin_metrics,
     ranking_metrics,
+    retrieval_metrics,
     sts_metrics,
 )
 from embedtune.modeling import Embedder, Reranker, _batches_by_length, _progress, read_meta, task_type_of
 
-PRIMARY = {"sts": "spearman_cosine", "ranking": "ndcg_at_10"}
-METRIC_NAMES = {"sts": STS_METRICS, "ranking": RANKING_METRICS + MARGIN_METRICS}
+PRIMARY = {"sts": "spearman_cosine", "ranking": "ndcg_at_10", "retrieval": "ndcg_at_10"}
+METRIC_NAMES = {
+    "sts": STS_METRICS,
+    "ranking": RANKING_METRICS + MARGIN_METRICS,
+    "retrieval": RANKING_METRICS + MARGIN_METRICS,
+}
 CHUNK = 65536  # pairs per gathered block: bounds the (chunk, H) temporaries to a few hundred MB at most
+PLOT_NEGATIVES = 20000  # retrieval histogram: all non-relevant pairs up to this many, else a sample of it
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -79,7 +103,7 @@ CHUNK = 65536  # pairs per gathered block: bounds the (chunk, H) temporaries to 
 class EvalData:
     """Eval rows as unique texts + index arrays; entry m is the pair (queries[qi[m]], docs[di[m]])."""
 
-    shape: str  # sts | ranking
+    shape: str  # sts | ranking | retrieval
     n_rows: int
     queries: list[str]  # unique query texts, encoded with is_query=True
     docs: list[str]  # unique response / negative texts
@@ -87,7 +111,12 @@ class EvalData:
     di: np.ndarray  # (M,) document index of each pair
     labels: np.ndarray | None = None  # (M,) gold score (sts)
     relevant: np.ndarray | None = None  # (M,) True for a positive candidate (ranking)
-    n_queries_skipped: int = 0  # ranking: queries without any negative
+    n_queries_skipped: int = 0  # ranking/retrieval: queries without any negative
+
+    @property
+    def n_pairs(self) -> int:
+        """(query, document) pairs scored: every query x every document for retrieval, else the M pairs."""
+        return len(self.queries) * len(self.docs) if self.shape == "retrieval" else len(self.qi)
 
 
 def read_eval_data(path: str, max_errors: int = 20) -> EvalData:
@@ -110,12 +139,10 @@ def read_eval_data(path: str, max_errors: int = 20) -> EvalData:
     if len(missing) < len(rows):
         raise DataError(
             f"{path}:{missing[0]}: label: missing (other rows have a label and none has rejected_response, "
-            "so the file is read as STS pairs, which all need a label)"
+            "so the file is read as STS pairs, which all need a label; drop every label to evaluate the "
+            "pairs as retrieval)"
         )
-    raise EmbedtuneError(
-        f"{path}: rows have neither `label` nor `rejected_response`: evaluate needs labels (STS correlations) "
-        "or hard negatives (ranking metrics)"
-    )
+    return _retrieval_data(path, rows)
 
 
 def _index(texts: list[str], table: dict[str, int], text: str) -> int:
@@ -167,6 +194,39 @@ def _ranking_data(path: str, rows) -> EvalData:
         np.array(qi),
         np.array(di),
         relevant=np.array(relevant),
+        n_queries_skipped=skipped,
+    )
+
+
+def _retrieval_data(path: str, rows) -> EvalData:
+    groups: dict[str, dict] = {}  # query -> its responses as an ordered set
+    for _, row in rows:
+        groups.setdefault(row["query"], {})[row["response"]] = None
+    docs, dtab = [], {}
+    for pos in groups.values():
+        for text in pos:
+            _index(docs, dtab, text)
+    queries, qi, di, skipped = [], [], [], 0
+    for query, pos in groups.items():
+        if len(pos) == len(docs):  # relevant to the whole corpus: nothing to rank it against
+            skipped += 1
+            continue
+        qi += [len(queries)] * len(pos)
+        di += [dtab[t] for t in pos]
+        queries.append(query)
+    if not queries:
+        raise DataError(
+            f"{path}: response: retrieval needs at least 2 distinct responses (each query is ranked against "
+            "all the responses of the file)"
+        )
+    return EvalData(
+        "retrieval",
+        len(rows),
+        queries,
+        docs,
+        np.array(qi),
+        np.array(di),
+        relevant=np.ones(len(qi), dtype=bool),
         n_queries_skipped=skipped,
     )
 
@@ -230,9 +290,9 @@ def measure(model, data: EvalData, batch_size: int) -> tuple[dict, dict, dict]:
     """Score every pair once, then compute the metrics. Returns (metrics, plot data, seconds)."""
     t0 = time.perf_counter()
     if isinstance(model, Reranker):
-        if data.shape == "sts":
+        if data.shape != "ranking":
             raise EmbedtuneError(
-                "a reranker needs ranking eval data (rows with rejected_response), not STS pairs"
+                f"a reranker needs ranking eval data (rows with rejected_response), not {data.shape}"
             )
         scores = reranker_logits(
             model, [data.queries[i] for i in data.qi], [data.docs[i] for i in data.di], batch_size, True
@@ -251,6 +311,9 @@ def measure(model, data: EvalData, batch_size: int) -> tuple[dict, dict, dict]:
         if data.shape == "sts":
             metrics = sts_metrics(q[data.qi], d[data.di], data.labels)
             plot = {"scores": _row_dots(q, d, data.qi, data.di), "labels": data.labels, "label": "cosine"}
+        elif data.shape == "retrieval":
+            metrics = retrieval_metrics(q, d, data.qi, data.di)  # unit vectors: dot == cosine
+            plot = _retrieval_plot(q, d, data)
         else:
             scores = _row_dots(q, d, data.qi, data.di)  # unit vectors: dot == cosine
             metrics = {
@@ -260,6 +323,21 @@ def measure(model, data: EvalData, batch_size: int) -> tuple[dict, dict, dict]:
             plot = {"scores": scores, "relevant": data.relevant, "label": "cosine similarity"}
     t2 = time.perf_counter()
     return {k: metrics[k] for k in METRIC_NAMES[data.shape]}, plot, {"encode": t1 - t0, "metrics": t2 - t1}
+
+
+def _retrieval_plot(q: np.ndarray, d: np.ndarray, data: EvalData) -> dict:
+    """Every positive's cosine, and every non-relevant pair's when there are at most PLOT_NEGATIVES pairs,
+    else those of a fixed random sample of them (never a Q x D matrix)."""
+    if data.n_pairs <= PLOT_NEGATIVES:
+        sq, sd, sampled = np.repeat(np.arange(len(q)), len(d)), np.tile(np.arange(len(d)), len(q)), ""
+    else:
+        rng = np.random.default_rng(0)
+        sq, sd = rng.integers(0, len(q), PLOT_NEGATIVES), rng.integers(0, len(d), PLOT_NEGATIVES)
+        sampled = "sampled"
+    neg = ~np.isin(sq * len(d) + sd, data.qi * len(d) + data.di)
+    scores = np.concatenate([_row_dots(q, d, data.qi, data.di), _row_dots(q, d, sq[neg], sd[neg])])
+    relevant = np.concatenate([np.ones(len(data.qi), dtype=bool), np.zeros(int(neg.sum()), dtype=bool)])
+    return {"scores": scores, "relevant": relevant, "label": "cosine similarity", "negatives": sampled}
 
 
 # --------------------------------------------------------------------------------------------- step
@@ -283,6 +361,13 @@ def run(cfg: EvaluateConfig) -> dict:
     if task_type == "reranker" and data.shape == "sts":
         raise EmbedtuneError(
             f"{cfg.model} is a reranker: it needs ranking eval data (rows with rejected_response)"
+        )
+    if task_type == "reranker" and data.shape == "retrieval":
+        raise EmbedtuneError(
+            f"{cfg.model} is a reranker: {cfg.eval_data} holds query/response pairs without "
+            f"rejected_response (retrieval), which would need a cross-encoder pass for every query x document "
+            f"({len(data.queries)} x {len(data.docs)}); evaluate it on rows with rejected_response (ranking), "
+            "or evaluate an embedder on this file"
         )
     seconds: dict[str, float] = {}
 
@@ -314,7 +399,8 @@ def run(cfg: EvaluateConfig) -> dict:
     result.update(
         n_rows=data.n_rows,
         n_queries=len(data.queries),
-        n_pairs=len(data.qi),
+        n_pairs=data.n_pairs,
+        n_docs=len(data.docs),
         n_texts=len(data.queries) + len(data.docs),
         n_queries_skipped=data.n_queries_skipped,
         data_shape=data.shape,
@@ -334,7 +420,7 @@ def run(cfg: EvaluateConfig) -> dict:
     print(
         f"evaluate: {primary} = {metrics[primary]:.4f}"
         + (f" (baseline {base_metrics[primary]:.4f})" if base_metrics else "")
-        + f" on {len(data.qi)} {data.shape} pairs; report {report_path}",
+        + f" on {data.n_pairs} {data.shape} pairs; report {report_path}",
         file=sys.stderr,
     )
     return result
@@ -356,7 +442,8 @@ def _score_figure(plots: list[tuple[str, dict]]):
     for k, (title, p) in enumerate(plots, 1):
         ax = fig.add_subplot(1, len(plots), k)
         if "relevant" in p:
-            ax.hist(p["scores"][~p["relevant"]], bins=bins, alpha=0.6, density=True, label="negatives")
+            neg = "negatives" + (f" ({p['negatives']})" if p.get("negatives") else "")
+            ax.hist(p["scores"][~p["relevant"]], bins=bins, alpha=0.6, density=True, label=neg)
             ax.hist(p["scores"][p["relevant"]], bins=bins, alpha=0.6, density=True, label="positives")
             ax.set_xlabel(p["label"])
             ax.set_ylabel("density")
@@ -397,7 +484,9 @@ def render_report(result: dict, plot: dict, base_plot: dict | None) -> str:
         f"# Evaluation of `{result['model']}`",
         "",
         f"- eval data: `{result['eval_data']}` ({result['data_shape']}): {result['n_rows']} rows, "
-        f"{result['n_queries']} queries, {result['n_pairs']} scored pairs"
+        f"{result['n_queries']} queries"
+        + (f" x a corpus of {result['n_docs']} documents" if result["data_shape"] == "retrieval" else "")
+        + f", {result['n_pairs']} scored pairs"
         + (
             f", {result['n_queries_skipped']} queries without negatives skipped"
             if result["n_queries_skipped"]
