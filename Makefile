@@ -33,10 +33,10 @@ compile-pipeline: $(VENV) ## Compile every pipeline to pipelines/compiled/*.yaml
 	$(PY) -m pipelines.compile
 
 submit: $(VENV) ## Run a preset on a Kubeflow cluster: make submit PRESET=tiny KFP_HOST=https://...
-	.venv/bin/embedtune-pipeline submit --preset $(PRESET) --host "$(KFP_HOST)"
+	$(PY) -m pipelines.client submit --preset $(PRESET) --host "$(KFP_HOST)"
 
 schedule: $(VENV) ## Schedule weekly retraining: make schedule PRESET=... KFP_HOST=... CRON='0 0 3 * * 0'
-	.venv/bin/embedtune-pipeline schedule --preset $(PRESET) --host "$(KFP_HOST)" --cron "$(CRON)"
+	$(PY) -m pipelines.client schedule --preset $(PRESET) --host "$(KFP_HOST)" --cron "$(CRON)"
 
 images: ## Build and tag the CPU and GPU images with the package version (docker or podman)
 	bash images/build.sh

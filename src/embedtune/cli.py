@@ -9,6 +9,7 @@ printed as JSON on stdout. A user error (`EmbedtuneError`) prints one line and e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -16,6 +17,7 @@ import re
 import sys
 import types
 import typing
+from pathlib import Path
 
 import orjson
 
@@ -93,7 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         p = sub.add_parser(name, help=doc, description=doc)
         add_config_arguments(p, cls)
+    for name, doc in PIPELINE_COMMANDS.items():  # listed for --help; main() hands them to pipelines.client
+        sub.add_parser(name, help=doc, add_help=False)
     return parser
+
+
+# Kubeflow commands: they need kfp, which the library never imports, so they live in the repository's
+# pipelines/client.py (`python -m pipelines.client`); `embedtune submit|schedule` forwards there.
+PIPELINE_COMMANDS = {
+    "submit": "run a preset on a Kubeflow Pipelines server (see `embedtune submit --help`)",
+    "schedule": "schedule a preset's recurring retraining on a KFP server (see `embedtune schedule --help`)",
+}
+
+
+def pipeline_client():
+    """Import `pipelines.client` from the current directory or the checkout this package is installed from."""
+    try:
+        return importlib.import_module("pipelines.client")
+    except ModuleNotFoundError as e:
+        root = Path(__file__).resolve().parents[2]  # <repo>/src/embedtune/cli.py (editable install)
+        if (
+            e.name not in ("pipelines", "pipelines.client")
+            or not (root / "pipelines" / "client.py").is_file()
+        ):
+            raise EmbedtuneError(
+                f"needs the embedtune repository's pipelines/ and the [pipeline] extra ({e}); "
+                "run it from a checkout: python -m pipelines.client --help"
+            ) from None
+        sys.path.insert(0, str(root))
+        return importlib.import_module("pipelines.client")
 
 
 def config_from_args(name: str, args: argparse.Namespace):
@@ -102,16 +132,29 @@ def config_from_args(name: str, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PIPELINE_COMMANDS:
+        try:
+            client = pipeline_client()
+        except EmbedtuneError as e:
+            print(f"embedtune {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+        return client.main(argv)
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args.step, args)
-    step = importlib.import_module(f"embedtune.steps.{args.step}")
     try:
-        result = step.run(cfg)
+        # Libraries print to stdout (DeepSpeed's logger binds it at import): send that to stderr so stdout
+        # carries only the JSON result.
+        with contextlib.redirect_stdout(sys.stderr):
+            step = importlib.import_module(f"embedtune.steps.{args.step}")
+            result = step.run(cfg)
     except EmbedtuneError as e:
         print(f"embedtune {args.step}: error: {e}", file=sys.stderr)
         return 2
     if result is not None:
-        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+        sys.stdout.write(
+            orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n"
+        )
     return 0
 
 

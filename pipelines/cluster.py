@@ -1,0 +1,98 @@
+"""Cluster settings in one place: what each task asks Kubernetes for. Edit here, then `make compile-pipeline`.
+
+Nothing here changes what a step computes, only where and how it runs:
+
+- resources: CPU / memory requests per step; train gets `gpus` accelerators and evaluate `eval_gpus`, of the
+  pipeline's `accelerator_type` (default `nvidia.com/gpu`). A count of 0 requests none (CPU runs).
+- `/dev/shm`: an in-memory emptyDir on the GPU steps. The container default (64 MiB) is far too small for
+  NCCL, DeepSpeed and PyTorch DataLoader workers, which pass tensors through shared memory.
+- MLflow credentials: keys of the Kubernetes secret `MLFLOW_SECRET` become env vars of register (optional:
+  a server without auth needs no secret). Credentials never appear in the compiled YAML, only the secret name.
+- caching: off for convert (a scheduled run must re-read the source: same string, new data), train (the
+  server cache keys on the image tag, not on what a GPU run would produce) and register (it has side effects).
+- retries with exponential backoff for convert (hub downloads) and register (MLflow server hiccups); register
+  is idempotent on the pipeline run id, so a retry creates no second model version.
+- timeouts: the pod's active deadline per step.
+- hooks, empty by default: a PVC mounted as the Hugging Face cache (`MODEL_CACHE_PVC`, so 8 GB of weights are
+  downloaded once, not per run), node selectors, extra tolerations, image pull secrets.
+
+kfp.local ignores all of this (it prints which settings it skipped), so `make demo` runs the same DAG.
+"""
+
+from __future__ import annotations
+
+from kfp import kubernetes
+
+# Requests per step. Memory: the 4B reranker is 16 GB in fp32; merge holds base + adapter model + merged copy.
+RESOURCES = {
+    "convert": {"cpu": "2", "memory": "8Gi"},
+    "split": {"cpu": "1", "memory": "4Gi"},
+    "train": {"cpu": "8", "memory": "64Gi"},
+    "merge": {"cpu": "4", "memory": "48Gi"},
+    "evaluate": {"cpu": "4", "memory": "32Gi"},
+    "register": {"cpu": "2", "memory": "32Gi"},
+}
+TIMEOUT_S = {
+    "convert": 2 * 3600,
+    "split": 3600,
+    "train": 48 * 3600,
+    "merge": 2 * 3600,
+    "evaluate": 6 * 3600,
+    "register": 2 * 3600,
+}
+RETRIES = {"convert": 3, "register": 3}
+RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
+NO_CACHE = {"convert", "train", "register"}
+SHM_STEPS = {"train", "evaluate", "merge"}
+SHM_SIZE = "16Gi"
+
+MLFLOW_SECRET = "mlflow-credentials"
+MLFLOW_SECRET_KEYS = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",  # used when the pipeline parameter tracking_uri is empty
+}
+MLFLOW_STEPS = {"register"}
+
+# Hooks. A PVC name here mounts it at MODEL_CACHE_PATH on the steps that load models and points HF_HOME there.
+MODEL_CACHE_PVC: str | None = None
+MODEL_CACHE_PATH = "/cache/huggingface"
+MODEL_CACHE_STEPS = {"train", "merge", "evaluate", "register"}
+# e.g. {"train": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}}
+NODE_SELECTORS: dict[str, dict[str, str]] = {}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+TOLERATIONS: dict[str, list[dict]] = {"train": GPU_TOLERATIONS, "evaluate": GPU_TOLERATIONS}
+IMAGE_PULL_SECRETS: list[str] = []
+
+
+def configure(task, step: str, accelerator_type=None, accelerators=None):
+    """Apply every cluster setting of `step` to `task`; `accelerators` is a pipeline parameter (count)."""
+    task.set_display_name(step)
+    res = RESOURCES[step]
+    task.set_cpu_request(res["cpu"]).set_memory_request(res["memory"])
+    if accelerators is not None:
+        task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerators)
+    if step in NO_CACHE:
+        task.set_caching_options(False)
+    if step in RETRIES:
+        task.set_retry(RETRIES[step], **RETRY_BACKOFF)
+    kubernetes.set_timeout(task, TIMEOUT_S[step])
+    if step in SHM_STEPS:
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
+        )
+    if step in MLFLOW_STEPS:
+        kubernetes.use_secret_as_env(
+            task, secret_name=MLFLOW_SECRET, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True
+        )
+    if MODEL_CACHE_PVC and step in MODEL_CACHE_STEPS:
+        kubernetes.mount_pvc(task, pvc_name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_PATH)
+        task.set_env_variable("HF_HOME", MODEL_CACHE_PATH)
+    for key, value in NODE_SELECTORS.get(step, {}).items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in TOLERATIONS.get(step, []):
+        kubernetes.add_toleration(task, **toleration)
+    if IMAGE_PULL_SECRETS:
+        kubernetes.set_image_pull_secrets(task, IMAGE_PULL_SECRETS)
+    return task

@@ -1,0 +1,1 @@
+"""Bundled datasets of the presets and the scripts that generate them."""

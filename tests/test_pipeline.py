@@ -1,0 +1,465 @@
+"""The Kubeflow layer: components mirror the step configs, the DAG compiles (deterministically, for every
+preset) with its gates and cluster settings, submit/schedule send the right request, and the tiny preset runs
+end to end under kfp.local into a real MLflow store."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import COMPONENTS
+from embedtune.config import ENV_DEFAULTS, STEP_CONFIGS
+from images.refs import STEP_IMAGES
+from pipelines import client as kfp_client
+from pipelines.compile import COMPILED_DIR, compile_pipeline, validate
+from pipelines.pipeline import PIPELINES, embedtune_pipeline, load_preset, pipeline_parameters, preset_names
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACT_TYPES = {f"system.{t}@0.0.1" for t in ("Dataset", "Model", "Metrics", "Markdown")}
+# Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc.
+LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs"}}
+PARAM_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
+
+
+def compiled_spec(path: Path) -> tuple[dict, dict]:
+    pipeline_spec, platform = list(yaml.safe_load_all(path.read_text()))
+    return pipeline_spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    return compile_pipeline(embedtune_pipeline, tmp_path_factory.mktemp("compiled") / "embedtune.yaml")
+
+
+def field_type(cls, name):
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def docstring_args(func) -> set[str]:
+    doc = inspect.getdoc(func) or ""
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    return set(re.findall(r"^    (\w+):", section, flags=re.M))
+
+
+# ------------------------------------------------------------------------------------------ components
+@pytest.mark.parametrize("step", list(STEP_CONFIGS))
+def test_component_inputs_are_config_fields_or_artifacts(step):
+    component, cls = COMPONENTS[step], STEP_CONFIGS[step]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    spec = component.component_spec
+    for name, inp in spec.inputs.items():
+        if inp.type in ARTIFACT_TYPES:
+            continue
+        assert name in fields | LAUNCH_INPUTS.get(step, set()), (
+            f"{step}: input {name} is not a {cls.__name__} field"
+        )
+        if name in fields:
+            assert PARAM_TYPES[inp.type] is field_type(cls, name), (
+                f"{step}.{name}: type differs from the config"
+            )
+        assert inp.default is None and not inp.optional, f"{step}.{name}: components take no defaults"
+    for name, out in (spec.outputs or {}).items():
+        assert out.type in ARTIFACT_TYPES or name == "Output", f"{step}: output {name} has type {out.type}"
+
+
+@pytest.mark.parametrize("step", list(STEP_CONFIGS))
+def test_component_documents_every_input_and_output(step):
+    component = COMPONENTS[step]
+    params = set(inspect.signature(component.python_func).parameters)
+    missing = params - docstring_args(component.python_func)
+    assert not missing, f"{step}: not documented in Args: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("step", list(STEP_CONFIGS))
+def test_component_builds_its_step_config_with_real_field_names(step):
+    """The body's `<Step>Config(...)` keywords are fields (a typo would only fail inside a cluster pod)."""
+    component, cls = COMPONENTS[step], STEP_CONFIGS[step]
+    tree = ast.parse(inspect.getsource(component.python_func).lstrip())
+    calls = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == cls.__name__
+    ]
+    assert len(calls) == 1, f"{step}: expected one {cls.__name__}(...) call"
+    keywords = {k.arg for k in calls[0].keywords}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert keywords <= fields, f"{step}: not fields of {cls.__name__}: {keywords - fields}"
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+    assert required <= keywords
+    assert f"embedtune.steps.{step}" in inspect.getsource(component.python_func)
+
+
+@pytest.mark.parametrize("step", list(STEP_CONFIGS))
+def test_component_runs_in_the_image_named_in_images_refs(step):
+    image = COMPONENTS[step].component_spec.implementation.container.image
+    assert image == STEP_IMAGES[step]
+    from embedtune import __version__
+
+    assert image.endswith(f":{__version__}")
+
+
+def test_library_never_imports_kfp():
+    offenders = []
+    for path in sorted((REPO / "src" / "embedtune").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [
+                f"{path}:{node.lineno}: {n}" for n in names if n.split(".")[0] in ("kfp", "pipelines")
+            ]
+    assert not offenders
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+# Pipeline parameters that are no step's config field: cluster and gating knobs.
+PIPELINE_ONLY = {"min_primary_metric", "gpus", "eval_gpus", "cpu_procs", "accelerator_type"}
+
+
+def test_pipeline_parameter_defaults_come_from_the_step_configs():
+    """Each parameter is a config field (one name end to end) whose default is the dataclass default; a field
+    several steps share (loss_type, seed, max_length, ...) feeds all of them and takes train's default."""
+    for name, default in pipeline_parameters().items():
+        owners = [cls for cls in STEP_CONFIGS.values() if name in {f.name for f in dataclasses.fields(cls)}]
+        if not owners:
+            assert name in PIPELINE_ONLY, f"{name}: not a field of any step config"
+            continue
+        cls = next((c for c in owners if c.__name__ == "TrainConfig"), owners[0])
+        field = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if field.default is dataclasses.MISSING:
+            assert default is None, f"{name}: required in {cls.__name__}, so required in the pipeline"
+        elif field.default is None:  # env-var knob: the pipeline passes the built-in value explicitly
+            assert default == ENV_DEFAULTS[name][2], name
+        else:
+            assert default == field.default, f"{name}: pipeline default differs from {cls.__name__}"
+    assert pipeline_parameters()["infonce_temperature"] == 0.01
+
+
+def test_every_pipeline_compiles_to_a_valid_file(tmp_path):
+    for name, pipeline in PIPELINES.items():
+        path = compile_pipeline(pipeline, tmp_path / f"{name}.yaml")
+        assert validate(path) == []
+
+
+def test_compiled_yaml_is_deterministic(tmp_path):
+    a = compile_pipeline(embedtune_pipeline, tmp_path / "a" / "embedtune.yaml").read_bytes()
+    b = compile_pipeline(embedtune_pipeline, tmp_path / "b" / "embedtune.yaml").read_bytes()
+    assert a == b
+
+
+def test_checked_in_compiled_pipeline_is_fresh(compiled):
+    """What CI checks (`git diff` after `make compile-pipeline`): run `make compile-pipeline` when this fails."""
+    for name in PIPELINES:
+        assert (COMPILED_DIR / f"{name}.yaml").read_text() == compiled.read_text()
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_compiles_with_its_values_as_defaults(preset, tmp_path):
+    values = load_preset(preset)
+    path = compile_pipeline(embedtune_pipeline, tmp_path / f"{preset}.yaml", pipeline_parameters=values)
+    assert validate(path) == []
+    spec, _ = compiled_spec(path)
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    for key, value in values.items():
+        assert defaults[key] == value, key
+    assert {"source", "model", "name"} <= set(values), (
+        "a preset must name its data, model and registered name"
+    )
+
+
+def test_preset_with_an_unknown_key_is_rejected(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("source: x\nmodel: y\nname: z\nlora_rnak: 8\n")
+    with pytest.raises(ValueError, match="lora_rnak: not a parameter"):
+        load_preset(str(bad))
+
+
+def test_preset_values_of_the_wrong_type_are_rejected(tmp_path):
+    bad = tmp_path / "types.yaml"
+    bad.write_text("source: x\nmodel: y\nname: z\nlora_rank: sixteen\n")
+    with pytest.raises(ValueError, match="lora_rank: expected int"):
+        load_preset(str(bad))
+
+
+def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled):
+    spec, _ = compiled_spec(compiled)
+    comps = spec["components"]
+    conditions, inputs = {}, {}
+
+    def walk(dag, inherited):
+        for name, task in dag["tasks"].items():
+            cond = task.get("triggerPolicy", {}).get("condition", "")
+            here = [*inherited, cond] if cond else inherited
+            sub = comps[task["componentRef"]["name"]].get("dag")
+            if sub:
+                walk(sub, here)
+            else:
+                conditions[name], inputs[name] = here, task["inputs"]
+
+    walk(spec["root"]["dag"], [])
+    good = "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= inputs.parameter_values['pipelinechannel--min_primary_metric']"
+    lora = "inputs.parameter_values['pipelinechannel--train_type'] == 'lora'"
+    assert set(conditions) == {"convert", "split", "train", "evaluate", "merge", "register", "register-2"}
+    for name in ("convert", "split", "train", "evaluate"):
+        assert conditions[name] == [], name
+    assert conditions["merge"] == conditions["register"] == [good, lora]
+    assert conditions["register-2"] == [good, f"!({lora})"]
+    # The LoRA branch registers merge's output, the full branch train's; evaluate measures train's output.
+    assert inputs["register"]["artifacts"]["model"] == {
+        "taskOutputArtifact": {"outputArtifactKey": "output", "producerTask": "merge"}
+    }
+    assert inputs["register-2"]["artifacts"]["model"] == {
+        "componentInputArtifact": "pipelinechannel--train-output_dir"
+    }
+    assert inputs["evaluate"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train"
+
+
+def test_cluster_settings_reach_the_compiled_tasks(compiled):
+    spec, k8s = compiled_spec(compiled)
+    executors = spec["deploymentSpec"]["executors"]
+    train_res = executors["exec-train"]["container"]["resources"]
+    assert "pipelinechannel--gpus" in train_res["accelerator"]["resourceCount"]
+    assert "pipelinechannel--accelerator_type" in train_res["accelerator"]["resourceType"]
+    assert (
+        "pipelinechannel--eval_gpus"
+        in executors["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"]
+    )
+    assert "accelerator" not in executors["exec-convert"]["container"]["resources"]
+    for step in ("train", "evaluate", "merge"):
+        (shm,) = k8s[f"exec-{step}"]["emptyDirMounts"]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+    (secret,) = k8s["exec-register"]["secretAsEnv"]
+    assert secret["secretName"] == "mlflow-credentials" and secret["optional"] is True
+    assert {m["envVar"] for m in secret["keyToEnv"]} >= {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    }
+    assert all(int(k8s[e]["activeDeadlineSeconds"]) > 0 for e in k8s)
+
+    tasks = {}
+
+    def collect(dag):
+        for name, task in dag["tasks"].items():
+            tasks[name] = task
+            sub = spec["components"][task["componentRef"]["name"]].get("dag")
+            if sub:
+                collect(sub)
+
+    collect(spec["root"]["dag"])
+    for name in ("convert", "train", "register", "register-2"):
+        assert tasks[name]["cachingOptions"].get("enableCache", False) is False, name
+    assert tasks["split"]["cachingOptions"]["enableCache"] is True
+    for name in ("convert", "register", "register-2"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3
+    assert "retryPolicy" not in tasks["train"]
+
+
+def test_validation_catches_a_literal_credential(compiled, tmp_path):
+    leaked = tmp_path / "leaked.yaml"
+    text = compiled.read_text().replace(
+        "mlflow-credentials", "mlflow-credentials # https://bob:hunter22@mlflow"
+    )
+    leaked.write_text(text)
+    assert any("credential" in p for p in validate(leaked))
+    assert any(
+        "MLFLOW_TRACKING_PASSWORD" in p for p in validate(compiled, {"MLFLOW_TRACKING_PASSWORD": "embedtune"})
+    )
+
+
+def test_validation_catches_an_image_not_from_images_refs(compiled, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(compiled.read_text().replace(STEP_IMAGES["train"], "ghcr.io/someone/else:latest"))
+    assert any("not one of images.refs" in p for p in validate(other))
+
+
+def test_bundled_tiny_data_is_what_its_generator_writes():
+    """pipelines/data/tiny.jsonl is reproducible from make_tiny.py (edit the script, not the data)."""
+    import json
+
+    from pipelines.data.make_tiny import make_rows
+
+    rows = make_rows()
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    assert (REPO / "pipelines" / "data" / "tiny.jsonl").read_text() == text
+    assert 200 <= len(rows) <= 400
+    # Each hard negative is about the other sense of the query's word, never the positive itself.
+    assert all(r["response"] not in r["rejected_response"] for r in rows)
+
+
+def test_make_images_fails_clearly_without_a_container_engine(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(
+        ["bash", str(REPO / "images" / "build.sh")],
+        env={"PATH": "/usr/bin:/bin", "CONTAINER_ENGINE": "no-such-engine"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "neither docker nor podman" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- submit / schedule
+class FakeKfpClient:
+    """Records what would be sent to a KFP server."""
+
+    def __init__(self, **kwargs):
+        self.init = kwargs
+        self.calls = []
+
+    def create_run_from_pipeline_package(self, **kwargs):
+        self.calls.append(("run", kwargs))
+        return type("Run", (), {"run_id": "run-1"})()
+
+    def create_experiment(self, **kwargs):
+        self.calls.append(("experiment", kwargs))
+        return type("Experiment", (), {"experiment_id": "exp-7"})()
+
+    def create_recurring_run(self, **kwargs):
+        self.calls.append(("recurring", kwargs))
+        return type("Job", (), {"recurring_run_id": "job-3"})()
+
+
+def test_submit_sends_the_compiled_package_with_the_preset_as_arguments():
+    fake = FakeKfpClient()
+    kfp_client.submit(fake, "qwen3-embedding-0.6b-lora", {"lora_rank": 32}, "embedtune")
+    ((kind, sent),) = fake.calls
+    assert kind == "run" and Path(sent["pipeline_file"]) == COMPILED_DIR / "embedtune.yaml"
+    expected = {**load_preset("qwen3-embedding-0.6b-lora"), "lora_rank": 32}
+    assert sent["arguments"] == expected and sent["experiment_name"] == "embedtune"
+    assert isinstance(sent["arguments"]["num_train_epochs"], float)  # YAML `5` widened for a float parameter
+
+
+def test_schedule_creates_a_recurring_run_on_a_six_field_cron_in_the_experiment():
+    fake = FakeKfpClient()
+    kfp_client.schedule(fake, "tiny", {}, "retraining", "0 0 3 * * 0")
+    (_, exp), (_, job) = fake.calls
+    assert exp == {"name": "retraining"}
+    assert job["experiment_id"] == "exp-7" and job["cron_expression"] == "0 0 3 * * 0"
+    assert job["params"] == load_preset("tiny") and job["max_concurrency"] == 1 and job["no_catchup"] is True
+    assert Path(job["pipeline_package_path"]).is_file()
+
+
+def test_requests_fit_the_real_kfp_client_signatures():
+    import kfp
+
+    fake = FakeKfpClient()
+    kfp_client.submit(fake, "tiny", {}, "e")
+    kfp_client.schedule(fake, "tiny", {}, "e", "0 0 3 * * 0")
+    methods = {
+        "run": "create_run_from_pipeline_package",
+        "experiment": "create_experiment",
+        "recurring": "create_recurring_run",
+    }
+    for kind, kwargs in fake.calls:
+        inspect.signature(getattr(kfp.Client, methods[kind])).bind(None, **kwargs)
+
+
+def test_schedule_rejects_a_five_field_cron_before_contacting_a_server(capsys):
+    assert kfp_client.main(["schedule", "--preset", "tiny", "--host", "http://x", "--cron", "0 3 * * 0"]) == 2
+    assert "6 fields" in capsys.readouterr().err
+
+
+def test_submit_rejects_an_unknown_param(capsys):
+    assert (
+        kfp_client.main(["submit", "--preset", "tiny", "--host", "http://x", "--param", "lora_rnak=8"]) == 2
+    )
+    assert "lora_rnak" in capsys.readouterr().err
+
+
+def test_embedtune_submit_builds_a_kfp_client_for_the_host_and_submits(monkeypatch, capsys):
+    import kfp
+
+    made = []
+    monkeypatch.setattr(kfp, "Client", lambda **kw: made.append(FakeKfpClient(**kw)) or made[-1])
+    from embedtune.cli import main
+
+    assert (
+        main(["submit", "--preset", "tiny", "--host", "http://kfp:8888", "--param", "num_train_epochs=2"])
+        == 0
+    )
+    (fake,) = made
+    assert fake.init["host"] == "http://kfp:8888"
+    ((_, sent),) = fake.calls
+    assert sent["arguments"]["num_train_epochs"] == 2.0
+    assert "run-1" in capsys.readouterr().out
+
+
+@pytest.mark.kfp_server
+def test_submit_to_a_real_kfp_server():
+    import os
+
+    host = os.environ.get("KFP_HOST")
+    if not host:
+        pytest.skip("KFP_HOST is not set")
+    import kfp
+
+    result = kfp_client.submit(kfp.Client(host=host), "tiny", {}, "embedtune-tests")
+    assert result.run_id
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tiny_preset_runs_end_to_end_and_registers_a_champion(tmp_path, minilm_path, monkeypatch):
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipelines.demo import run_local, tiny_arguments
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test; run_local points it at tmp_path
+    arguments = tiny_arguments(model=str(minilm_path), name="tiny-e2e")
+    out = run_local(arguments, tmp_path)
+
+    result = json.loads(out["metrics_json"].read_text())
+    assert result["primary_metric"] == "ndcg_at_10"
+    assert result["primary_value"] >= arguments["min_primary_metric"]
+    assert "delta_ndcg_at_10" in result["deltas"]
+    assert out["report"].read_text().lstrip().startswith("#")
+    assert out["registered"]
+
+    assert out["tracking_uri"].startswith("sqlite:///") and str(tmp_path) in out["tracking_uri"]
+    client = MlflowClient(out["tracking_uri"])
+    champion = client.get_model_version_by_alias("tiny-e2e", "champion")
+    assert int(champion.version) == 1
+    # Lineage: the version carries the fingerprint convert computed and the image the steps name.
+    (stats,) = out["run_dir"].glob("convert/dataset_stats")
+    tags = client.get_model_version("tiny-e2e", "1").tags
+    assert tags["embedtune.dataset_fingerprint"] == json.loads(stats.read_text())["fingerprint"]
+    assert STEP_IMAGES["train"] in tags["embedtune.image"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tiny_preset_with_lora_merges_before_registering(tmp_path, minilm_path, monkeypatch):
+    """The other branch of the DAG: train_type=lora runs merge, and register takes the merged folder."""
+    from mlflow import MlflowClient
+
+    from pipelines.demo import run_local, tiny_arguments
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    arguments = tiny_arguments(
+        model=str(minilm_path), name="tiny-lora", train_type="lora", learning_rate=2e-4
+    )
+    out = run_local(arguments, tmp_path)
+
+    assert (out["run_dir"] / "train" / "output_dir" / "adapter_config.json").is_file()
+    merged = out["run_dir"] / "merge" / "output"
+    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
+    assert (out["run_dir"] / "register").is_dir() and not (out["run_dir"] / "register-2").exists()
+    assert out["registered"] and out["model_uri"] == "models:/tiny-lora@champion"
+    assert (
+        int(MlflowClient(out["tracking_uri"]).get_model_version_by_alias("tiny-lora", "champion").version)
+        == 1
+    )
