@@ -101,7 +101,7 @@ def pack_negatives(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     b, n = mask.shape
     slots = mask.to(flat.device).flatten().nonzero().squeeze(1)  # (K,) row-major slot of each real negative
     # index_copy (backward: index_select) is several times faster than masked_scatter on (B, N, D).
-    return flat.new_zeros(b * n, flat.shape[-1]).index_copy(0, slots, flat).view(b, n, -1)
+    return flat.new_zeros(b * n, flat.shape[-1]).index_copy(0, slots, flat).view(b, n, flat.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------------------

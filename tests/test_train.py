@@ -1,0 +1,260 @@
+"""The train step end to end: real Trainer, real DeepSpeed ZeRO-3 on 2 CPU processes, real model folders.
+
+Fast tests run one process in-process (`deepspeed=none`); the `slow` ones launch `torchrun` with 2 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from embedtune.config import TrainConfig
+from embedtune.errors import DataError, EmbedtuneError
+from embedtune.modeling import Embedder, load_reranker, read_meta
+from embedtune.steps import train
+
+TEXTS = ["what is a cat", "the moon goes around the earth", "a dog is a good friend of man"]
+SHORT_INSTRUCTION = "rank"  # keeps the tiny tokenizer's reranker prompt under max_length
+
+
+def tiny_cfg(model, data, out, **kw) -> TrainConfig:
+    knobs = dict(
+        deepspeed="none",
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-4,
+        logging_steps=1,
+        max_length=32,
+        save_steps=0,
+    )
+    knobs.update(kw)
+    return TrainConfig(model=str(model), train_data=str(data), output_dir=str(out), **knobs)
+
+
+def assert_st_folder_matches_embedder(out, base):
+    """SentenceTransformer(out) embeds exactly like Embedder.from_pretrained(out), and training moved them."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), device="cpu").encode(TEXTS)
+    ours = Embedder.from_pretrained(out).encode(TEXTS)
+    np.testing.assert_allclose(st, ours, atol=1e-5)
+    assert np.abs(ours - Embedder.from_pretrained(base).encode(TEXTS)).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ data checks
+def test_contrastive_label_not_binary_fails_before_model_loading_naming_the_line(fixtures_dir, tmp_path):
+    data = fixtures_dir / "train" / "contrastive_bad.jsonl"
+    cfg = tiny_cfg(tmp_path / "no-such-model", data, tmp_path / "out", loss_type="contrastive")
+    with pytest.raises(DataError) as err:
+        train.run(cfg)
+    assert "contrastive_bad.jsonl:3: label" in str(err.value)
+    assert "0.7" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_loss_for_the_other_task_type_is_refused(fixtures_dir, tmp_path):
+    cfg = tiny_cfg(
+        tmp_path, fixtures_dir / "train" / "infonce.jsonl", tmp_path / "o", loss_type="pointwise_reranker"
+    )
+    with pytest.raises(EmbedtuneError, match="not for task_type"):
+        train.run(cfg)
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_length_batches():
+    lengths = [int(x) for x in np.random.default_rng(0).integers(1, 100, size=203)]
+    sampler = train.LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=5)
+    order = list(sampler)
+    assert sorted(order) == list(range(203)) and list(sampler) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    batches = [order[i : i + 8] for i in range(0, 200, 8)]
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 25  # random batches of 8 from 1..99 spread ~75
+
+
+# ------------------------------------------------------------------------------------------------ one process
+def test_cosine_similarity_on_minilm_saves_a_sentence_transformers_folder(
+    minilm_path, fixtures_dir, tmp_path
+):
+    out = tmp_path / "out"
+    cfg = tiny_cfg(
+        minilm_path, fixtures_dir / "train" / "sts.jsonl", out, loss_type="cosine_similarity", max_steps=3
+    )
+    result = train.run(cfg)
+    assert result["global_step"] == 3
+    assert json.loads((out / "train_result.json").read_text())["global_step"] == 3
+    meta = read_meta(out)
+    assert (meta["task_type"], meta["pooling"], meta["train_type"]) == ("embedding", "mean", "full")
+    assert not list(out.glob("checkpoint-*"))
+    assert_st_folder_matches_embedder(out, minilm_path)
+
+
+def test_infonce_env_var_is_the_default_and_its_value_is_saved(
+    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("INFONCE_TEMPERATURE", "0.05")
+    monkeypatch.setenv("INFONCE_HARD_NEGATIVES", "2")
+    out = tmp_path / "out"
+    train.run(tiny_cfg(tiny_qwen3_path, fixtures_dir / "train" / "infonce.jsonl", out, max_steps=1))
+    saved = read_meta(out)["train_config"]
+    assert saved["infonce_temperature"] == 0.05 and saved["infonce_hard_negatives"] == 2
+    assert saved["infonce_use_batch"] is True  # unset env -> built-in default, saved explicitly
+    assert "infonce_temperature = 0.05 (env INFONCE_TEMPERATURE)" in capsys.readouterr().err
+
+
+def test_infonce_on_pairs_without_any_negative_uses_in_batch_negatives(
+    tiny_qwen3_path, fixtures_dir, tmp_path
+):
+    data = fixtures_dir / "train" / "sts.jsonl"  # no rejected_response anywhere: (B, 0) negatives
+    result = train.run(tiny_cfg(tiny_qwen3_path, data, tmp_path / "out", max_steps=2, learning_rate=1e-3))
+    assert result["global_step"] == 2 and all(np.isfinite(loss) for _, loss in result["loss_history"])
+
+
+def test_listwise_reranker_skips_small_groups_and_saves_a_scoring_folder(
+    tiny_qwen3_path, fixtures_dir, tmp_path
+):
+    out = tmp_path / "out"
+    data = fixtures_dir / "train" / "reranker.jsonl"
+    cfg = tiny_cfg(
+        tiny_qwen3_path,
+        data,
+        out,
+        task_type="reranker",
+        loss_type="listwise_reranker",
+        reranker_instruction=SHORT_INSTRUCTION,
+        max_length=128,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        eval_data=str(data),
+    )
+    result = train.run(cfg)
+    assert result["skipped_groups"] == 1 and result["train_rows"] == 11
+    assert result["eval_loss"] < result["eval_loss_history"][0][1]  # step-0 baseline
+    scores = load_reranker(out).score("what is a cat", ["the cat is a small animal", "the moon"])
+    assert len(scores) == 2 and all(0 < s < 1 for s in scores)
+
+
+def test_resume_after_preemption_finishes_at_the_same_step_as_an_uninterrupted_run(
+    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch
+):
+    data = fixtures_dir / "train" / "infonce.jsonl"
+    whole = train.run(tiny_cfg(tiny_qwen3_path, data, tmp_path / "whole", save_steps=2))
+
+    class Preempted(Exception):
+        pass
+
+    def die_after_first_checkpoint(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise Preempted
+
+    out = tmp_path / "out"
+    cfg = tiny_cfg(tiny_qwen3_path, data, out, save_steps=2)
+    with monkeypatch.context() as m:
+        m.setattr(train.StepLog, "on_save", die_after_first_checkpoint, raising=False)
+        with pytest.raises(Preempted):
+            train.run(cfg)
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "train_result.json").exists()
+
+    result = train.run(cfg)  # the same command again
+    assert result["resumed_from_step"] == 2
+    assert result["global_step"] == whole["global_step"] == 4
+    assert [s for s, _ in result["loss_history"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose(result["loss_history"], whole["loss_history"], rtol=1e-4)
+    np.testing.assert_allclose(
+        Embedder.from_pretrained(out).encode(TEXTS),
+        Embedder.from_pretrained(tmp_path / "whole").encode(TEXTS),
+        atol=1e-5,
+    )
+    assert not list(out.glob("checkpoint-*"))
+
+    assert train.run(cfg) == result  # finished: nothing to do
+    with pytest.raises(EmbedtuneError, match="learning_rate"):
+        train.run(tiny_cfg(tiny_qwen3_path, data, out, save_steps=2, learning_rate=1e-3))
+
+
+# ------------------------------------------------------------------------------------------------ 2 ranks
+@pytest.mark.slow
+def test_zero3_two_ranks_full_infonce_lowers_eval_loss_and_loads_in_sentence_transformers(
+    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("INFONCE_TEMPERATURE", "0.5")  # the explicit flag below must win
+    data = fixtures_dir / "train" / "infonce.jsonl"
+    out = tmp_path / "out"
+    cfg = tiny_cfg(
+        tiny_qwen3_path,
+        data,
+        out,
+        deepspeed="zero3",
+        nproc=2,
+        eval_data=str(data),
+        infonce_temperature=0.05,
+        save_steps=2,
+    )
+    result = train.run(cfg)
+    assert result["world_size"] == 2 and result["global_step"] == 4 and result["global_batch_size"] == 8
+    assert result["eval_loss"] < result["eval_loss_history"][0][1]
+    saved = read_meta(out)["train_config"]
+    assert saved["infonce_temperature"] == 0.05 and saved["deepspeed"] == "zero3" and saved["nproc"] == 2
+    assert not list(out.glob("checkpoint-*"))
+    assert_st_folder_matches_embedder(out, tiny_qwen3_path)
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_lora_saves_only_a_whole_adapter(tiny_qwen3_path, fixtures_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = fixtures_dir / "train" / "infonce.jsonl"
+    out = tmp_path / "out"
+    cfg = tiny_cfg(
+        tiny_qwen3_path,
+        data,
+        out,
+        deepspeed="zero3",
+        nproc=2,
+        eval_data=str(data),
+        train_type="lora",
+        lora_rank=4,
+        lora_alpha=8,
+        learning_rate=1e-3,
+        infonce_temperature=0.05,
+    )
+    result = train.run(cfg)
+    assert result["eval_loss"] < result["eval_loss_history"][0][1]
+    assert not (out / "model.safetensors").exists()
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 7 * 2  # lora_A + lora_B on 7 linear layers in each of the 2 blocks
+    assert all(t.numel() > 0 for t in adapter.values())
+    assert any(
+        k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in adapter.items()
+    )  # trained (B starts at 0)
+    assert read_meta(out)["base_model"] == str(tiny_qwen3_path.resolve())
+    assert_st_folder_matches_embedder(out, tiny_qwen3_path)
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_pointwise_reranker_saves_a_scoring_folder(tiny_qwen3_path, fixtures_dir, tmp_path):
+    data = fixtures_dir / "train" / "reranker.jsonl"
+    out = tmp_path / "out"
+    cfg = tiny_cfg(
+        tiny_qwen3_path,
+        data,
+        out,
+        deepspeed="zero3",
+        nproc=2,
+        task_type="reranker",
+        loss_type="pointwise_reranker",
+        reranker_instruction=SHORT_INSTRUCTION,
+        max_length=128,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        eval_data=str(data),
+    )
+    result = train.run(cfg)
+    assert result["eval_loss"] < result["eval_loss_history"][0][1]
+    docs = ["the cat is a small animal that can purr", "the moon goes around the earth"]
+    trained = load_reranker(out).score("what is a cat", docs)
+    base = load_reranker(tiny_qwen3_path, instruction=SHORT_INSTRUCTION).score("what is a cat", docs)
+    assert all(0 < s < 1 for s in trained) and np.abs(np.subtract(trained, base)).max() > 1e-4
