@@ -230,7 +230,8 @@ def test_secrets_from_env_never_reach_params_tags_or_output(
     secret = "tok-" + uuid.uuid4().hex
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret + "-pw")
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ci-bot")  # an identity: MLflow records it as mlflow.user
+    user = "user-" + uuid.uuid4().hex
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
     # a knob that happens to carry the secret (a base model URL with credentials) is masked, not stored
     model = tmp_path / "model"
     shutil.copytree(embedder_dir, model)
@@ -245,7 +246,7 @@ def test_secrets_from_env_never_reach_params_tags_or_output(
     saved_meta = Path(client.download_artifacts(run.info.run_id, "embedtune.json", str(tmp_path))).read_text()
     seen = json.dumps([run.data.params, run.data.tags, mv.tags, mv.description, out, saved_meta])
     seen += str(capfd.readouterr()) + caplog.text
-    assert secret not in seen
+    assert secret not in seen and user not in seen
     assert run.data.params["model"] == "https://user:***@models.example.com/minilm"
 
 

