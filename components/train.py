@@ -13,6 +13,8 @@ def train(
     eval_data: Input[Dataset],
     output_dir: Output[Model],
     metrics: Output[Metrics],
+    checkpoint_dir: str,
+    run_id: str,
     gpus: int,
     cpu_procs: int,
     task_type: str,
@@ -47,9 +49,15 @@ def train(
     Args:
         model: Base model: a folder in the container or a Hugging Face hub id.
         train_data: Canonical train rows from split.
-        eval_data: Canonical eval rows from split, evaluated at the end of training.
+        eval_data: Canonical eval rows from split, evaluated before the first step and at the end of
+            training: eval loss and evaluate's metrics for the data's shape.
         output_dir: The trained model folder (a LoRA adapter when train_type is lora).
-        metrics: Final train/eval loss and throughput.
+        metrics: Final train/eval loss, eval_<metric> values and throughput.
+        checkpoint_dir: Folder on a persistent volume for checkpoints (the pipeline mounts
+            `cluster.CHECKPOINT_PVC` there); this run's checkpoint-N folders go in its `run_id` subfolder,
+            so a retried or preempted pod resumes from the latest one. Empty: checkpoints stay in output_dir,
+            which is local to the pod, so a restarted pod starts from zero.
+        run_id: Pipeline run id: names this run's subfolder of checkpoint_dir (the same on every retry).
         gpus: GPUs this task got; training runs one process per GPU (nproc = gpus).
         cpu_procs: Processes to run when gpus is 0 (CPU, gloo); nproc = cpu_procs.
         task_type: embedding | reranker.
@@ -80,6 +88,8 @@ def train(
         infonce_mask_fake_negative: infonce: mask negatives scoring > positive + 0.1.
         trust_remote_code: Allow the model's own Python code from the hub.
     """
+    import os
+
     from embedtune.config import TrainConfig
     from embedtune.steps.train import run
 
@@ -89,6 +99,7 @@ def train(
             train_data=train_data.path,
             eval_data=eval_data.path,
             output_dir=output_dir.path,
+            checkpoint_dir=os.path.join(checkpoint_dir, run_id) if checkpoint_dir else "",
             nproc=gpus if gpus > 0 else cpu_procs,
             task_type=task_type,
             loss_type=loss_type,
@@ -121,3 +132,5 @@ def train(
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+    for key, value in (result.get("eval_metrics") or {}).items():
+        metrics.log_metric(f"eval_{key}", value)

@@ -11,10 +11,25 @@ Nothing here changes what a step computes, only where and how it runs:
 - caching: off for convert (a scheduled run must re-read the source: same string, new data), train (the
   server cache keys on the image tag, not on what a GPU run would produce) and register (it has side effects).
 - retries with exponential backoff for convert (hub downloads) and register (MLflow server hiccups); register
-  is idempotent on the pipeline run id, so a retry creates no second model version.
+  is idempotent on the pipeline run id, so a retry creates no second model version. train is retried only
+  with a checkpoint volume (below): without one a retry would start again from step 0.
 - timeouts: the pod's active deadline per step.
 - hooks, empty by default: a PVC mounted as the Hugging Face cache (`MODEL_CACHE_PVC`, so 8 GB of weights are
-  downloaded once, not per run), node selectors, extra tolerations, image pull secrets.
+  downloaded once, not per run), a PVC for training checkpoints (`CHECKPOINT_PVC`), node selectors, extra
+  tolerations, image pull secrets.
+
+Resuming a preempted train pod: train's output folder is a KFP artifact path local to the pod, so without a
+volume a retried or preempted pod restarts from zero. With `CHECKPOINT_PVC` set (an existing claim; one train
+pod uses it at a time, so ReadWriteOnce is enough), train mounts it at `CHECKPOINT_PATH`, writes its
+`checkpoint-N` folders to `CHECKPOINT_PATH/<pipeline run id>/` (every `save_steps` steps), and is retried
+`CHECKPOINT_RETRIES` times with backoff: the new pod finds its run's latest complete checkpoint and resumes
+there. The folder is deleted after the final model is saved and verified; a run that fails for good leaves it
+behind (delete `<run id>/` folders of failed runs by hand). Why a compile-time hook and not a pipeline
+parameter: the mount cannot be conditional on a run-time value (KFP's driver fails a task whose PVC name
+parameter is empty, and two train tasks under `dsl.If` would need `dsl.OneOf` downstream, which kfp.local
+cannot run), and KFP resolves `{{$.pipeline_job_uuid}}` only as a whole parameter value, so the component
+takes the run id separately and joins the path itself. kfp.local ignores the mount: leave the hook unset
+for `make demo`.
 
 kfp.local ignores all of this (it prints which settings it skipped), so `make demo` runs the same DAG.
 """
@@ -59,11 +74,21 @@ MLFLOW_STEPS = {"register"}
 MODEL_CACHE_PVC: str | None = None
 MODEL_CACHE_PATH = "/cache/huggingface"
 MODEL_CACHE_STEPS = {"train", "merge", "evaluate", "register"}
+# A PVC name here mounts it at CHECKPOINT_PATH on train, which keeps its checkpoints there (per run id) and is
+# retried CHECKPOINT_RETRIES times: a preempted pod resumes instead of starting over.
+CHECKPOINT_PVC: str | None = None
+CHECKPOINT_PATH = "/checkpoints"
+CHECKPOINT_RETRIES = 3
 # e.g. {"train": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}}
 NODE_SELECTORS: dict[str, dict[str, str]] = {}
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 TOLERATIONS: dict[str, list[dict]] = {"train": GPU_TOLERATIONS, "evaluate": GPU_TOLERATIONS}
 IMAGE_PULL_SECRETS: list[str] = []
+
+
+def checkpoint_dir() -> str:
+    """train's `checkpoint_dir`: the mounted checkpoint volume, or "" (checkpoints stay in the pod)."""
+    return CHECKPOINT_PATH if CHECKPOINT_PVC else ""
 
 
 def configure(task, step: str, accelerator_type=None, accelerators=None):
@@ -77,6 +102,9 @@ def configure(task, step: str, accelerator_type=None, accelerators=None):
         task.set_caching_options(False)
     if step in RETRIES:
         task.set_retry(RETRIES[step], **RETRY_BACKOFF)
+    if CHECKPOINT_PVC and step == "train":
+        kubernetes.mount_pvc(task, pvc_name=CHECKPOINT_PVC, mount_path=CHECKPOINT_PATH)
+        task.set_retry(CHECKPOINT_RETRIES, **RETRY_BACKOFF)
     kubernetes.set_timeout(task, TIMEOUT_S[step])
     if step in SHM_STEPS:
         kubernetes.empty_dir_mount(

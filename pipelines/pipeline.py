@@ -144,6 +144,8 @@ def embedtune_pipeline(
         model=model,
         train_data=spl.outputs["train_data"],
         eval_data=spl.outputs["eval_data"],
+        checkpoint_dir=cluster.checkpoint_dir(),  # "" unless cluster.CHECKPOINT_PVC is set
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,  # the same on every retry of the task: its checkpoints' folder
         gpus=gpus,
         cpu_procs=cpu_procs,
         task_type=task_type,

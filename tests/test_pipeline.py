@@ -23,8 +23,9 @@ from pipelines.pipeline import PIPELINES, embedtune_pipeline, load_preset, pipel
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT_TYPES = {f"system.{t}@0.0.1" for t in ("Dataset", "Model", "Metrics", "Markdown")}
-# Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc.
-LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs"}}
+# Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc, and the
+# pipeline run id, which names the run's subfolder of TrainConfig.checkpoint_dir.
+LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs", "run_id"}}
 PARAM_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
 
 
@@ -261,6 +262,39 @@ def test_cluster_settings_reach_the_compiled_tasks(compiled):
     for name in ("convert", "register", "register-2"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3
     assert "retryPolicy" not in tasks["train"]
+
+
+def test_checkpoint_pvc_hook_mounts_a_volume_on_train_retries_it_and_scopes_checkpoints_by_run(
+    compiled, tmp_path, monkeypatch
+):
+    from kfp import dsl
+
+    from pipelines import cluster
+
+    def train_task(spec):
+        return spec["root"]["dag"]["tasks"]["train"]
+
+    spec, k8s = compiled_spec(compiled)  # the default: checkpoints stay in the pod, no retries
+    params = train_task(spec)["inputs"]["parameters"]
+    assert params["checkpoint_dir"]["runtimeValue"]["constant"] == ""
+    assert "pvcMount" not in k8s["exec-train"] and "retryPolicy" not in train_task(spec)
+
+    monkeypatch.setattr(cluster, "CHECKPOINT_PVC", "embedtune-checkpoints")
+    rebuilt = dsl.pipeline(name="embedtune")(
+        embedtune_pipeline.pipeline_func
+    )  # the DAG is built when decorated
+    path = compile_pipeline(rebuilt, tmp_path / "with-pvc.yaml")
+    assert validate(path) == []
+    spec, k8s = compiled_spec(path)
+    params = train_task(spec)["inputs"]["parameters"]
+    assert params["checkpoint_dir"]["runtimeValue"]["constant"] == cluster.CHECKPOINT_PATH
+    # KFP resolves the run id only as a whole value; the component joins checkpoint_dir/run_id itself
+    assert params["run_id"]["runtimeValue"]["constant"] == dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    (mount,) = k8s["exec-train"]["pvcMount"]
+    assert mount["mountPath"] == cluster.CHECKPOINT_PATH
+    assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "embedtune-checkpoints"
+    assert train_task(spec)["retryPolicy"]["maxRetryCount"] == cluster.CHECKPOINT_RETRIES
+    assert all("pvcMount" not in k8s[e] for e in k8s if e != "exec-train")
 
 
 def test_validation_catches_a_literal_credential(compiled, tmp_path):

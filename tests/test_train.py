@@ -5,15 +5,16 @@ Fast tests run one process in-process (`deepspeed=none`); the `slow` ones launch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from embedtune.config import TrainConfig
+from embedtune.config import EvaluateConfig, TrainConfig
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.modeling import Embedder, load_reranker, read_meta
-from embedtune.steps import train
+from embedtune.steps import evaluate, train
 
 TEXTS = ["what is a cat", "the moon goes around the earth", "a dog is a good friend of man"]
 SHORT_INSTRUCTION = "rank"  # keeps the tiny tokenizer's reranker prompt under max_length
@@ -31,6 +32,22 @@ def tiny_cfg(model, data, out, **kw) -> TrainConfig:
     )
     knobs.update(kw)
     return TrainConfig(model=str(model), train_data=str(data), output_dir=str(out), **knobs)
+
+
+def assert_eval_metrics_equal_evaluate(result, out, data, tmp_path, shape):
+    """train's final eval metrics are what `embedtune evaluate` reports for the saved model on the same file."""
+    measured = evaluate.run(
+        EvaluateConfig(model=str(out), eval_data=str(data), output=str(tmp_path / "metrics.json"))
+    )
+    assert result["eval_data_shape"] == measured["data_shape"] == shape
+    assert list(result["eval_metrics"]) == list(measured["metrics"])
+    np.testing.assert_allclose(
+        list(result["eval_metrics"].values()), list(measured["metrics"].values()), atol=1e-4
+    )
+    # measured before the first step (fresh run) and after the last: the baseline and the final values
+    steps = [step for step, _ in result["eval_metrics_history"]]
+    assert steps[0] == 0 and steps[-1] == result["global_step"]
+    assert result["eval_metrics_history"][-1][1] == result["eval_metrics"]
 
 
 def assert_st_folder_matches_embedder(out, base):
@@ -62,6 +79,13 @@ def test_loss_for_the_other_task_type_is_refused(fixtures_dir, tmp_path):
         train.run(cfg)
 
 
+def test_reranker_eval_metrics_are_off_for_rows_without_negatives(fixtures_dir, capsys):
+    assert train.metric_eval_data(str(fixtures_dir / "train" / "sts.jsonl"), "reranker") is None
+    assert "eval metrics off" in capsys.readouterr().err
+    ranking = train.metric_eval_data(str(fixtures_dir / "train" / "reranker.jsonl"), "reranker")
+    assert ranking is not None and ranking.shape == "ranking"
+
+
 def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_length_batches():
     lengths = [int(x) for x in np.random.default_rng(0).integers(1, 100, size=203)]
     sampler = train.LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=5)
@@ -75,15 +99,16 @@ def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_length_batche
 
 
 # ------------------------------------------------------------------------------------------------ one process
-def test_cosine_similarity_on_minilm_saves_a_sentence_transformers_folder(
-    minilm_path, fixtures_dir, tmp_path
+def test_cosine_similarity_on_minilm_saves_a_sentence_transformers_folder_and_reports_sts_metrics(
+    minilm_path, fixtures_dir, tmp_path, capsys
 ):
     out = tmp_path / "out"
-    cfg = tiny_cfg(
-        minilm_path, fixtures_dir / "train" / "sts.jsonl", out, loss_type="cosine_similarity", max_steps=3
-    )
+    data = fixtures_dir / "train" / "sts.jsonl"
+    cfg = tiny_cfg(minilm_path, data, out, loss_type="cosine_similarity", max_steps=3, eval_data=str(data))
     result = train.run(cfg)
     assert result["global_step"] == 3
+    assert "eval_loss" in result and "eval_spearman_cosine" in capsys.readouterr().err
+    assert_eval_metrics_equal_evaluate(result, out, data, tmp_path, "sts")
     assert json.loads((out / "train_result.json").read_text())["global_step"] == 3
     meta = read_meta(out)
     assert (meta["task_type"], meta["pooling"], meta["train_type"]) == ("embedding", "mean", "full")
@@ -175,10 +200,42 @@ def test_resume_after_preemption_finishes_at_the_same_step_as_an_uninterrupted_r
         train.run(tiny_cfg(tiny_qwen3_path, data, out, save_steps=2, learning_rate=1e-3))
 
 
+def test_restarted_pod_with_a_fresh_output_dir_resumes_from_the_persistent_checkpoint_dir(
+    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch
+):
+    """Kubeflow: output_dir is local to the pod (gone after a restart); checkpoint_dir is on a volume."""
+    data = fixtures_dir / "train" / "infonce.jsonl"
+    ckpt = tmp_path / "pvc" / "run-1"
+
+    class Preempted(Exception):
+        pass
+
+    def die_after_first_checkpoint(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise Preempted
+
+    first_pod = tiny_cfg(
+        tiny_qwen3_path, data, tmp_path / "pod-1" / "out", save_steps=2, checkpoint_dir=str(ckpt)
+    )
+    with monkeypatch.context() as m:
+        m.setattr(train.StepLog, "on_save", die_after_first_checkpoint, raising=False)
+        with pytest.raises(Preempted):
+            train.run(first_pod)
+    assert (ckpt / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not list((tmp_path / "pod-1" / "out").glob("checkpoint-*"))
+
+    out = tmp_path / "pod-2" / "out"  # the retried pod: a new, empty output folder, the same volume
+    result = train.run(dataclasses.replace(first_pod, output_dir=str(out)))
+    assert result["resumed_from_step"] == 2 and result["global_step"] == 4
+    assert [s for s, _ in result["loss_history"]] == [1, 2, 3, 4]
+    assert (out / "train_result.json").is_file() and (out / "model.safetensors").is_file()
+    assert not ckpt.exists()  # checkpoints deleted after the verified save, then the run's empty folder
+
+
 # ------------------------------------------------------------------------------------------------ 2 ranks
 @pytest.mark.slow
-def test_zero3_two_ranks_full_infonce_lowers_eval_loss_and_loads_in_sentence_transformers(
-    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch
+def test_zero3_two_ranks_full_infonce_reports_evaluate_metrics_and_loads_in_sentence_transformers(
+    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("INFONCE_TEMPERATURE", "0.5")  # the explicit flag below must win
     data = fixtures_dir / "train" / "infonce.jsonl"
@@ -192,10 +249,15 @@ def test_zero3_two_ranks_full_infonce_lowers_eval_loss_and_loads_in_sentence_tra
         eval_data=str(data),
         infonce_temperature=0.05,
         save_steps=2,
+        eval_steps=2,
+        per_device_eval_batch_size=3,  # several encode batches per rank, on shares padded to equal size
     )
     result = train.run(cfg)
     assert result["world_size"] == 2 and result["global_step"] == 4 and result["global_batch_size"] == 8
     assert result["eval_loss"] < result["eval_loss_history"][0][1]
+    assert [s for s, _ in result["eval_metrics_history"]] == [0, 2, 4]
+    assert "| eval_ndcg_at_10 " in capsys.readouterr().err  # the progress line of each evaluation
+    assert_eval_metrics_equal_evaluate(result, out, data, tmp_path, "ranking")
     saved = read_meta(out)["train_config"]
     assert saved["infonce_temperature"] == 0.05 and saved["deepspeed"] == "zero3" and saved["nproc"] == 2
     assert not list(out.glob("checkpoint-*"))
@@ -254,6 +316,7 @@ def test_zero3_two_ranks_pointwise_reranker_saves_a_scoring_folder(tiny_qwen3_pa
     )
     result = train.run(cfg)
     assert result["eval_loss"] < result["eval_loss_history"][0][1]
+    assert_eval_metrics_equal_evaluate(result, out, data, tmp_path, "ranking")
     docs = ["the cat is a small animal that can purr", "the moon goes around the earth"]
     trained = load_reranker(out).score("what is a cat", docs)
     base = load_reranker(tiny_qwen3_path, instruction=SHORT_INSTRUCTION).score("what is a cat", docs)

@@ -64,8 +64,9 @@ class TrainConfig:
 
     model: str  # base model: local folder (HF or sentence-transformers) or a Hugging Face hub id
     train_data: str  # canonical JSONL rows
-    output_dir: str  # where checkpoints and the final model folder are written (re-running resumes)
-    eval_data: str = ""  # optional canonical JSONL evaluated every `eval_steps`
+    output_dir: str  # the final model folder; also holds the checkpoints unless checkpoint_dir is set (re-running resumes)
+    eval_data: str = ""  # optional canonical JSONL evaluated every `eval_steps`: eval loss + evaluate's metrics for its shape
+    checkpoint_dir: str = ""  # where checkpoint-N folders go (deleted after the final save); empty = output_dir; point it at a persistent volume so a restarted pod resumes
     task_type: str = "embedding"  # embedding | reranker
     loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; reranker: pointwise_reranker | listwise_reranker
     train_type: str = "full"  # full | lora

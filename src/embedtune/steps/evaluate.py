@@ -271,31 +271,63 @@ def _row_dots(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> n
     return out
 
 
-def encode_unique(model: Embedder, queries: list[str], docs: list[str], batch_size: int):
+def whole(compute, n: int) -> np.ndarray:
+    """The default `shard` of `measure`: this process computes all n items, `compute(np.arange(n))`."""
+    return compute(np.arange(n))
+
+
+def encode_unique(
+    model: Embedder,
+    queries: list[str],
+    docs: list[str],
+    batch_size: int,
+    show_progress: bool = True,
+    shard=whole,
+):
     """Embeddings of unique queries and docs, each distinct input encoded once.
 
     With a query instruction a text is a different input as a query and as a document; without one, a text
-    that is both (common in STS pairs) is encoded once.
+    that is both (common in STS pairs) is encoded once. `shard`: see `measure`.
     """
+
+    def encode(texts: list[str], is_query: bool = False) -> np.ndarray:
+        return shard(
+            lambda idx: model.encode(
+                [texts[i] for i in idx], is_query=is_query, batch_size=batch_size, show_progress=show_progress
+            ),
+            len(texts),
+        )
+
     if model.query_instruction:
-        q = model.encode(queries, is_query=True, batch_size=batch_size, show_progress=True)
-        return q, model.encode(docs, batch_size=batch_size, show_progress=True)
+        return encode(queries, is_query=True), encode(docs)
     texts = list(dict.fromkeys(queries + docs))
     where = {t: i for i, t in enumerate(texts)}
-    emb = model.encode(texts, batch_size=batch_size, show_progress=True)
+    emb = encode(texts)
     return emb[[where[t] for t in queries]], emb[[where[t] for t in docs]]
 
 
-def measure(model, data: EvalData, batch_size: int) -> tuple[dict, dict, dict]:
-    """Score every pair once, then compute the metrics. Returns (metrics, plot data, seconds)."""
+def measure(
+    model, data: EvalData, batch_size: int, show_progress: bool = True, shard=whole
+) -> tuple[dict, dict, dict]:
+    """Score every pair once, then compute the metrics. Returns (metrics, plot data, seconds).
+
+    `model` is an already loaded `Embedder` or `Reranker` (train measures the model it is training).
+    `shard(compute, n)` decides who runs the forward passes: `compute(idx)` returns the (len(idx), ...)
+    outputs of items `idx` (texts or pairs) and `shard` returns all n of them. The default, `whole`, computes
+    everything here; under torchrun, train passes one that splits the items across ranks and all-gathers.
+    """
     t0 = time.perf_counter()
     if isinstance(model, Reranker):
         if data.shape != "ranking":
             raise EmbedtuneError(
                 f"a reranker needs ranking eval data (rows with rejected_response), not {data.shape}"
             )
-        scores = reranker_logits(
-            model, [data.queries[i] for i in data.qi], [data.docs[i] for i in data.di], batch_size, True
+        queries, docs = [data.queries[i] for i in data.qi], [data.docs[i] for i in data.di]
+        scores = shard(
+            lambda idx: reranker_logits(
+                model, [queries[i] for i in idx], [docs[i] for i in idx], batch_size, show_progress
+            ),
+            len(queries),
         )
         t1 = time.perf_counter()
         prob = 1.0 / (1.0 + np.exp(-scores))
@@ -306,7 +338,9 @@ def measure(model, data: EvalData, batch_size: int) -> tuple[dict, dict, dict]:
         }
         plot = {"scores": prob, "relevant": data.relevant, "label": "reranker P(yes)"}
     else:
-        q, d = encode_unique(model, data.queries, data.docs, batch_size)  # (Q, H), (D, H)
+        q, d = encode_unique(
+            model, data.queries, data.docs, batch_size, show_progress, shard
+        )  # (Q, H), (D, H)
         t1 = time.perf_counter()
         if data.shape == "sts":
             metrics = sts_metrics(q[data.qi], d[data.di], data.labels)

@@ -9,7 +9,8 @@ Read top to bottom, like nanoGPT: `run(cfg)` is the whole step.
 4. Build the model (`Embedder` or `Reranker`, LoRA on its backbone when asked), tokenize every text once.
 5. Train with the HF Trainer: length-grouped batches padded to their own longest text, a wrapper module whose
    `forward(batch)` returns `{"loss": LOSSES[loss_type](...)}`, checkpoints every `save_steps`, and automatic
-   resume from the latest complete `checkpoint-*` in `output_dir`.
+   resume from the latest complete `checkpoint-*` in `checkpoint_dir` (default: `output_dir`). Every
+   evaluation reports the eval loss and evaluate's metrics for the eval file's shape (see below).
 6. Gather the full weights (ZeRO-3 shards them), save the model folder (sentence-transformers format for
    embedders; only the adapter for LoRA), check the saved weights are whole, write `train_result.json`,
    delete the checkpoints.
@@ -28,14 +29,28 @@ pointwise_reranker   one prompt per (query, positive) and (query, negative)   BC
 listwise_reranker    per row the group [positive, negatives...]               softmax CE over each group
 ===================  ======================================================  =================================
 
-The final folder is `output_dir` itself; `checkpoint-*` folders live inside it while training and are deleted
-after the final model is saved and verified (they hold optimizer states, several times the model's size).
-`train_result.json` is written last: its presence marks a finished run, and re-running the same command on a
-finished folder returns it without training again.
+The final folder is `output_dir` itself; `checkpoint-*` folders live inside it while training (or inside
+`checkpoint_dir` when set) and are deleted after the final model is saved and verified (they hold optimizer
+states, several times the model's size). `train_result.json` is written last: its presence marks a finished
+run, and re-running the same command on a finished folder returns it without training again. On Kubeflow the
+output folder is local to the pod, so a retried or preempted pod would start from zero: `checkpoint_dir` on a
+persistent volume is what lets it resume.
+
+Evaluation metrics during training. With `eval_data`, every evaluation (before the first step of a fresh run,
+every `eval_steps`, and at the end) logs, next to `eval_loss`, the metrics `embedtune evaluate` computes for
+the file's shape (`eval_spearman_cosine`, ... for STS rows; `eval_ndcg_at_10`, `eval_map`, `eval_mrr_at_10`,
+`eval_mean_pos`, `eval_mean_neg`, `eval_margin` for ranking and retrieval rows; rerankers: ranking rows only).
+The code is evaluate's own (`read_eval_data` + `measure` on the live model), so the final values equal what
+`embedtune evaluate` reports for the saved model. Under torchrun the unique texts (or reranker pairs) are split
+across ranks, each rank encodes its share padded to the same count (ZeRO-3 gathers parameters collectively in
+every forward pass: a rank with one batch more would wait forever), the outputs are all-gathered and every
+rank computes the metrics. A file evaluate cannot measure for this model (a reranker on rows without
+`rejected_response`, STS rows whose labels are all equal) keeps the eval loss only, and says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -69,6 +84,7 @@ from embedtune.losses import (
     pad_negatives,
 )
 from embedtune.modeling import Embedder, Reranker
+from embedtune.steps.evaluate import METRIC_NAMES, PRIMARY, EvalData, measure, read_eval_data
 
 RESULT_FILE = "train_result.json"
 # DeepSpeed calls torch.distributed functions that warn "deprecated" on every call, every rank.
@@ -77,6 +93,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Knobs that do not change the trained weights: a finished run re-run with other values is still "the same".
 BOOKKEEPING_KNOBS = {
     "eval_data",
+    "checkpoint_dir",
     "per_device_eval_batch_size",
     "logging_steps",
     "eval_steps",
@@ -112,7 +129,9 @@ def run(cfg: TrainConfig) -> dict:
     # TrainingArguments first: with ZeRO-3 it makes from_pretrained load the weights already sharded.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = dataclasses.replace(cfg, nproc=world)  # under torchrun the processes are what they are
-    resume = latest_checkpoint(out)
+    ckpt_dir = Path(cfg.checkpoint_dir or cfg.output_dir)
+    resume = latest_checkpoint(ckpt_dir)
+    metric_data = metric_eval_data(cfg.eval_data, cfg.task_type) if eval_rows else None
     args = training_arguments(cfg, world, has_eval=bool(eval_rows), fresh=resume is None)
     if cfg.deepspeed != "none":
         import deepspeed
@@ -139,13 +158,19 @@ def run(cfg: TrainConfig) -> dict:
             cfg.loss_type, model.tokenizer.pad_token_id, cfg.infonce_hard_negatives, cfg.seed
         ),
     )
+    trainer.metric_data = metric_data
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
-    trainer.add_callback(StepLog(global_batch))
+    trainer.add_callback(StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None))
     resumed_step = int(CHECKPOINT.match(resume.name).group(1)) if resume else 0
     say(f"resuming from {resume} (step {resumed_step})" if resume else "starting from step 0 (no checkpoint)")
     train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_metrics = trainer.evaluate() if eval_set else {}
+    # The last step's evaluation, unless eval_steps already ran it (every rank holds the same log history).
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        eval_metrics = evals[-1]
+    else:
+        eval_metrics = trainer.evaluate() if eval_set else {}
 
     # ---------------------------------------------------------------- 6. save, verify, report
     # Collective under ZeRO-3 (every rank sends its shards); the full dict lands on rank 0.
@@ -168,12 +193,15 @@ def run(cfg: TrainConfig) -> dict:
         )
         check_saved_weights(out, model, cfg.train_type)
         history = trainer.state.log_history
+        names = METRIC_NAMES[metric_data.shape] if metric_data else ()
         result = {
             "output_dir": str(out),
             "global_step": trainer.state.global_step,
             "resumed_from_step": resumed_step,
             "train_loss": train_out.training_loss,
             "eval_loss": eval_metrics.get("eval_loss"),
+            "eval_data_shape": metric_data.shape if metric_data else None,
+            "eval_metrics": {k: eval_metrics[f"eval_{k}"] for k in names},
             "train_runtime": train_out.metrics.get("train_runtime"),
             "train_samples_per_second": train_out.metrics.get("train_samples_per_second"),
             "tokenize_seconds": round(tokenize_s, 3),
@@ -184,11 +212,19 @@ def run(cfg: TrainConfig) -> dict:
             "skipped_groups": skipped,
             "loss_history": [[h["step"], h["loss"]] for h in history if "loss" in h],
             "eval_loss_history": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],
+            "eval_metrics_history": [
+                [h["step"], {k: h[f"eval_{k}"] for k in names}]
+                for h in history
+                if names and f"eval_{names[0]}" in h
+            ],
             "config": dataclasses.asdict(cfg),
         }
         write_json(out / RESULT_FILE, result)  # last: marks the run finished
-        for ckpt in checkpoints(out):
+        for ckpt in checkpoints(ckpt_dir):
             shutil.rmtree(ckpt, ignore_errors=True)
+        if ckpt_dir != out:
+            with contextlib.suppress(OSError):
+                ckpt_dir.rmdir()  # only when empty: the run's own folder on a shared volume
         say(
             f"saved {cfg.task_type} ({cfg.train_type}) to {out}: step {result['global_step']}, loss {result['train_loss']:.4f}"
         )
@@ -335,6 +371,26 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict], cfg: TrainConfig
         targets = [float(r.get("label", 1.0))] + [0.0] * (len(ds) - 1)
         feats.append({"idx": i, "pairs": pairs, "targets": targets, "length": max(len(p) for p in pairs)})
     return feats
+
+
+def metric_eval_data(path: str, task_type: str) -> EvalData | None:
+    """evaluate's view of the eval file (shape, unique texts, candidate lists), or None when evaluate cannot
+    measure this model on it; then training reports the eval loss only, and says why."""
+    try:
+        data = read_eval_data(path)
+    except EmbedtuneError as e:  # the rows passed train's checks: this is the shape (e.g. constant labels)
+        say(f"eval metrics off: {e}")
+        return None
+    if task_type == "reranker" and data.shape != "ranking":
+        say(
+            f"eval metrics off: a reranker is measured on ranking rows (with rejected_response), not {data.shape}"
+        )
+        return None
+    say(
+        f"eval metrics: {data.shape} ({', '.join(METRIC_NAMES[data.shape])}) on {len(data.queries)} queries, "
+        f"{len(data.docs)} documents"
+    )
+    return data
 
 
 def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -518,8 +574,62 @@ class TrainModel(nn.Module):
         )
 
 
+def gather_over_ranks(compute, n: int) -> np.ndarray:
+    """`evaluate.measure`'s `shard` under torchrun: rank r computes items r, r + W, r + 2W, ... and every rank
+    gets all n outputs back, in order.
+
+    Every rank computes the same number of items, ceil(n / W), its share padded with item 0: each then runs the
+    same number of forward passes, which ZeRO-3 needs (every forward gathers the parameters collectively; a
+    rank with one batch more would wait forever). `compute(idx)` returns a (len(idx), ...) array.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return compute(np.arange(n))
+    rank_, per = dist.get_rank(), -(-n // world)
+    mine = np.arange(rank_, n, world)
+    idx = np.concatenate([mine, np.zeros(per - len(mine), dtype=mine.dtype)])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    mine_out = np.ascontiguousarray(compute(idx))  # (per, ...): embeddings (per, H) or reranker logits (per,)
+    local = torch.from_numpy(mine_out).to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    out = np.empty((n, *mine_out.shape[1:]), dtype=mine_out.dtype)
+    for r, part in enumerate(parts):
+        rows = np.arange(r, n, world)
+        out[rows] = part[: len(rows)].cpu().numpy()
+    return out
+
+
 class EmbedtuneTrainer(Trainer):
-    """The HF Trainer with length-grouped training batches (see `LengthGroupedSampler`)."""
+    """The HF Trainer with length-grouped training batches (see `LengthGroupedSampler`), whose evaluations
+    also report evaluate's metrics on `metric_data` (set after construction; None: the eval loss only)."""
+
+    metric_data: EvalData | None = None
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self.metric_data is not None:
+            # The Embedder / Reranker inside TrainModel, called directly: under ZeRO-3 its modules' own hooks
+            # gather the parameters, so the live (sharded) weights are measured without copying them.
+            model = self.model.model
+            was_training = model.training
+            model.eval()
+            t0 = time.perf_counter()
+            metrics, _, _ = measure(
+                model,
+                self.metric_data,
+                self.args.per_device_eval_batch_size,
+                show_progress=False,
+                shard=gather_over_ranks,
+            )
+            model.train(was_training)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
+            output.metrics[f"{metric_key_prefix}_metrics_seconds"] = round(time.perf_counter() - t0, 3)
+        return output
 
     def get_eval_dataloader(self, eval_dataset=None):
         # dataloader_drop_last is for training ranks only: a small eval set must not lose its last batch
@@ -540,8 +650,9 @@ class EmbedtuneTrainer(Trainer):
 class StepLog(TrainerCallback):
     """The progress bar, and one line per logging step on rank 0: step, loss, lr, samples/s."""
 
-    def __init__(self, global_batch: int):
+    def __init__(self, global_batch: int, primary: str | None = None):
         self.global_batch = global_batch
+        self.primary = primary  # evaluate's primary metric for the eval data's shape, logged as eval_<name>
         self.bar = None
         self.t, self.step = time.perf_counter(), 0
 
@@ -571,8 +682,10 @@ class StepLog(TrainerCallback):
                 file=sys.stderr,
             )
         elif "eval_loss" in logs:
+            metric = f"eval_{self.primary}"
             self.bar.write(
-                f"step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}",
+                f"step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}"
+                + (f" | {metric} {logs[metric]:.4f}" if metric in logs else ""),
                 file=sys.stderr,
             )
 
@@ -593,7 +706,7 @@ def training_arguments(cfg: TrainConfig, world: int, has_eval: bool, fresh: bool
         deepspeed = str(resources.files("embedtune") / "deepspeed" / f"{cfg.deepspeed}.json")
     eval_every = cfg.eval_steps > 0 and has_eval
     return TrainingArguments(
-        output_dir=cfg.output_dir,
+        output_dir=cfg.checkpoint_dir or cfg.output_dir,  # the Trainer writes only checkpoint-N folders there
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
