@@ -161,6 +161,7 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--skip-zero3", action="store_true", help="skip the 2-rank ZeRO-3 column")
+    ap.add_argument("--losses", help="comma-separated subset of the task's losses (default: all)")
     ap.add_argument("--st-recipe", help=argparse.SUPPRESS)  # internal: run the ST recipe from a JSON spec
     args = ap.parse_args()
     if args.st_recipe:
@@ -192,7 +193,8 @@ def main() -> None:
     base = evaluate(model, "base")
     primary = base["primary_metric"]
     table = []
-    for loss in task["losses"]:
+    losses = args.losses.split(",") if args.losses else task["losses"]
+    for loss in losses:
         common = [
             "--model", model, "--train-data", str(files[loss]), "--loss-type", loss,
             "--num-train-epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
@@ -222,7 +224,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--st-recipe", json.dumps(spec)]
         st_time, _ = timed(subprocess.run, cmd, check=True, capture_output=True)
         runs["sentence-transformers"] = (st_time, None, out)
-        scores = {name: evaluate(path, name.split()[0] + loss) for name, (_, _, path) in runs.items()}
+        scores = {name: evaluate(path, Path(path).name) for name, (_, _, path) in runs.items()}
         for metric in (primary, *[m for m in base["metrics"] if m != primary][:3]):
             table.append(
                 [loss, metric, base["metrics"][metric]]

@@ -98,6 +98,22 @@ def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_length_batche
     assert spread < 25  # random batches of 8 from 1..99 spread ~75
 
 
+def test_duplicate_texts_never_share_an_infonce_batch_even_when_length_grouping_puts_them_side_by_side():
+    rng = np.random.default_rng(0)
+    texts = [f"text {i}" for i in range(60)]
+    rows = [(texts[i], texts[(i * 7 + 1) % 60]) for i in rng.integers(0, 60, size=300)]  # many repeats
+    keys = [train.text_keys(list(r)) for r in rows]
+    lengths = [len(q) for q, _ in rows]  # equal texts, equal lengths: sorted next to each other
+    order = list(train.LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4, keys=keys))
+    assert sorted(order) == list(range(300))
+    full = [order[i : i + 8] for i in range(0, len(order) - len(order) % 8, 8)]
+    clean = [b for b in full if len({k for i in b for k in keys[i]}) == sum(len(keys[i]) for i in b)]
+    assert len(clean) >= len(full) - 2  # only the leftovers at the very end may clash
+    plain = list(train.LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4))
+    plain_full = [plain[i : i + 8] for i in range(0, 296, 8)]
+    assert sum(len({k for i in b for k in keys[i]}) < 16 for b in plain_full) > 10  # the bug it prevents
+
+
 # ------------------------------------------------------------------------------------------------ one process
 def test_cosine_similarity_on_minilm_saves_a_sentence_transformers_folder_and_reports_sts_metrics(
     minilm_path, fixtures_dir, tmp_path, capsys

@@ -60,6 +60,7 @@ import shutil
 import sys
 import time
 import warnings
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def run(cfg: TrainConfig) -> dict:
         ),
     )
     trainer.metric_data = metric_data
+    trainer.distinct_texts = cfg.loss_type == "infonce" and bool(cfg.infonce_use_batch)
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
     trainer.add_callback(StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None))
@@ -319,6 +321,11 @@ def load_rows(path: str, cfg: TrainConfig) -> tuple[list[dict], int]:
     return rows, skipped
 
 
+def text_keys(texts: list[str]) -> tuple[int, ...]:
+    """Stable (same on every rank, unlike `hash`) 32-bit keys of a row's texts, for duplicate-free batches."""
+    return tuple(zlib.crc32(t.encode()) for t in texts)
+
+
 def tokenize_rows(model: Embedder | Reranker, rows: list[dict], cfg: TrainConfig) -> list[dict]:
     """Token ids of every text, once, unpadded (int32 arrays); each distinct text is tokenized once.
 
@@ -353,6 +360,7 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict], cfg: TrainConfig
                     "negatives": negs,
                     "label": float(r.get("label", 1.0)),
                     "length": max(len(t) for t in texts),
+                    "text_keys": text_keys([r["query"], r["response"], *r.get("rejected_response", [])]),
                 }
             )
         return feats
@@ -440,13 +448,26 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     """Random order, but each batch holds rows of similar length, so padding to the batch's longest is cheap.
 
     Indices are shuffled, cut into mega-batches of 50 batches, each sorted by length and cut into batches; the
-    batches are then shuffled (a short last batch stays last, so every batch stays aligned). The order depends
+    batches are then shuffled (short batches stay last, so every full batch stays aligned). The order depends
     only on (seed, epoch): every rank computes the same one (accelerate shards it by batch), and a resumed run
     replays it exactly.
+
+    `keys` (per row, the keys of its texts) makes batches duplicate-free, like sentence-transformers'
+    `no_duplicates` sampler: a row sharing a text with the batch being filled waits for a later batch. For
+    infonce this matters more with length grouping than without it: identical texts have identical lengths, so
+    sorting puts them side by side, and the copy becomes an in-batch "negative" of its own positive.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        mega: int = 50,
+        keys: list[tuple[int, ...]] | None = None,
+    ):
         self.lengths, self.batch_size, self.seed, self.mega, self.epoch = lengths, batch_size, seed, mega, 0
+        self.keys = keys
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -454,17 +475,37 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def _cut(self, rows: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Full batches from length-sorted rows, and the rows left over (fewer than a batch, or clashing)."""
+        if self.keys is None:
+            n = len(rows) - len(rows) % self.batch_size
+            return [rows[j : j + self.batch_size] for j in range(0, n, self.batch_size)], rows[n:]
+        batches = []
+        while len(rows) >= self.batch_size:
+            batch, seen, rest = [], set(), []
+            for i in rows:  # greedy in length order: the batch stays length-grouped
+                if len(batch) < self.batch_size and seen.isdisjoint(self.keys[i]):
+                    batch.append(i)
+                    seen.update(self.keys[i])
+                else:
+                    rest.append(i)
+            if len(batch) < self.batch_size:  # only clashing rows are left
+                return batches, rows
+            batches.append(batch)
+            rows = rest
+        return batches, rows
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=g).tolist()
         size = self.batch_size * self.mega
-        batches = []
+        batches, left = [], []
         for i in range(0, len(order), size):
-            chunk = sorted(order[i : i + size], key=self.lengths.__getitem__, reverse=True)
-            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-        tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
-        shuffled = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()] + tail
-        return iter([i for b in shuffled for i in b])
+            chunk = sorted(left + order[i : i + size], key=self.lengths.__getitem__, reverse=True)
+            full, left = self._cut(chunk)
+            batches += full
+        shuffled = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+        return iter([i for b in shuffled for i in b] + left)
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -605,6 +646,7 @@ class EmbedtuneTrainer(Trainer):
     also report evaluate's metrics on `metric_data` (set after construction; None: the eval loss only)."""
 
     metric_data: EvalData | None = None
+    distinct_texts: bool = False
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -642,8 +684,10 @@ class EmbedtuneTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         data = train_dataset if train_dataset is not None else self.train_dataset
+        # infonce scores every document of the batch: keep copies of a text out of the same batch.
+        keys = [f["text_keys"] for f in data] if self.distinct_texts else None
         return LengthGroupedSampler(
-            [f["length"] for f in data], self.args.per_device_train_batch_size, self.args.seed
+            [f["length"] for f in data], self.args.per_device_train_batch_size, self.args.seed, keys=keys
         )
 
 
