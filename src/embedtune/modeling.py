@@ -455,6 +455,15 @@ class Reranker(nn.Module):
     def score_pairs(
         self, queries: Sequence[str], docs: Sequence[str], batch_size: int = 16, show_progress: bool = False
     ) -> list[float]:
+        """sigmoid(z) per (query, doc) pair, in input order."""
+        z = self.logits(queries, docs, batch_size, show_progress)
+        return torch.sigmoid(torch.from_numpy(z)).tolist()
+
+    @torch.inference_mode()
+    def logits(
+        self, queries: Sequence[str], docs: Sequence[str], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """(N,) float64 z = logit(yes) - logit(no) per (query, doc) pair; batched by length, no grad."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -462,9 +471,9 @@ class Reranker(nn.Module):
         out = np.zeros(len(lengths), dtype=np.float64)
         for idx in _progress(_batches_by_length(lengths, batch_size), show_progress, "score"):
             batch = self.tokenize([queries[i] for i in idx], [docs[i] for i in idx]).to(device)
-            out[idx] = torch.sigmoid(self(batch["input_ids"], batch["attention_mask"])).cpu().numpy()
+            out[idx] = self(batch["input_ids"], batch["attention_mask"]).double().cpu().numpy()
         self.train(was_training)
-        return out.tolist()
+        return out
 
     def save_pretrained(self, out_dir: str | os.PathLike, meta: dict | None = None, state_dict=None) -> None:
         out = Path(out_dir)

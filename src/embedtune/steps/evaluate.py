@@ -86,7 +86,7 @@ from embedtune.metrics import (
     retrieval_metrics,
     sts_metrics,
 )
-from embedtune.modeling import Embedder, Reranker, _batches_by_length, _progress, read_meta, task_type_of
+from embedtune.modeling import Embedder, Reranker, read_meta, task_type_of
 
 PRIMARY = {"sts": "spearman_cosine", "ranking": "ndcg_at_10", "retrieval": "ndcg_at_10"}
 METRIC_NAMES = {
@@ -249,18 +249,11 @@ def load_for_eval(path: str, task_type: str, max_length: int = 0, like: dict | N
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-@torch.inference_mode()
 def reranker_logits(
     model: Reranker, queries, docs, batch_size: int = 16, show_progress: bool = False
 ) -> np.ndarray:
-    """(N,) z = logit(yes) - logit(no) per (query, doc) pair, float64; batched by length, no grad."""
-    device = next(model.parameters()).device
-    out = np.zeros(len(queries), dtype=np.float64)
-    lengths = [len(q) + len(d) for q, d in zip(queries, docs, strict=True)]
-    for idx in _progress(_batches_by_length(lengths, batch_size), show_progress, "score"):
-        batch = model.tokenize([queries[i] for i in idx], [docs[i] for i in idx]).to(device)
-        out[idx] = model(batch["input_ids"], batch["attention_mask"]).double().cpu().numpy()
-    return out
+    """(N,) z = logit(yes) - logit(no) per (query, doc) pair, float64 (ranking uses z, not sigmoid(z))."""
+    return model.logits(queries, docs, batch_size, show_progress)
 
 
 def _row_dots(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
