@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,7 @@ TASKS = {
     "rerank-semeval": {"kind": "rerank", "folder": "semeval2016_cqa_qq", "losses": ["infonce"]},
     "rerank-wikiqa": {"kind": "rerank", "folder": "wikiqa", "losses": ["infonce"]},
 }
+OURS, ST = "embedtune (none, 1 proc)", "sentence-transformers"
 POSITIVE_LABEL = 0.75  # ms-swift's `stsb:positive`: pairs with score/5 >= 0.75 are infonce positives
 
 
@@ -144,6 +147,73 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+def train_all(
+    args, task, files, model, loss, temperature, seed, extra, work
+) -> list[tuple[str, tuple[float, str]]]:
+    """Train every column once with `seed`: [(column, (wall seconds, model folder))]."""
+    common = [
+        "--model", model, "--train-data", str(files[loss]), "--loss-type", loss,
+        "--num-train-epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
+        "--warmup-ratio", str(args.warmup_ratio), "--max-length", str(args.max_length), "--seed", str(seed),
+        "--infonce-temperature", str(temperature), "--save-steps", "100000", "--logging-steps", "50",
+    ]  # fmt: skip
+    if task["kind"] == "rerank":
+        common += ["--infonce-hard-negatives", str(args.hard_negatives)]
+    common += extra
+    runs = []
+    out = str(work / f"{loss}-none-{seed}")
+    seconds, _ = timed(
+        embedtune, "train", *common, "--output-dir", out, "--deepspeed", "none",
+        "--per-device-train-batch-size", str(args.batch_size),
+    )  # fmt: skip
+    runs.append((OURS, (seconds, out)))
+    if not args.skip_zero3:
+        out = str(work / f"{loss}-zero3-{seed}")
+        seconds, _ = timed(
+            embedtune, "train", *common, "--output-dir", out, "--deepspeed", "zero3", "--nproc", "2",
+            "--per-device-train-batch-size", str(args.batch_size // 2),
+        )  # fmt: skip
+        runs.append(("embedtune (zero3, 2 ranks)", (seconds, out)))
+    out = str(work / f"{loss}-st-{seed}")
+    spec = {
+        "model": model, "train": str(files[loss]), "output": out, "loss": loss, "epochs": args.epochs,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "warmup_ratio": args.warmup_ratio,
+        "seed": seed, "max_length": args.max_length, "temperature": temperature,
+    }  # fmt: skip
+    cmd = [sys.executable, __file__, "--st-recipe", json.dumps(spec)]
+    seconds, _ = timed(subprocess.run, cmd, check=True, capture_output=True)
+    runs.append((ST, (seconds, out)))
+    return runs
+
+
+def report(args, loss, primary, base, scores, times, seeds, temperature) -> None:
+    """One table per loss: the mean over seeds of each metric (primary first) and of each training wall time."""
+    names = list(scores)
+    n = len(seeds)
+    print(
+        f"\n== {args.task} / {loss}: mean over {n} seed(s) {','.join(map(str, seeds))} ({args.epochs:g} epoch, "
+        f"global batch {args.batch_size}, lr {args.learning_rate}, temperature {temperature}) =="
+    )
+    print(" | ".join(["metric", "base", *names]))
+    for metric in (primary, *[m for m in base if m != primary][:3]):
+        means = [statistics.fmean(s[metric] for s in scores[name]) for name in names]
+        print(" | ".join([metric, f"{base[metric]:.4f}", *(f"{m:.4f}" for m in means)]))
+    print("training wall time (s): " + ", ".join(f"{k}: {statistics.fmean(times[k]):.0f}" for k in names))
+    ours = [s[primary] for s in scores[OURS]]
+    theirs = [s[primary] for s in scores[ST]]
+    diffs = [a - b for a, b in zip(ours, theirs, strict=True)]
+    spread = (
+        f" (per seed: {', '.join(f'{d:+.4f}' for d in diffs)}; sd {statistics.stdev(diffs):.4f})"
+        if n > 1
+        else ""
+    )
+    print(
+        f"primary {primary}: embedtune - base = {statistics.fmean(ours) - base[primary]:+.4f}, "
+        f"embedtune - sentence-transformers = {statistics.fmean(diffs):+.4f}{spread}, "
+        f"time ratio embedtune/ST = {statistics.fmean(times[OURS]) / statistics.fmean(times[ST]):.2f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=sorted(TASKS), required=False)
@@ -160,6 +230,12 @@ def main() -> None:
         "--hard-negatives", type=int, default=3, help="rerank tasks: negatives per row for both recipes"
     )
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--seeds", help="comma-separated seeds: every column is trained once per seed; the table shows means"
+    )
+    ap.add_argument(
+        "--train-args", help="extra `embedtune train` flags for both embedtune columns (experiments)"
+    )
     ap.add_argument("--skip-zero3", action="store_true", help="skip the 2-rank ZeRO-3 column")
     ap.add_argument("--losses", help="comma-separated subset of the task's losses (default: all)")
     ap.add_argument("--st-recipe", help=argparse.SUPPRESS)  # internal: run the ST recipe from a JSON spec
@@ -192,60 +268,22 @@ def main() -> None:
 
     base = evaluate(model, "base")
     primary = base["primary_metric"]
-    table = []
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    extra = shlex.split(args.train_args or "")
     losses = args.losses.split(",") if args.losses else task["losses"]
     for loss in losses:
-        common = [
-            "--model", model, "--train-data", str(files[loss]), "--loss-type", loss,
-            "--num-train-epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
-            "--warmup-ratio", str(args.warmup_ratio), "--max-length", str(args.max_length), "--seed", str(args.seed),
-            "--infonce-temperature", str(temperature), "--save-steps", "100000", "--logging-steps", "50",
-        ]  # fmt: skip
-        if task["kind"] == "rerank":
-            common += ["--infonce-hard-negatives", str(args.hard_negatives)]
-        runs = {}
-        out = str(work / f"{loss}-none")
-        runs["embedtune (none, 1 proc)"] = timed(
-            embedtune, "train", *common, "--output-dir", out, "--deepspeed", "none",
-            "--per-device-train-batch-size", str(args.batch_size),
-        ) + (out,)  # fmt: skip
-        if not args.skip_zero3:
-            out = str(work / f"{loss}-zero3")
-            runs["embedtune (zero3, 2 ranks)"] = timed(
-                embedtune, "train", *common, "--output-dir", out, "--deepspeed", "zero3", "--nproc", "2",
-                "--per-device-train-batch-size", str(args.batch_size // 2),
-            ) + (out,)  # fmt: skip
-        out = str(work / f"{loss}-st")
-        spec = {
-            "model": model, "train": str(files[loss]), "output": out, "loss": loss, "epochs": args.epochs,
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "warmup_ratio": args.warmup_ratio,
-            "seed": args.seed, "max_length": args.max_length, "temperature": temperature,
-        }  # fmt: skip
-        cmd = [sys.executable, __file__, "--st-recipe", json.dumps(spec)]
-        st_time, _ = timed(subprocess.run, cmd, check=True, capture_output=True)
-        runs["sentence-transformers"] = (st_time, None, out)
-        scores = {name: evaluate(path, Path(path).name) for name, (_, _, path) in runs.items()}
-        for metric in (primary, *[m for m in base["metrics"] if m != primary][:3]):
-            table.append(
-                [loss, metric, base["metrics"][metric]]
-                + [scores[name]["metrics"][metric] for name in runs]
-                + ([] if metric != primary else [runs[name][0] for name in runs])
-            )
-        header = ["loss", "metric", "base", *runs]
-        times = [f"{name}: {runs[name][0]:.0f}s" for name in runs]
-        print(f"\n== {args.task} / {loss}: 1 row per metric ({args.epochs:g} epoch, global batch {args.batch_size}, "
-              f"lr {args.learning_rate}, temperature {temperature}) ==")  # fmt: skip
-        print(" | ".join(header))
-        for row in table[-4:]:
-            print(" | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row[: len(header)]))
-        print("training wall time: " + ", ".join(times))
-        ours = scores["embedtune (none, 1 proc)"]["metrics"][primary]
-        theirs = scores["sentence-transformers"]["metrics"][primary]
-        print(
-            f"primary {primary}: embedtune - base = {ours - base['metrics'][primary]:+.4f}, "
-            f"embedtune - sentence-transformers = {ours - theirs:+.4f}, "
-            f"time ratio embedtune/ST = {runs['embedtune (none, 1 proc)'][0] / st_time:.2f}"
-        )
+        # per column: one metrics dict and one wall time per seed
+        scores: dict[str, list[dict]] = {}
+        times: dict[str, list[float]] = {}
+        for seed in seeds:
+            for name, (seconds, path) in train_all(
+                args, task, files, model, loss, temperature, seed, extra, work
+            ):
+                scores.setdefault(name, []).append(evaluate(path, Path(path).name)["metrics"])
+                times.setdefault(name, []).append(seconds)
+            line = ", ".join(f"{name} {scores[name][-1][primary]:.4f}" for name in scores)
+            print(f"seed {seed}: {primary}: {line}", flush=True)
+        report(args, loss, primary, base["metrics"], scores, times, seeds, temperature)
     print(f"\nwork dir (models, metrics): {work}")
 
 

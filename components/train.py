@@ -37,6 +37,7 @@ def train(
     learning_rate: float,
     warmup_ratio: float,
     seed: int,
+    group_by_length: bool,
     gradient_checkpointing: bool,
     infonce_temperature: float,
     infonce_use_batch: bool,
@@ -81,6 +82,7 @@ def train(
         learning_rate: Peak learning rate.
         warmup_ratio: Fraction of steps spent warming the learning rate up.
         seed: Seed for init, shuffling and dropout.
+        group_by_length: Batches of rows of similar length (less padding, faster); false: plain random batches.
         gradient_checkpointing: Recompute activations in backward to save memory.
         infonce_temperature: infonce: logits = cos / temperature.
         infonce_use_batch: infonce: also score every other document of the global batch.
@@ -121,6 +123,7 @@ def train(
             learning_rate=learning_rate,
             warmup_ratio=warmup_ratio,
             seed=seed,
+            group_by_length=group_by_length,
             gradient_checkpointing=gradient_checkpointing,
             infonce_temperature=infonce_temperature,
             infonce_use_batch=infonce_use_batch,

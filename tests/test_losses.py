@@ -319,10 +319,47 @@ def test_pad_negatives_without_n_keeps_all_and_masks_padding():
     assert packed[1].abs().sum() == 0
 
 
+def test_infonce_keys_keep_copies_of_the_positive_and_other_positives_of_the_same_query_out_of_the_softmax():
+    # Rows 0 and 1 are one query (key 10) with two positives (MTEB: one row per positive); row 2 (query 11) has
+    # a copy of row 0's positive text (key 20) as its positive, and row 1's own negative is that text too.
+    t = 0.1
+    q, pos = [0.0, 0.05, 1.0], [0.3, 0.5, 0.3]
+    negs = [[2.0], [0.3], []]
+    neg, mask = padded_negs(negs)
+    query_keys = torch.tensor([10, 10, 11])
+    doc_keys = torch.tensor([[20, 10], [21, 10], [20, 11], [30, -1], [20, -1]])  # positives, then negatives
+    got = infonce_loss(
+        vecs(q), vecs(pos), neg, mask, temperature=t, use_batch=True, mask_fake_negative=False,
+        query_keys=query_keys, doc_keys=doc_keys,
+    )  # fmt: skip
+    docs = [0.3, 0.5, 0.3, 2.0, 0.3]  # columns: pos0, pos1, pos2 (= pos0's text), neg of row 0, neg of row 1
+    # Negatives each row keeps. Row 0: pos1 is another positive of its query, pos2 and row 1's negative are
+    # copies of its positive. Row 1: pos0 is another positive of its query; the rest is no copy of *its*
+    # positive, and a negative labelled so stays one. Row 2: pos0 and row 1's negative are copies of its positive.
+    kept = {0: [3], 1: [2, 3, 4], 2: [1, 3]}
+    expected = sum(
+        ce(math.cos(q[i] - pos[i]) / t, [math.cos(q[i] - docs[j]) / t for j in kept[i]]) for i in range(3)
+    )
+    assert got.item() == pytest.approx(expected / 3, rel=1e-6)
+    plain = infonce_loss(
+        vecs(q), vecs(pos), neg, mask, temperature=t, use_batch=True, mask_fake_negative=False
+    )
+    assert plain.item() > got.item() + 0.1  # without keys, those false negatives weigh on the loss
+
+
 # --- multi-rank exactness --------------------------------------------------------------------------------
 
 FEATURES, DIM, TEMPERATURE = 8, 6, 0.1
 NEG_COUNTS = [2, 0, 3, 1, 0, 2]  # per row of the global batch; ranks see different padding widths
+QUERY_KEYS = [1, 2, 3, 1, 4, 5]  # rows 0 and 3: one query, two positives (on different ranks)
+POSITIVE_KEYS = [100, 101, 102, 103, 104, 100]  # row 5's positive is a copy of row 0's (other rank)
+
+
+def row_keys(rows):
+    """The keys the train step's collator builds: (B,) query keys, (B + K, 2) document keys."""
+    docs = [[POSITIVE_KEYS[i], QUERY_KEYS[i]] for i in rows]
+    docs += [[1000 + 10 * i + j, -1] for i in rows for j in range(NEG_COUNTS[i])]
+    return torch.tensor([QUERY_KEYS[i] for i in rows]), torch.tensor(docs).reshape(-1, 2)
 
 
 def make_problem():
@@ -352,12 +389,15 @@ def grads(encoder):
     return torch.cat([p.grad.flatten() for p in encoder.parameters()])
 
 
-def reference_grads(fake: bool) -> torch.Tensor:
+def reference_grads(fake: bool, keyed: bool = False) -> torch.Tensor:
     encoder, qx, px, nx = make_problem()
-    q, pos, neg, mask = encode_rows(encoder, qx, px, nx, list(range(len(NEG_COUNTS))))
+    rows = list(range(len(NEG_COUNTS)))
+    q, pos, neg, mask = encode_rows(encoder, qx, px, nx, rows)
+    qk, dk = row_keys(rows) if keyed else (None, None)
     infonce_loss(
-        q, pos, neg, mask, temperature=TEMPERATURE, use_batch=True, mask_fake_negative=fake
-    ).backward()
+        q, pos, neg, mask, temperature=TEMPERATURE, use_batch=True, mask_fake_negative=fake,
+        query_keys=qk, doc_keys=dk,
+    ).backward()  # fmt: skip
     return grads(encoder)
 
 
@@ -365,18 +405,20 @@ def _two_rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     # (rows per rank, mask_fake_negative): equal halves, and an uneven 4 + 2 split (a last partial batch).
-    for split, fake in [(3, False), (3, True), (4, False)]:
+    # keyed: false negatives across ranks (see QUERY_KEYS, POSITIVE_KEYS) masked as in one process.
+    for split, fake, keyed in [(3, False, False), (3, True, False), (4, False, False), (3, False, True)]:
         encoder, qx, px, nx = make_problem()
         rows = list(range(split)) if rank == 0 else list(range(split, len(NEG_COUNTS)))
         q, pos, neg, mask = encode_rows(encoder, qx, px, nx, rows)
+        qk, dk = row_keys(rows) if keyed else (None, None)
         loss = infonce_loss(
             q, pos, neg, mask, temperature=TEMPERATURE, use_batch=True, mask_fake_negative=fake,
-            world_size=world, rank=rank,
+            world_size=world, rank=rank, query_keys=qk, doc_keys=dk,
         )  # fmt: skip
         loss.backward()
         g = grads(encoder)
         dist.all_reduce(g)
-        results[("ours", split, fake)] = g / world  # what DDP / DeepSpeed apply: the mean over ranks
+        results[("ours", split, fake, keyed)] = g / world  # what DDP / DeepSpeed apply: the mean over ranks
     # ms-swift's way: gather detached copies, put back this rank's own (with grad), every rank computes the
     # loss of the whole global batch.
     encoder, qx, px, nx = make_problem()
@@ -410,8 +452,11 @@ def test_infonce_two_ranks_match_one_rank_gradients(tmp_path):
     for fake in (False, True):
         ref = reference_grads(fake)
         assert ref.abs().max() > 1e-3
-        torch.testing.assert_close(results[("ours", 3, fake)], ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(results[("ours", 4, False)], reference_grads(False), rtol=0, atol=1e-5)
+        torch.testing.assert_close(results[("ours", 3, fake, False)], ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(results[("ours", 4, False, False)], reference_grads(False), rtol=0, atol=1e-5)
+    keyed = reference_grads(False, keyed=True)
+    assert (keyed - reference_grads(False)).abs().max() > 1e-3  # the masks change the problem
+    torch.testing.assert_close(results[("ours", 3, False, True)], keyed, rtol=0, atol=1e-5)
     # The detached gather does not match: it yields 1/world_size of the large-batch gradient.
     ref = reference_grads(False)
     assert (results["detached"] - ref).abs().max() > 1e-3

@@ -102,7 +102,7 @@ def test_duplicate_texts_never_share_an_infonce_batch_even_when_length_grouping_
     rng = np.random.default_rng(0)
     texts = [f"text {i}" for i in range(60)]
     rows = [(texts[i], texts[(i * 7 + 1) % 60]) for i in rng.integers(0, 60, size=300)]  # many repeats
-    keys = [train.text_keys(list(r)) for r in rows]
+    keys = [tuple(train.text_key(np.frombuffer(t.encode(), dtype=np.uint8)) for t in r) for r in rows]
     lengths = [len(q) for q, _ in rows]  # equal texts, equal lengths: sorted next to each other
     order = list(train.LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4, keys=keys))
     assert sorted(order) == list(range(300))
@@ -112,6 +112,44 @@ def test_duplicate_texts_never_share_an_infonce_batch_even_when_length_grouping_
     plain = list(train.LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4))
     plain_full = [plain[i : i + 8] for i in range(0, 296, 8)]
     assert sum(len({k for i in b for k in keys[i]}) < 16 for b in plain_full) > 10  # the bug it prevents
+
+
+def test_group_by_length_off_gives_random_duplicate_free_batches_with_the_same_seeded_order():
+    lengths = [int(x) for x in np.random.default_rng(0).integers(1, 100, size=203)]
+    keys = [(i % 150,) for i in range(203)]  # rows i and i + 150 share a text
+    sampler = train.LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=5, keys=keys, group=False)
+    order = list(sampler)
+    assert sorted(order) == list(range(203)) and list(sampler) == order
+    batches = [order[i : i + 8] for i in range(0, 200, 8)]
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread > 50  # random batches of 8 from 1..99 spread ~75; grouped ones < 25
+    assert all(len({keys[i] for i in b}) == len(b) for b in batches[:-1])
+
+
+def test_collator_keys_mark_same_query_rows_and_texts_equal_after_truncation(minilm_path, tmp_path):
+    from embedtune.modeling import Embedder
+
+    cfg = tiny_cfg(minilm_path, "unused", tmp_path, max_length=8, infonce_hard_negatives=2)
+    model = Embedder.from_pretrained(str(minilm_path), max_length=8)
+    long_a = "one two three four five six seven eight nine"
+    long_b = "one two three four five six seven eight ten"  # same first 8 tokens: the same text to the model
+    rows = [
+        {"query": "q one", "response": "p one", "rejected_response": ["n one"]},
+        {"query": "q one", "response": long_a, "rejected_response": ["n one", "n two", "n three"]},
+        {"query": "q two", "response": long_b},
+    ]
+    feats = train.tokenize_rows(model, rows, cfg)
+    assert feats[1]["text_keys"][1] == feats[2]["text_keys"][1]  # equal after truncation
+    assert feats[0]["text_keys"][0] == feats[1]["text_keys"][0] != feats[2]["text_keys"][0]
+    batch = train.Collator("infonce", model.tokenizer.pad_token_id, hard_negatives=2, seed=1)(feats)
+    k = int(batch["neg_mask"].sum())  # row 0: 1 + 1 resampled, row 1: first 2, row 2: none
+    assert k == 4 and batch["input_ids"].shape[0] == 3 + 3 + k
+    assert batch["query_keys"].tolist() == [f["text_keys"][0] for f in feats]
+    docs = batch["doc_keys"].tolist()
+    assert docs[:3] == [[f["text_keys"][1], f["text_keys"][0]] for f in feats]  # positives: (text, query)
+    assert [d[1] for d in docs[3:]] == [-1] * k  # negatives belong to no query
+    n_one = feats[0]["text_keys"][2]
+    assert [d[0] for d in docs[3:]] == [n_one, n_one, n_one, feats[1]["text_keys"][3]]
 
 
 # ------------------------------------------------------------------------------------------------ one process

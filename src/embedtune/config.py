@@ -90,6 +90,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # fraction of steps spent warming the learning rate up linearly
     lr_scheduler_type: str = "linear"  # HF scheduler name: linear | cosine | constant | constant_with_warmup ...
     seed: int = 42  # seed for model init, shuffling and dropout
+    group_by_length: bool = True  # batches of rows of similar length (less padding: faster); false: plain random batches
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     logging_steps: int = 10  # log loss, lr and samples/s every N steps
     eval_steps: int = 0  # evaluate every N steps (0: at the end only, when eval_data is given)

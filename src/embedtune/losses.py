@@ -134,12 +134,14 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * length : (ctx.rank + 1) * length]
 
 
-def _gather_docs(docs: torch.Tensor, world_size: int, rank: int, batch: int):
-    """Gather every rank's documents ``(L_r, D)`` with gradients.
+def _gather_docs(
+    docs: torch.Tensor, world_size: int, rank: int, batch: int, keys: torch.Tensor | None = None
+):
+    """Gather every rank's documents ``(L_r, D)`` with gradients, and their ``keys`` ``(L_r, 2)`` (no gradient).
 
-    Returns ``(all_docs (sum L_r, D), offset of this rank's first document, global batch size)``. Ranks may
-    hold different numbers of rows and of real negatives, so each pads to the longest and the padding is
-    dropped after the gather.
+    Returns ``(all_docs (sum L_r, D), offset of this rank's first document, global batch size, all_keys or
+    None)``. Ranks may hold different numbers of rows and of real negatives, so each pads to the longest and
+    the padding is dropped after the gather.
     """
     sizes = torch.tensor([docs.shape[0], batch], device=docs.device, dtype=torch.long)
     all_sizes = [torch.empty_like(sizes) for _ in range(world_size)]
@@ -150,7 +152,26 @@ def _gather_docs(docs: torch.Tensor, world_size: int, rank: int, batch: int):
     padded = F.pad(docs, (0, 0, 0, longest - docs.shape[0]))
     gathered = _AllGatherWithGrad.apply(padded)  # (world_size * longest, D)
     keep = torch.cat([torch.arange(longest, device=docs.device) < n for n in lengths])
-    return gathered[keep], sum(lengths[:rank]), global_batch
+    all_keys = None
+    if keys is not None:
+        parts = [keys.new_empty(longest, keys.shape[1]) for _ in range(world_size)]
+        dist.all_gather(parts, F.pad(keys, (0, 0, 0, longest - keys.shape[0])).contiguous())
+        all_keys = torch.cat(parts)[keep]
+    return gathered[keep], sum(lengths[:rank]), global_batch, all_keys
+
+
+def _same_meaning(doc_keys: torch.Tensor, query_keys: torch.Tensor, batch: int, offset: int) -> torch.Tensor:
+    """``(B, T)`` True where document column j is not a negative of query i, by token-identity keys.
+
+    ``doc_keys`` ``(T, 2)``: per document column, the key of its text and the key of its row's query when it is
+    that row's positive (-1 for a negative). Column j is no negative of query i when it is a copy of i's
+    own positive, or the positive of another row with i's own query (an MTEB set gives one row per positive,
+    so a batch holding two rows of one query would otherwise push each positive away from that query).
+    """
+    own = doc_keys[offset : offset + batch, 0]  # (B,) this rank's positives' text keys
+    copy_of_positive = doc_keys[None, :, 0] == own[:, None]  # (B, T)
+    positive_of_same_query = doc_keys[None, :, 1] == query_keys[:, None]  # (B, T)
+    return copy_of_positive | positive_of_same_query
 
 
 def infonce_loss(
@@ -165,6 +186,8 @@ def infonce_loss(
     world_size: int = 1,
     rank: int = 0,
     gather: bool = True,
+    query_keys: torch.Tensor | None = None,
+    doc_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE (a.k.a. MultipleNegativesRankingLoss) over ragged hard negatives, exact across ranks.
 
@@ -183,6 +206,11 @@ def infonce_loss(
         world_size, rank: the data-parallel group. With ``world_size > 1``, ``use_batch`` and ``gather``,
             other ranks' documents are gathered *with* gradients (every rank must call this).
         gather: False keeps ``use_batch`` to this rank's own documents (no communication).
+        query_keys, doc_keys: with ``use_batch``, what keeps false negatives out of the batch: ``(B,)`` int64
+            keys of the queries' texts and ``(B + K, 2)`` of the documents, in ``docs`` order ([positives, real
+            negatives]): column 0 the text's key, column 1 the row's query key for a positive, else -1. In-batch
+            documents that are a copy of the row's positive, or another positive of the same query, are then
+            left out of its softmax (the sampler keeps most batches free of them; the rest are made harmless).
 
     Returns:
         Scalar loss. For query ``i``: ``logsumexp(logits_i) - logits_i[own positive]`` with every real
@@ -211,10 +239,13 @@ def infonce_loss(
         docs = torch.cat([pos, neg])  # (B + K, D)
         offset, global_batch = 0, batch
         if world_size > 1 and gather:
-            docs, offset, global_batch = _gather_docs(docs, world_size, rank, batch)
+            docs, offset, global_batch, doc_keys = _gather_docs(docs, world_size, rank, batch, doc_keys)
         sims = q @ _up(docs).T  # (B, all documents of the global batch)
         allowed = None
         target = offset + rows  # own positive's column
+        if doc_keys is not None and query_keys is not None:
+            allowed = ~_same_meaning(doc_keys.to(q.device), query_keys.to(q.device), batch, offset)
+            allowed[rows, target] = True
         scale = world_size / global_batch if gather else 1.0 / batch
     if mask_fake_negative:
         pos_sim = sims[rows, target].detach().unsqueeze(1)

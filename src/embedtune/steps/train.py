@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -60,7 +61,6 @@ import shutil
 import sys
 import time
 import warnings
-import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -161,6 +161,7 @@ def run(cfg: TrainConfig) -> dict:
     )
     trainer.metric_data = metric_data
     trainer.distinct_texts = cfg.loss_type == "infonce" and bool(cfg.infonce_use_batch)
+    trainer.group_by_length = cfg.group_by_length
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
     trainer.add_callback(StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None))
@@ -321,9 +322,10 @@ def load_rows(path: str, cfg: TrainConfig) -> tuple[list[dict], int]:
     return rows, skipped
 
 
-def text_keys(texts: list[str]) -> tuple[int, ...]:
-    """Stable (same on every rank, unlike `hash`) 32-bit keys of a row's texts, for duplicate-free batches."""
-    return tuple(zlib.crc32(t.encode()) for t in texts)
+def text_key(ids: np.ndarray) -> int:
+    """A stable 63-bit key of a text's (truncated) token ids: equal ids, equal key, on every rank (unlike
+    `hash`). Texts that differ only past `max_length` are the same text to the model, and get the same key."""
+    return int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little") >> 1
 
 
 def tokenize_rows(model: Embedder | Reranker, rows: list[dict], cfg: TrainConfig) -> list[dict]:
@@ -349,6 +351,8 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict], cfg: TrainConfig
     if cfg.task_type == "embedding":
         q = ids([r["query"] for r in rows], is_query=True)
         d = ids([t for r in rows for t in [r["response"], *r.get("rejected_response", [])]])
+        q_keys = {t: text_key(a) for t, a in q.items()}
+        d_keys = {t: text_key(a) for t, a in d.items()}
         for i, r in enumerate(rows):
             negs = [d[t] for t in r.get("rejected_response", [])]
             texts = [q[r["query"]], d[r["response"]], *negs]
@@ -360,7 +364,12 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict], cfg: TrainConfig
                     "negatives": negs,
                     "label": float(r.get("label", 1.0)),
                     "length": max(len(t) for t in texts),
-                    "text_keys": text_keys([r["query"], r["response"], *r.get("rejected_response", [])]),
+                    # (query, positive, *negatives): duplicate-free batches and the loss's false-negative mask
+                    "text_keys": (
+                        q_keys[r["query"]],
+                        d_keys[r["response"]],
+                        *(d_keys[t] for t in r.get("rejected_response", [])),
+                    ),
                 }
             )
         return feats
@@ -426,10 +435,20 @@ class Collator:
             # Resampling (hard_negatives > row's count) is seeded by the batch's rows: the same batch draws
             # the same negatives, also after a resume.
             rng = random.Random(f"{self.seed}:{[f['idx'] for f in feats]}")
-            negs, neg_mask = pad_negatives([f["negatives"] for f in feats], self.hard_negatives or None, rng)
+            rows = [list(zip(f["negatives"], f["text_keys"][2:], strict=True)) for f in feats]
+            negs, neg_mask = pad_negatives(rows, self.hard_negatives or None, rng)
             real = [t for row in negs for t in row if t is not None]  # row-major, as pack_negatives expects
-            ids, mask = pad([f["query"] for f in feats] + [f["response"] for f in feats] + real, self.pad_id)
-            return {"input_ids": ids, "attention_mask": mask, "neg_mask": neg_mask}  # texts: B + B + K
+            texts = [f["query"] for f in feats] + [f["response"] for f in feats] + [ids for ids, _ in real]
+            ids, mask = pad(texts, self.pad_id)
+            # per document (B positives, K negatives): its text key, and its row's query key if a positive
+            doc_keys = [(f["text_keys"][1], f["text_keys"][0]) for f in feats] + [(k, -1) for _, k in real]
+            return {
+                "input_ids": ids,  # texts: B + B + K
+                "attention_mask": mask,
+                "neg_mask": neg_mask,
+                "query_keys": torch.tensor([f["text_keys"][0] for f in feats], dtype=torch.long),
+                "doc_keys": torch.tensor(doc_keys, dtype=torch.long).reshape(-1, 2),
+            }
         if self.loss_type in RERANKER_LOSSES:
             ids, mask = pad([p for f in feats for p in f["pairs"]], self.pad_id)  # texts: sum of group sizes
             batch = {"input_ids": ids, "attention_mask": mask}
@@ -465,9 +484,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         seed: int,
         mega: int = 50,
         keys: list[tuple[int, ...]] | None = None,
+        group: bool = True,
     ):
         self.lengths, self.batch_size, self.seed, self.mega, self.epoch = lengths, batch_size, seed, mega, 0
-        self.keys = keys
+        self.keys, self.group = keys, group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -501,7 +521,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         size = self.batch_size * self.mega
         batches, left = [], []
         for i in range(0, len(order), size):
-            chunk = sorted(left + order[i : i + size], key=self.lengths.__getitem__, reverse=True)
+            chunk = left + order[i : i + size]
+            if self.group:
+                chunk.sort(key=self.lengths.__getitem__, reverse=True)
             full, left = self._cut(chunk)
             batches += full
         shuffled = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
@@ -584,7 +606,15 @@ class TrainModel(nn.Module):
         }.get(cfg.loss_type, {})
 
     def forward(
-        self, input_ids, attention_mask, neg_mask=None, targets=None, group_sizes=None, return_loss=True
+        self,
+        input_ids,
+        attention_mask,
+        neg_mask=None,
+        targets=None,
+        group_sizes=None,
+        query_keys=None,
+        doc_keys=None,
+        return_loss=True,
     ):
         out = self.model(input_ids, attention_mask)  # embedder: (T, H) unit vectors; reranker: (T,) z
         loss_fn = LOSSES[self.loss_type]
@@ -594,7 +624,15 @@ class TrainModel(nn.Module):
             rank = dist.get_rank() if world > 1 else 0
             neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
             loss = loss_fn(
-                out[:b], out[b : 2 * b], neg, neg_mask, world_size=world, rank=rank, **self.loss_kwargs
+                out[:b],
+                out[b : 2 * b],
+                neg,
+                neg_mask,
+                world_size=world,
+                rank=rank,
+                query_keys=query_keys,
+                doc_keys=doc_keys,
+                **self.loss_kwargs,
             )
         elif self.loss_type == "pointwise_reranker":
             loss = loss_fn(out, targets)
@@ -647,6 +685,7 @@ class EmbedtuneTrainer(Trainer):
 
     metric_data: EvalData | None = None
     distinct_texts: bool = False
+    group_by_length: bool = True
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -686,8 +725,14 @@ class EmbedtuneTrainer(Trainer):
         data = train_dataset if train_dataset is not None else self.train_dataset
         # infonce scores every document of the batch: keep copies of a text out of the same batch.
         keys = [f["text_keys"] for f in data] if self.distinct_texts else None
+        # Batches are cut at the size of one optimizer micro-step over all ranks: accelerate hands rank r
+        # the r-th per-device slice of each, so texts are distinct across the whole gathered batch.
         return LengthGroupedSampler(
-            [f["length"] for f in data], self.args.per_device_train_batch_size, self.args.seed, keys=keys
+            [f["length"] for f in data],
+            self.args.per_device_train_batch_size * self.args.world_size,
+            self.args.seed,
+            keys=keys,
+            group=self.group_by_length,
         )
 
 
