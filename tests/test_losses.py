@@ -326,11 +326,11 @@ def test_infonce_keys_keep_copies_of_the_positive_and_other_positives_of_the_sam
     q, pos = [0.0, 0.05, 1.0], [0.3, 0.5, 0.3]
     negs = [[2.0], [0.3], []]
     neg, mask = padded_negs(negs)
-    query_keys = torch.tensor([10, 10, 11])
-    doc_keys = torch.tensor([[20, 10], [21, 10], [20, 11], [30, -1], [20, -1]])  # positives, then negatives
+    # (text key, query key) per document: positives (their rows' queries), then negatives (-1)
+    doc_keys = torch.tensor([[20, 10], [21, 10], [20, 11], [30, -1], [20, -1]])
     got = infonce_loss(
         vecs(q), vecs(pos), neg, mask, temperature=t, use_batch=True, mask_fake_negative=False,
-        query_keys=query_keys, doc_keys=doc_keys,
+        doc_keys=doc_keys,
     )  # fmt: skip
     docs = [0.3, 0.5, 0.3, 2.0, 0.3]  # columns: pos0, pos1, pos2 (= pos0's text), neg of row 0, neg of row 1
     # Negatives each row keeps. Row 0: pos1 is another positive of its query, pos2 and row 1's negative are
@@ -356,10 +356,10 @@ POSITIVE_KEYS = [100, 101, 102, 103, 104, 100]  # row 5's positive is a copy of 
 
 
 def row_keys(rows):
-    """The keys the train step's collator builds: (B,) query keys, (B + K, 2) document keys."""
+    """The (B + K, 2) document keys the train step's collator builds."""
     docs = [[POSITIVE_KEYS[i], QUERY_KEYS[i]] for i in rows]
     docs += [[1000 + 10 * i + j, -1] for i in rows for j in range(NEG_COUNTS[i])]
-    return torch.tensor([QUERY_KEYS[i] for i in rows]), torch.tensor(docs).reshape(-1, 2)
+    return torch.tensor(docs).reshape(-1, 2)
 
 
 def make_problem():
@@ -393,10 +393,10 @@ def reference_grads(fake: bool, keyed: bool = False) -> torch.Tensor:
     encoder, qx, px, nx = make_problem()
     rows = list(range(len(NEG_COUNTS)))
     q, pos, neg, mask = encode_rows(encoder, qx, px, nx, rows)
-    qk, dk = row_keys(rows) if keyed else (None, None)
+    dk = row_keys(rows) if keyed else None
     infonce_loss(
         q, pos, neg, mask, temperature=TEMPERATURE, use_batch=True, mask_fake_negative=fake,
-        query_keys=qk, doc_keys=dk,
+        doc_keys=dk,
     ).backward()  # fmt: skip
     return grads(encoder)
 
@@ -410,10 +410,10 @@ def _two_rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
         encoder, qx, px, nx = make_problem()
         rows = list(range(split)) if rank == 0 else list(range(split, len(NEG_COUNTS)))
         q, pos, neg, mask = encode_rows(encoder, qx, px, nx, rows)
-        qk, dk = row_keys(rows) if keyed else (None, None)
+        dk = row_keys(rows) if keyed else None
         loss = infonce_loss(
             q, pos, neg, mask, temperature=TEMPERATURE, use_batch=True, mask_fake_negative=fake,
-            world_size=world, rank=rank, query_keys=qk, doc_keys=dk,
+            world_size=world, rank=rank, doc_keys=dk,
         )  # fmt: skip
         loss.backward()
         g = grads(encoder)

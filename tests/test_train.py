@@ -144,7 +144,7 @@ def test_collator_keys_mark_same_query_rows_and_texts_equal_after_truncation(min
     batch = train.Collator("infonce", model.tokenizer.pad_token_id, hard_negatives=2, seed=1)(feats)
     k = int(batch["neg_mask"].sum())  # row 0: 1 + 1 resampled, row 1: first 2, row 2: none
     assert k == 4 and batch["input_ids"].shape[0] == 3 + 3 + k
-    assert batch["query_keys"].tolist() == [f["text_keys"][0] for f in feats]
+    assert batch["doc_keys"][:3, 1].tolist() == [f["text_keys"][0] for f in feats]  # the rows' query keys
     docs = batch["doc_keys"].tolist()
     assert docs[:3] == [[f["text_keys"][1], f["text_keys"][0]] for f in feats]  # positives: (text, query)
     assert [d[1] for d in docs[3:]] == [-1] * k  # negatives belong to no query

@@ -160,17 +160,18 @@ def _gather_docs(
     return gathered[keep], sum(lengths[:rank]), global_batch, all_keys
 
 
-def _same_meaning(doc_keys: torch.Tensor, query_keys: torch.Tensor, batch: int, offset: int) -> torch.Tensor:
+def _same_meaning(doc_keys: torch.Tensor, batch: int, offset: int) -> torch.Tensor:
     """``(B, T)`` True where document column j is not a negative of query i, by token-identity keys.
 
     ``doc_keys`` ``(T, 2)``: per document column, the key of its text and the key of its row's query when it is
-    that row's positive (-1 for a negative). Column j is no negative of query i when it is a copy of i's
-    own positive, or the positive of another row with i's own query (an MTEB set gives one row per positive,
-    so a batch holding two rows of one query would otherwise push each positive away from that query).
+    that row's positive (-1 for a negative); this rank's B positives sit at ``offset``, so their column 1 holds
+    the B queries' keys. Column j is no negative of query i when it is a copy of i's own positive, or the
+    positive of another row with i's own query (an MTEB set gives one row per positive, so a batch holding two
+    rows of one query would otherwise push each positive away from that query).
     """
-    own = doc_keys[offset : offset + batch, 0]  # (B,) this rank's positives' text keys
-    copy_of_positive = doc_keys[None, :, 0] == own[:, None]  # (B, T)
-    positive_of_same_query = doc_keys[None, :, 1] == query_keys[:, None]  # (B, T)
+    own = doc_keys[offset : offset + batch]  # (B, 2) this rank's positives: (text key, query key)
+    copy_of_positive = doc_keys[None, :, 0] == own[:, 0, None]  # (B, T)
+    positive_of_same_query = doc_keys[None, :, 1] == own[:, 1, None]  # (B, T)
     return copy_of_positive | positive_of_same_query
 
 
@@ -186,7 +187,6 @@ def infonce_loss(
     world_size: int = 1,
     rank: int = 0,
     gather: bool = True,
-    query_keys: torch.Tensor | None = None,
     doc_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE (a.k.a. MultipleNegativesRankingLoss) over ragged hard negatives, exact across ranks.
@@ -206,9 +206,9 @@ def infonce_loss(
         world_size, rank: the data-parallel group. With ``world_size > 1``, ``use_batch`` and ``gather``,
             other ranks' documents are gathered *with* gradients (every rank must call this).
         gather: False keeps ``use_batch`` to this rank's own documents (no communication).
-        query_keys, doc_keys: with ``use_batch``, what keeps false negatives out of the batch: ``(B,)`` int64
-            keys of the queries' texts and ``(B + K, 2)`` of the documents, in ``docs`` order ([positives, real
-            negatives]): column 0 the text's key, column 1 the row's query key for a positive, else -1. In-batch
+        doc_keys: with ``use_batch``, what keeps false negatives out of the batch: ``(B + K, 2)`` int64 keys of
+            the documents, in ``docs`` order ([positives, real negatives]): column 0 the text's key, column 1 the
+            row's query key for a positive, else -1. In-batch
             documents that are a copy of the row's positive, or another positive of the same query, are then
             left out of its softmax (the sampler keeps most batches free of them; the rest are made harmless).
 
@@ -243,8 +243,8 @@ def infonce_loss(
         sims = q @ _up(docs).T  # (B, all documents of the global batch)
         allowed = None
         target = offset + rows  # own positive's column
-        if doc_keys is not None and query_keys is not None:
-            allowed = ~_same_meaning(doc_keys.to(q.device), query_keys.to(q.device), batch, offset)
+        if doc_keys is not None:
+            allowed = ~_same_meaning(doc_keys.to(q.device), batch, offset)
             allowed[rows, target] = True
         scale = world_size / global_batch if gather else 1.0 / batch
     if mask_fake_negative:

@@ -446,7 +446,6 @@ class Collator:
                 "input_ids": ids,  # texts: B + B + K
                 "attention_mask": mask,
                 "neg_mask": neg_mask,
-                "query_keys": torch.tensor([f["text_keys"][0] for f in feats], dtype=torch.long),
                 "doc_keys": torch.tensor(doc_keys, dtype=torch.long).reshape(-1, 2),
             }
         if self.loss_type in RERANKER_LOSSES:
@@ -612,7 +611,6 @@ class TrainModel(nn.Module):
         neg_mask=None,
         targets=None,
         group_sizes=None,
-        query_keys=None,
         doc_keys=None,
         return_loss=True,
     ):
@@ -630,7 +628,6 @@ class TrainModel(nn.Module):
                 neg_mask,
                 world_size=world,
                 rank=rank,
-                query_keys=query_keys,
                 doc_keys=doc_keys,
                 **self.loss_kwargs,
             )
