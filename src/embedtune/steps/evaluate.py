@@ -249,13 +249,6 @@ def load_for_eval(path: str, task_type: str, max_length: int = 0, like: dict | N
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-def reranker_logits(
-    model: Reranker, queries, docs, batch_size: int = 16, show_progress: bool = False
-) -> np.ndarray:
-    """(N,) z = logit(yes) - logit(no) per (query, doc) pair, float64 (ranking uses z, not sigmoid(z))."""
-    return model.logits(queries, docs, batch_size, show_progress)
-
-
 def _row_dots(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
     """(M,) a[ia[m]] . b[ib[m]], gathered in chunks (never an (M, M) or (Q, D) matrix)."""
     out = np.empty(len(ia), dtype=np.float64)
@@ -316,9 +309,10 @@ def measure(
                 f"a reranker needs ranking eval data (rows with rejected_response), not {data.shape}"
             )
         queries, docs = [data.queries[i] for i in data.qi], [data.docs[i] for i in data.di]
+        # z = logit(yes) - logit(no), float64: ranking uses z (sigmoid(z) saturates and ties), margins P(yes)
         scores = shard(
-            lambda idx: reranker_logits(
-                model, [queries[i] for i in idx], [docs[i] for i in idx], batch_size, show_progress
+            lambda idx: model.logits(
+                [queries[i] for i in idx], [docs[i] for i in idx], batch_size, show_progress
             ),
             len(queries),
         )

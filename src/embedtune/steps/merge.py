@@ -48,7 +48,6 @@ from embedtune.data import read_rows
 from embedtune.errors import EmbedtuneError
 from embedtune.io import write_json
 from embedtune.modeling import META_FILE, Embedder, Reranker, is_adapter, read_meta, task_type_of
-from embedtune.steps.evaluate import reranker_logits
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
 SAMPLE_ROWS = 16
@@ -94,7 +93,7 @@ def outputs(model, queries: list[str], docs: list[str]) -> np.ndarray:
     """What the check compares: (Q + D, H) embeddings, or (2 Q,) reranker z scores of query-document pairs."""
     if isinstance(model, Reranker):  # each query with 2 documents: 2 Q prompts, not Q x D
         pairs = [(q, docs[(i + j) % len(docs)]) for i, q in enumerate(queries) for j in range(2)]
-        return reranker_logits(model, [q for q, _ in pairs], [d for _, d in pairs], batch_size=16)
+        return model.logits([q for q, _ in pairs], [d for _, d in pairs], batch_size=16)
     return np.concatenate([model.encode(queries, is_query=True), model.encode(docs)]).astype(np.float64)
 
 
