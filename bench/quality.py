@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from embedtune.io import read_jsonl, write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
     "stsb": {"kind": "sts", "folder": "stsb", "losses": ["cosine_similarity", "infonce"]},
@@ -49,15 +51,6 @@ def embedtune(*args: str) -> dict:
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout[proc.stdout.index("{") :])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def prepare(task: dict, data_dir: Path, work: Path, hard_negatives: int) -> dict[str, Path]:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from embedtune.io import read_jsonl, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,7 +37,7 @@ def load_stsb(data_dir: Path) -> list[dict]:
         sys.exit(
             f"bench/train_throughput.py: {path} not found; pass --data-dir pointing at the shared data folder"
         )
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def ours(model: str, rows: list[dict], loss: str, steps: int, work: Path) -> tuple[float, float]:
@@ -44,8 +45,7 @@ def ours(model: str, rows: list[dict], loss: str, steps: int, work: Path) -> tup
     from embedtune.config import TrainConfig
     from embedtune.steps import train
 
-    data = work / f"{loss}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(work / f"{loss}.jsonl", rows)
     out = work / f"ours-{loss}-{time.monotonic_ns()}"
     cfg = TrainConfig(
         model=model,

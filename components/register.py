@@ -3,10 +3,19 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
+from components.describe import documented
+from embedtune.config import RegisterConfig, field_help
 from images.refs import STEP_IMAGES
 
 
 @dsl.component(base_image=STEP_IMAGES["register"], install_kfp_package=False)
+@documented(
+    field_help(RegisterConfig),
+    model="Model folder to register (merged or full).",
+    metrics="Metrics JSON from evaluate.",
+    dataset_stats="Stats JSON from convert; its fingerprint becomes a lineage tag.",
+    registration="The registered version and whether it was promoted (1) or not (0).",
+)
 def register(
     model: Input[Model],
     metrics: Input[Metrics],
@@ -23,37 +32,16 @@ def register(
 
     MLflow credentials come from the environment (the pipeline maps a Kubernetes secret onto
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN).
-
-    Args:
-        model: Model folder to register (merged or full).
-        metrics: Metrics JSON from evaluate.
-        dataset_stats: Stats JSON from convert; its fingerprint becomes a lineage tag.
-        registration: The registered version and whether it was promoted (1) or not (0).
-        name: Registered model name in MLflow.
-        tracking_uri: MLflow tracking URI; empty uses env MLFLOW_TRACKING_URI.
-        run_id: Pipeline run id, for lineage and idempotency (a retried task creates no second version).
-        experiment_name: MLflow experiment of the registration run.
-        min_improvement: Promote to champion only when the primary metric beats the champion's by more.
-        image: Container image the steps ran in (lineage tag).
     """
-    from embedtune.config import RegisterConfig
+    inputs = dict(locals())
+    from embedtune.config import RegisterConfig, config_from
+    from embedtune.report import scalars
     from embedtune.steps.register import run
 
-    result = run(
-        RegisterConfig(
-            model=model.path,
-            metrics=metrics.path,
-            dataset_stats=dataset_stats.path,
-            name=name,
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-            experiment_name=experiment_name,
-            min_improvement=min_improvement,
-            image=image,
-        )
-    )
-    for key, value in result.items():
-        if isinstance(value, (int, float)):  # bools too: promoted -> 1.0 / 0.0
-            registration.log_metric(key, float(value))
+    result = run(config_from(RegisterConfig, inputs))
+    for key, value in scalars(result).items():
+        registration.log_metric(key, value)
+    for key in ("promoted", "created"):  # booleans, as 1 / 0
+        registration.log_metric(key, float(result[key]))
     registration.log_metric("version", float(result["version"]))
     return str(result["model_uri"])

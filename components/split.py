@@ -3,10 +3,19 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
+from components.describe import documented
+from embedtune.config import SplitConfig, field_help
 from images.refs import STEP_IMAGES
 
 
 @dsl.component(base_image=STEP_IMAGES["split"], install_kfp_package=False)
+@documented(
+    field_help(SplitConfig),
+    dataset="Canonical JSONL rows from convert.",
+    train_data="Train rows.",
+    eval_data="Eval rows.",
+    metrics="Row and query counts of each side.",
+)
 def split(
     dataset: Input[Dataset],
     train_data: Output[Dataset],
@@ -15,28 +24,12 @@ def split(
     split_dataset_ratio: float,
     seed: int,
 ):
-    """Split rows into train and eval so that no query text is in both.
-
-    Args:
-        dataset: Canonical JSONL rows from convert.
-        train_data: Train rows.
-        eval_data: Eval rows.
-        metrics: Row and query counts of each side.
-        split_dataset_ratio: Fraction of distinct queries that go to eval, in (0, 1).
-        seed: Seed of the query shuffle; same seed and data give the same split.
-    """
-    from embedtune.config import SplitConfig
+    """Split rows into train and eval so that no query text is in both."""
+    inputs = dict(locals())
+    from embedtune.config import SplitConfig, config_from
+    from embedtune.report import scalars
     from embedtune.steps.split import run
 
-    result = run(
-        SplitConfig(
-            dataset=dataset.path,
-            train_data=train_data.path,
-            eval_data=eval_data.path,
-            split_dataset_ratio=split_dataset_ratio,
-            seed=seed,
-        )
-    )
-    for key, value in result.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
+    result = run(config_from(SplitConfig, inputs))
+    for key, value in scalars(result).items():
+        metrics.log_metric(key, value)

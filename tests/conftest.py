@@ -38,20 +38,14 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite store, proxied artifacts) on a free 127.0.0.1 port; yields its URI."""
     import subprocess
     import time
     import urllib.request
+
+    from embedtune.launch import free_port
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()

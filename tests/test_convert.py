@@ -15,22 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedtune import readers
 from embedtune.config import ConvertConfig
 from embedtune.data import canonical, check_row, read_rows
 from embedtune.errors import DataError, EmbedtuneError
+from embedtune.io import read_jsonl as rows_of
+from embedtune.io import write_jsonl
 from embedtune.steps import convert
 from embedtune.steps.convert import SHAPES, LengthHistogram, run
 
 EMBEDTUNE = Path(sys.executable).parent / "embedtune"
-
-
-def rows_of(path) -> list[dict]:
-    return [orjson.loads(line) for line in Path(path).read_bytes().splitlines()]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    return path
 
 
 def outputs_in(folder: Path) -> list[str]:
@@ -301,8 +295,8 @@ def test_convert_json_list_reports_line_of_bad_item(tmp_path):
 
 
 def test_convert_json_list_streams_across_buffer_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(convert, "BATCH_BYTES", 64)  # forces objects to straddle reads
-    monkeypatch.setattr(convert, "BATCH_ROWS", 3)
+    monkeypatch.setattr(readers, "BATCH_BYTES", 64)  # forces objects to straddle reads
+    monkeypatch.setattr(readers, "BATCH_ROWS", 3)
     rows = [{"query": f"query {i} " + "x" * (i * 7), "response": f"doc {i}\n"} for i in range(40)]
     (tmp_path / "rows.json").write_text(json.dumps(rows, indent=1))
     run(ConvertConfig(source=str(tmp_path / "rows.json"), output=str(tmp_path / "o.jsonl")))
@@ -391,21 +385,21 @@ def test_length_histogram_is_exact_below_4096_and_within_1_percent_above():
 
 def test_convert_distinct_query_count_stays_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "DISTINCT_CAP", 256)
-    monkeypatch.setattr(convert, "BATCH_BYTES", 4096)
+    monkeypatch.setattr(readers, "BATCH_BYTES", 4096)
     monkeypatch.setattr(convert, "FOLD_ROWS", 100)
     n = 5000
     src = write_jsonl(
         tmp_path / "q.jsonl", ({"query": f"query number {i}", "response": "r"} for i in range(n))
     )
     seen = []
-    original = convert._Converter._flush
+    original = convert.Converter.flush
 
     def spy(self, final=False):
         original(self, final)
         if final or len(self.nnegs) == 0:  # just folded
             seen.append(len(self.queries))
 
-    monkeypatch.setattr(convert._Converter, "_flush", spy)
+    monkeypatch.setattr(convert.Converter, "flush", spy)
     result = run(ConvertConfig(source=str(src), output=str(tmp_path / "o.jsonl")))
     assert max(seen) <= 256
     assert not result["distinct_queries_exact"]
@@ -416,10 +410,10 @@ def test_convert_reads_a_hugging_face_dataset_folder_through_datasets(tmp_path):
     pytest.importorskip("datasets")
     (tmp_path / "ds").mkdir()
     write_jsonl(tmp_path / "ds" / "train.jsonl", [{"query": "q", "positive": ["p"], "negative": ["n"]}])
-    batches = list(convert._hf_batches(str(tmp_path / "ds"), "train"))  # the real streaming code path
+    batches = list(readers.hf_batches(str(tmp_path / "ds"), "train"))  # the real streaming code path
     assert [list(n) for n, _ in batches] == [[1]] and batches[0][1][0]["positive"] == ["p"]
     with pytest.raises(EmbedtuneError, match="loading it as a Hugging Face dataset"):
-        list(convert._hf_batches(str(tmp_path / "ds"), "no_such_split"))
+        list(readers.hf_batches(str(tmp_path / "ds"), "no_such_split"))
 
 
 def test_read_rows_validates_for_train(fixtures_dir, tmp_path):

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from test_metrics import loop_reference
 
-from embedtune import cli
+from embedtune import cli, scoring
 from embedtune.config import EvaluateConfig
 from embedtune.errors import DataError, EmbedtuneError
+from embedtune.evaldata import EvalData, read_eval_data
+from embedtune.io import read_jsonl
 from embedtune.metrics import STS_METRICS, margin_metrics, ranking_metrics, sts_metrics
 from embedtune.modeling import Embedder, Reranker
+from embedtune.scoring import retrieval_plot, row_dots
 from embedtune.steps import evaluate
 
 
@@ -21,10 +24,6 @@ def tiny_reranker(tiny_qwen3_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-reranker")
     Reranker.from_pretrained(tiny_qwen3_path).save_pretrained(out, meta={"base_model": str(tiny_qwen3_path)})
     return out
-
-
-def read_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_sts_with_baseline_reports_deltas_equal_to_tuned_minus_base(
@@ -47,7 +46,7 @@ def test_sts_with_baseline_reports_deltas_equal_to_tuned_minus_base(
     # a real sentence model beats a random tiny one on real sentence pairs
     assert result["metrics"]["spearman_cosine"] > result["baseline_metrics"]["spearman_cosine"]
 
-    rows = read_rows(fixtures_dir / "eval" / "sts.jsonl")
+    rows = read_jsonl(fixtures_dir / "eval" / "sts.jsonl")
     model = Embedder.from_pretrained(minilm_path)
     want = sts_metrics(
         model.encode([r["query"] for r in rows], is_query=True),
@@ -84,7 +83,7 @@ def test_ranking_groups_candidates_by_query_and_matches_independent_computation(
 
     # independent: per query, positives = its responses, negatives = distinct other rejected texts
     groups: dict[str, tuple[list, list]] = {}
-    for r in read_rows(path):
+    for r in read_jsonl(path):
         pos, neg = groups.setdefault(r["query"], ([], []))
         pos.append(r["response"])
         neg += [t for t in r.get("rejected_response", []) if t not in neg]
@@ -128,7 +127,7 @@ def test_reranker_ranking_metrics_come_from_its_scores(
     reranker = Reranker.from_pretrained(tiny_reranker)
     scores, relevant, group = [], [], []
     groups: dict[str, tuple[list, list]] = {}
-    for r in read_rows(path):
+    for r in read_jsonl(path):
         pos, neg = groups.setdefault(r["query"], ([], []))
         pos.append(r["response"])
         neg += [t for t in r.get("rejected_response", []) if t not in neg and t not in pos]
@@ -156,7 +155,7 @@ def test_bad_row_names_file_and_line_and_cli_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "response": "a", "label": 0.5}\n{"query": "q2", "label": 0.1}\n')
     with pytest.raises(DataError, match=rf"{bad}:2: response: missing"):
-        evaluate.read_eval_data(str(bad))
+        read_eval_data(str(bad))
     code = cli.main(
         ["evaluate", "--model", "x", "--eval-data", str(bad), "--output", str(tmp_path / "o.json")]
     )
@@ -170,14 +169,14 @@ def test_sts_rows_missing_a_label_name_the_line(tmp_path):
     f = tmp_path / "mixed.jsonl"
     f.write_text('{"query": "a", "response": "b", "label": 0.5}\n{"query": "c", "response": "d"}\n')
     with pytest.raises(DataError, match=rf"{f}:2: label: missing .* drop every label to evaluate the pairs"):
-        evaluate.read_eval_data(str(f))
+        read_eval_data(str(f))
 
 
 def test_pairs_without_labels_or_negatives_rank_each_query_against_all_responses(tmp_path):
     f = tmp_path / "pairs.jsonl"
     rows = [("q1", "a"), ("q1", "b"), ("q2", "c"), ("q3", "a"), ("q1", "a")]
     f.write_text("".join(json.dumps({"query": q, "response": r}) + "\n" for q, r in rows))
-    data = evaluate.read_eval_data(str(f))
+    data = read_eval_data(str(f))
     assert data.shape == "retrieval" and data.docs == ["a", "b", "c"] and data.queries == ["q1", "q2", "q3"]
     # relevant pairs: q1-a, q1-b (the repeated row counts once), q2-c, q3-a (a response shared by queries)
     assert sorted(zip(data.qi.tolist(), data.di.tolist(), strict=True)) == [(0, 0), (0, 1), (1, 2), (2, 0)]
@@ -189,7 +188,7 @@ def test_retrieval_query_paired_with_every_response_is_skipped_and_counted(tmp_p
     f.write_text(
         '{"query": "q1", "response": "a"}\n{"query": "q1", "response": "b"}\n{"query": "q2", "response": "b"}\n'
     )
-    data = evaluate.read_eval_data(str(f))
+    data = read_eval_data(str(f))
     assert data.queries == ["q2"] and data.n_queries_skipped == 1 and data.n_pairs == 2
 
 
@@ -197,7 +196,7 @@ def test_retrieval_with_a_single_response_is_refused(tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text('{"query": "a", "response": "b"}\n{"query": "c", "response": "b"}\n')
     with pytest.raises(DataError, match="retrieval needs at least 2 distinct responses"):
-        evaluate.read_eval_data(str(f))
+        read_eval_data(str(f))
 
 
 def test_some_rows_with_negatives_make_the_whole_file_ranking(tmp_path):
@@ -205,7 +204,7 @@ def test_some_rows_with_negatives_make_the_whole_file_ranking(tmp_path):
     f.write_text(
         '{"query": "q1", "response": "a", "rejected_response": ["x"]}\n{"query": "q2", "response": "b"}\n'
     )
-    data = evaluate.read_eval_data(str(f))
+    data = read_eval_data(str(f))
     assert data.shape == "ranking" and data.queries == ["q1"] and data.n_queries_skipped == 1
 
 
@@ -223,7 +222,7 @@ def test_retrieval_on_related_pairs_ranks_far_above_chance_and_matches_the_full_
     )
     assert result == json.loads((tmp_path / "r.json").read_text())
     assert result["data_shape"] == "retrieval" and result["primary_metric"] == "ndcg_at_10"
-    rows = read_rows(path)
+    rows = read_jsonl(path)
     queries = list(dict.fromkeys(r["query"] for r in rows))
     docs = list(dict.fromkeys(r["response"] for r in rows))
     assert (result["n_rows"], result["n_queries"], result["n_docs"]) == (len(rows), len(queries), len(docs))
@@ -268,7 +267,7 @@ def test_pair_scores_are_gathered_without_a_full_matrix():
     rng = np.random.default_rng(0)
     q, d = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
     qi, di = rng.integers(0, 5, 100), rng.integers(0, 7, 100)
-    assert evaluate._row_dots(q, d, qi, di) == pytest.approx((q @ d.T)[qi, di])
+    assert row_dots(q, d, qi, di) == pytest.approx((q @ d.T)[qi, di])
 
 
 def test_baseline_that_is_the_base_model_is_measured_with_the_training_settings(
@@ -304,12 +303,12 @@ def test_retrieval_plot_shows_every_negative_of_a_small_corpus_and_a_bounded_sam
 ):
     rng = np.random.default_rng(1)
     q, d = rng.normal(size=(30, 4)), rng.normal(size=(40, 4))
-    data = evaluate.EvalData(
+    data = EvalData(
         "retrieval", 30, ["q"] * 30, ["d"] * 40, np.arange(30), np.arange(30), relevant=np.ones(30, bool)
     )
-    plot = evaluate._retrieval_plot(q, d, data)
+    plot = retrieval_plot(q, d, data)
     assert plot["relevant"].sum() == 30 and (~plot["relevant"]).sum() == 30 * 40 - 30
     assert sorted(plot["scores"]) == pytest.approx(sorted((q @ d.T).ravel()))
-    monkeypatch.setattr(evaluate, "PLOT_NEGATIVES", 100)
-    plot = evaluate._retrieval_plot(q, d, data)
+    monkeypatch.setattr(scoring, "PLOT_NEGATIVES", 100)
+    plot = retrieval_plot(q, d, data)
     assert plot["negatives"] == "sampled" and 0 < (~plot["relevant"]).sum() <= 100

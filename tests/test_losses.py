@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import socket
 
 import pytest
 import torch
@@ -16,12 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from embedtune.data import EMBEDDING_LOSSES, LOSS_TYPES, RERANKER_LOSSES, check_loss_data
 from embedtune.errors import DataError
+from embedtune.launch import free_port
 from embedtune.losses import (
-    EMBEDDING_LOSSES,
     LOSSES,
-    RERANKER_LOSSES,
-    check_loss_data,
     contrastive_loss,
     cosine_similarity_loss,
     infonce_loss,
@@ -67,7 +65,7 @@ NEGS = [[1.0], [2.5, 0.9], []]
 
 
 def test_registry_names_every_loss_once():
-    assert set(LOSSES) == EMBEDDING_LOSSES | RERANKER_LOSSES
+    assert set(LOSSES) == EMBEDDING_LOSSES | RERANKER_LOSSES == set(LOSS_TYPES)  # one function per data rule
     assert not EMBEDDING_LOSSES & RERANKER_LOSSES
 
 
@@ -437,12 +435,6 @@ def _two_rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_infonce_two_ranks_match_one_rank_gradients(tmp_path):

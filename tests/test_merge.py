@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from embedtune import cli
 from embedtune.config import MergeConfig
 from embedtune.errors import EmbedtuneError
-from embedtune.modeling import Embedder, Reranker, read_meta
+from embedtune.modeling import Embedder, Reranker, add_lora, read_meta
 from embedtune.steps import merge
 
 TEXTS = ["how do cats purr", "the river runs to the sea", "a dog is playing in the park"]
@@ -32,10 +31,8 @@ def randomize_lora_b(peft_model, seed: int = 1) -> None:
 def embedder_adapter(tiny_qwen3_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-embedder")
     model = Embedder.from_pretrained(tiny_qwen3_path, query_instruction="Query: ")
-    model.backbone = get_peft_model(
-        model.backbone, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    )
-    randomize_lora_b(model.backbone)
+    add_lora(model, rank=4, alpha=8, dropout=0.0, target="all-linear")
+    randomize_lora_b(model.inner)
     meta = {"base_model": str(tiny_qwen3_path), "train_type": "lora", "train_config": TRAIN_CONFIG}
     model.save_pretrained(out, meta=meta)
     return out
@@ -45,9 +42,8 @@ def embedder_adapter(tiny_qwen3_path, tmp_path_factory):
 def reranker_adapter(tiny_qwen3_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-reranker")
     model = Reranker.from_pretrained(tiny_qwen3_path)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    model.lm = get_peft_model(model.lm, config)
-    randomize_lora_b(model.lm, seed=2)
+    add_lora(model, rank=4, alpha=8, dropout=0.0, target="all-linear")
+    randomize_lora_b(model.inner, seed=2)
     model.save_pretrained(out, meta={"base_model": str(tiny_qwen3_path), "train_type": "lora"})
     return out
 
@@ -84,7 +80,7 @@ def test_merged_embedder_equals_adapter_and_loads_in_sentence_transformers(embed
 def test_merge_that_drops_the_lora_delta_fails_and_writes_nothing(embedder_adapter, tmp_path, monkeypatch):
     # the bug users report: a "merged" model that is just the base model (unload() discards the deltas)
     def unload_without_merging(model):
-        model.backbone = model.backbone.unload()
+        model.set_inner(model.inner.unload())
 
     monkeypatch.setattr(merge, "merge_lora", unload_without_merging)
     with pytest.raises(EmbedtuneError, match="behaves like the base model") as err:
@@ -115,9 +111,7 @@ def test_tampered_saved_weights_fail_the_reload_check_and_write_nothing(
 
 
 def test_cli_reports_a_failed_check_in_one_line(embedder_adapter, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(
-        merge, "merge_lora", lambda model: setattr(model, "backbone", model.backbone.unload())
-    )
+    monkeypatch.setattr(merge, "merge_lora", lambda model: model.set_inner(model.inner.unload()))
     code = cli.main(["merge", "--adapter", str(embedder_adapter), "--output", str(tmp_path / "m")])
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (loading progress bars come before it)
     assert code == 2 and last.startswith("embedtune merge: error: merge check failed after merging: max")

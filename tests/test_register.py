@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +18,8 @@ from mlflow import MlflowClient
 from embedtune.config import RegisterConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.io import write_json
+from embedtune.launch import free_port
+from embedtune.modeling import Embedder, Reranker
 from embedtune.steps import register
 
 QUERY_INSTRUCTION = "query: "
@@ -26,23 +27,19 @@ QUERY_INSTRUCTION = "query: "
 
 @pytest.fixture(scope="module")
 def embedder_dir(tmp_path_factory, minilm_path) -> Path:
-    """MiniLM as a trained folder would look: sentence-transformers files + embedtune.json with a train_config."""
+    """MiniLM as train writes a folder: the library's own save (sentence-transformers files + embedtune.json)."""
     out = tmp_path_factory.mktemp("register") / "minilm"
-    shutil.copytree(minilm_path, out)
-    write_json(
-        out / "embedtune.json",
-        {
-            "task_type": "embedding",
+    model = Embedder.from_pretrained(minilm_path, query_instruction=QUERY_INSTRUCTION, max_length=128)
+    train_config = {"model": "sentence-transformers/all-MiniLM-L6-v2", "loss_type": "infonce",
+                    "learning_rate": 2e-5, "lora_rank": 16, "pooling": "auto", "infonce_temperature": 0.01}  # fmt: skip
+    model.save_pretrained(
+        out,
+        meta={
             "base_model": "sentence-transformers/all-MiniLM-L6-v2",
             "train_type": "full",
-            "pooling": "mean",
-            "query_instruction": QUERY_INSTRUCTION,
-            "max_length": 128,
-            "train_config": {"model": "sentence-transformers/all-MiniLM-L6-v2", "loss_type": "infonce",
-                             "learning_rate": 2e-5, "lora_rank": 16, "pooling": "auto", "infonce_temperature": 0.01},
-            "embedtune_version": "0.1.0",
+            "train_config": train_config,
         },
-    )  # fmt: skip
+    )
     return out
 
 
@@ -92,7 +89,7 @@ def test_register_creates_version_with_aliases_params_and_lineage(
 
     client = MlflowClient(mlflow_server)
     mv = client.get_model_version(name, "1")
-    assert "| **ndcg_at_10** (primary) | 0.8000 | 0.5000 | +0.3000 |" in mv.description
+    assert "| **ndcg_at_10** | 0.5000 | 0.8000 | +0.3000 |" in mv.description  # base, tuned, delta
     assert mv.tags["embedtune.pipeline_run_id"] == "pipe-1"
     run = client.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -191,9 +188,7 @@ def test_unreachable_server_fails_fast_naming_the_uri_and_registers_nothing(
 ):
     for key in register.HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)  # our bounded defaults, not whatever the caller's env says
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     name = new_name()
     t0 = time.monotonic()
     with pytest.raises(EmbedtuneError, match=rf"{dead}.*not reachable after 3 retries"):
@@ -261,17 +256,17 @@ def test_reranker_registers_as_pyfunc_scoring_query_document_pairs(mlflow_server
     import mlflow
     import pandas as pd
 
-    from embedtune.modeling import load_reranker
-
     model = tmp_path / "reranker"
-    shutil.copytree(tiny_qwen3_path, model)
+    Reranker.from_pretrained(tiny_qwen3_path, max_length=128).save_pretrained(
+        model,
+        meta={
+            "base_model": "tiny-qwen3",
+            "train_type": "full",
+            "train_config": {"loss_type": "pointwise_reranker"},
+        },
+    )
     (model / "checkpoint-5").mkdir()  # left out of the logged model
     (model / "checkpoint-5" / "optimizer.pt").write_bytes(b"x" * 10)
-    write_json(
-        model / "embedtune.json",
-        {"task_type": "reranker", "base_model": "tiny-qwen3", "train_type": "full", "max_length": 128,
-         "positive_token": "yes", "negative_token": "no", "train_config": {"loss_type": "pointwise_reranker"}},
-    )  # fmt: skip
     name = f"rr-{uuid.uuid4().hex[:8]}"
     out = register.run(cfg(mlflow_server, model, metrics_file(tmp_path, 0.6), name))
     assert out["promoted"]
@@ -281,7 +276,7 @@ def test_reranker_registers_as_pyfunc_scoring_query_document_pairs(mlflow_server
         {"query": ["cat", "cat", "music"], "document": ["the cat", "a dog", "art and music"]}
     )
     got = np.asarray(pyfunc.predict(pairs))
-    want = load_reranker(model).score_pairs(pairs["query"].tolist(), pairs["document"].tolist())
+    want = Reranker.from_pretrained(model).score_pairs(pairs["query"].tolist(), pairs["document"].tolist())
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got.shape == (3,) and ((got >= 0) & (got <= 1)).all()
     as_dicts = pyfunc.predict(pairs.to_dict("records"))

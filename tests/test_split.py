@@ -14,6 +14,7 @@ import pytest
 
 from embedtune.config import SplitConfig
 from embedtune.errors import DataError, EmbedtuneError
+from embedtune.io import write_jsonl
 from embedtune.steps.split import run
 
 EMBEDTUNE = Path(sys.executable).parent / "embedtune"
@@ -27,11 +28,6 @@ def make_rows(n_queries: int, seed: int = 0) -> list[dict]:
         for q in range(n_queries)
         for i in range(rng.randint(1, 4))
     ]
-
-
-def write_rows(path: Path, rows) -> Path:
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    return path
 
 
 def split(tmp_path: Path, src: Path, **kw) -> tuple[dict, list[bytes], list[bytes]]:
@@ -54,7 +50,7 @@ def queries(lines: list[bytes]) -> set[str]:
 
 
 def test_split_keeps_queries_disjoint(tmp_path):
-    src = write_rows(tmp_path / "rows.jsonl", make_rows(200))
+    src = write_jsonl(tmp_path / "rows.jsonl", make_rows(200))
     result, train, evals = split(tmp_path, src, split_dataset_ratio=0.1)
     assert queries(train) and queries(evals)
     assert not queries(train) & queries(evals)
@@ -67,14 +63,14 @@ def test_split_keeps_queries_disjoint(tmp_path):
 
 
 def test_split_ratio_applies_to_distinct_queries(tmp_path):
-    src = write_rows(tmp_path / "rows.jsonl", make_rows(200))
+    src = write_jsonl(tmp_path / "rows.jsonl", make_rows(200))
     result, _, evals = split(tmp_path, src, split_dataset_ratio=0.05)
     assert result["eval_queries"] == len(queries(evals)) == 10
     assert result["train_queries"] == 190
 
 
 def test_split_is_deterministic_for_a_seed(tmp_path):
-    src = write_rows(tmp_path / "rows.jsonl", make_rows(100))
+    src = write_jsonl(tmp_path / "rows.jsonl", make_rows(100))
     _, train1, eval1 = split(tmp_path, src, seed=7, split_dataset_ratio=0.2)
     _, train2, eval2 = split(tmp_path, src, seed=7, split_dataset_ratio=0.2)
     assert (train1, eval1) == (train2, eval2)
@@ -84,14 +80,14 @@ def test_split_is_deterministic_for_a_seed(tmp_path):
 
 def test_split_does_not_depend_on_row_order(tmp_path):
     rows = make_rows(100)
-    _, _, eval1 = split(tmp_path, write_rows(tmp_path / "a.jsonl", rows), seed=3, split_dataset_ratio=0.2)
+    _, _, eval1 = split(tmp_path, write_jsonl(tmp_path / "a.jsonl", rows), seed=3, split_dataset_ratio=0.2)
     random.Random(1).shuffle(rows)
-    _, _, eval2 = split(tmp_path, write_rows(tmp_path / "b.jsonl", rows), seed=3, split_dataset_ratio=0.2)
+    _, _, eval2 = split(tmp_path, write_jsonl(tmp_path / "b.jsonl", rows), seed=3, split_dataset_ratio=0.2)
     assert queries(eval1) == queries(eval2)
 
 
 def test_split_refuses_empty_eval(tmp_path):
-    src = write_rows(tmp_path / "rows.jsonl", make_rows(10))
+    src = write_jsonl(tmp_path / "rows.jsonl", make_rows(10))
     with pytest.raises(
         EmbedtuneError, match=r"eval would be empty: split_dataset_ratio 0.01 of 10 distinct queries"
     ):
@@ -104,7 +100,7 @@ def test_split_refuses_empty_eval(tmp_path):
 
 
 def test_split_refuses_empty_train_and_bad_ratios(tmp_path):
-    src = write_rows(tmp_path / "rows.jsonl", make_rows(3))
+    src = write_jsonl(tmp_path / "rows.jsonl", make_rows(3))
     with pytest.raises(EmbedtuneError, match="train would be empty"):
         split(tmp_path, src, split_dataset_ratio=0.9)
     for ratio in (0.0, 1.0, -0.1, 1.5, float("nan")):
@@ -123,7 +119,7 @@ def test_split_reports_line_of_bad_row(tmp_path):
 
 
 def test_cli_split_round_trip(tmp_path):
-    src = write_rows(tmp_path / "rows.jsonl", make_rows(40))
+    src = write_jsonl(tmp_path / "rows.jsonl", make_rows(40))
     args = [
         EMBEDTUNE,
         "split",

@@ -11,10 +11,12 @@ import json
 import numpy as np
 import pytest
 
+from embedtune.batching import Collator, LengthGroupedSampler, text_key, tokenize_rows
 from embedtune.config import EvaluateConfig, TrainConfig
 from embedtune.errors import DataError, EmbedtuneError
-from embedtune.modeling import Embedder, load_reranker, read_meta
+from embedtune.modeling import Embedder, Reranker, read_meta
 from embedtune.steps import evaluate, train
+from embedtune.trainer import StepLog
 
 TEXTS = ["what is a cat", "the moon goes around the earth", "a dog is a good friend of man"]
 SHORT_INSTRUCTION = "rank"  # keeps the tiny tokenizer's reranker prompt under max_length
@@ -88,7 +90,7 @@ def test_reranker_eval_metrics_are_off_for_rows_without_negatives(fixtures_dir, 
 
 def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_length_batches():
     lengths = [int(x) for x in np.random.default_rng(0).integers(1, 100, size=203)]
-    sampler = train.LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=5)
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=5)
     order = list(sampler)
     assert sorted(order) == list(range(203)) and list(sampler) == order
     sampler.set_epoch(1)
@@ -102,14 +104,14 @@ def test_duplicate_texts_never_share_an_infonce_batch_even_when_length_grouping_
     rng = np.random.default_rng(0)
     texts = [f"text {i}" for i in range(60)]
     rows = [(texts[i], texts[(i * 7 + 1) % 60]) for i in rng.integers(0, 60, size=300)]  # many repeats
-    keys = [tuple(train.text_key(np.frombuffer(t.encode(), dtype=np.uint8)) for t in r) for r in rows]
+    keys = [tuple(text_key(np.frombuffer(t.encode(), dtype=np.uint8)) for t in r) for r in rows]
     lengths = [len(q) for q, _ in rows]  # equal texts, equal lengths: sorted next to each other
-    order = list(train.LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4, keys=keys))
+    order = list(LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4, keys=keys))
     assert sorted(order) == list(range(300))
     full = [order[i : i + 8] for i in range(0, len(order) - len(order) % 8, 8)]
     clean = [b for b in full if len({k for i in b for k in keys[i]}) == sum(len(keys[i]) for i in b)]
     assert len(clean) >= len(full) - 2  # only the leftovers at the very end may clash
-    plain = list(train.LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4))
+    plain = list(LengthGroupedSampler(lengths, batch_size=8, seed=3, mega=4))
     plain_full = [plain[i : i + 8] for i in range(0, 296, 8)]
     assert sum(len({k for i in b for k in keys[i]}) < 16 for b in plain_full) > 10  # the bug it prevents
 
@@ -117,7 +119,7 @@ def test_duplicate_texts_never_share_an_infonce_batch_even_when_length_grouping_
 def test_group_by_length_off_gives_random_duplicate_free_batches_with_the_same_seeded_order():
     lengths = [int(x) for x in np.random.default_rng(0).integers(1, 100, size=203)]
     keys = [(i % 150,) for i in range(203)]  # rows i and i + 150 share a text
-    sampler = train.LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=5, keys=keys, group=False)
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=5, keys=keys, group=False)
     order = list(sampler)
     assert sorted(order) == list(range(203)) and list(sampler) == order
     batches = [order[i : i + 8] for i in range(0, 200, 8)]
@@ -126,10 +128,7 @@ def test_group_by_length_off_gives_random_duplicate_free_batches_with_the_same_s
     assert all(len({keys[i] for i in b}) == len(b) for b in batches[:-1])
 
 
-def test_collator_keys_mark_same_query_rows_and_texts_equal_after_truncation(minilm_path, tmp_path):
-    from embedtune.modeling import Embedder
-
-    cfg = tiny_cfg(minilm_path, "unused", tmp_path, max_length=8, infonce_hard_negatives=2)
+def test_collator_keys_mark_same_query_rows_and_texts_equal_after_truncation(minilm_path):
     model = Embedder.from_pretrained(str(minilm_path), max_length=8)
     long_a = "one two three four five six seven eight nine"
     long_b = "one two three four five six seven eight ten"  # same first 8 tokens: the same text to the model
@@ -138,10 +137,10 @@ def test_collator_keys_mark_same_query_rows_and_texts_equal_after_truncation(min
         {"query": "q one", "response": long_a, "rejected_response": ["n one", "n two", "n three"]},
         {"query": "q two", "response": long_b},
     ]
-    feats = train.tokenize_rows(model, rows, cfg)
+    feats = tokenize_rows(model, rows)
     assert feats[1]["text_keys"][1] == feats[2]["text_keys"][1]  # equal after truncation
     assert feats[0]["text_keys"][0] == feats[1]["text_keys"][0] != feats[2]["text_keys"][0]
-    batch = train.Collator("infonce", model.tokenizer.pad_token_id, hard_negatives=2, seed=1)(feats)
+    batch = Collator("infonce", model.tokenizer.pad_token_id, hard_negatives=2, seed=1)(feats)
     k = int(batch["neg_mask"].sum())  # row 0: 1 + 1 resampled, row 1: first 2, row 2: none
     assert k == 4 and batch["input_ids"].shape[0] == 3 + 3 + k
     assert batch["doc_keys"][:3, 1].tolist() == [f["text_keys"][0] for f in feats]  # the rows' query keys
@@ -211,7 +210,7 @@ def test_listwise_reranker_skips_small_groups_and_saves_a_scoring_folder(
     result = train.run(cfg)
     assert result["skipped_groups"] == 1 and result["train_rows"] == 11
     assert result["eval_loss"] < result["eval_loss_history"][0][1]  # step-0 baseline
-    scores = load_reranker(out).score("what is a cat", ["the cat is a small animal", "the moon"])
+    scores = Reranker.from_pretrained(out).score("what is a cat", ["the cat is a small animal", "the moon"])
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
 
 
@@ -231,7 +230,7 @@ def test_resume_after_preemption_finishes_at_the_same_step_as_an_uninterrupted_r
     out = tmp_path / "out"
     cfg = tiny_cfg(tiny_qwen3_path, data, out, save_steps=2)
     with monkeypatch.context() as m:
-        m.setattr(train.StepLog, "on_save", die_after_first_checkpoint, raising=False)
+        m.setattr(StepLog, "on_save", die_after_first_checkpoint, raising=False)
         with pytest.raises(Preempted):
             train.run(cfg)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
@@ -272,7 +271,7 @@ def test_restarted_pod_with_a_fresh_output_dir_resumes_from_the_persistent_check
         tiny_qwen3_path, data, tmp_path / "pod-1" / "out", save_steps=2, checkpoint_dir=str(ckpt)
     )
     with monkeypatch.context() as m:
-        m.setattr(train.StepLog, "on_save", die_after_first_checkpoint, raising=False)
+        m.setattr(StepLog, "on_save", die_after_first_checkpoint, raising=False)
         with pytest.raises(Preempted):
             train.run(first_pod)
     assert (ckpt / "checkpoint-2" / "trainer_state.json").is_file()
@@ -372,6 +371,8 @@ def test_zero3_two_ranks_pointwise_reranker_saves_a_scoring_folder(tiny_qwen3_pa
     assert result["eval_loss"] < result["eval_loss_history"][0][1]
     assert_eval_metrics_equal_evaluate(result, out, data, tmp_path, "ranking")
     docs = ["the cat is a small animal that can purr", "the moon goes around the earth"]
-    trained = load_reranker(out).score("what is a cat", docs)
-    base = load_reranker(tiny_qwen3_path, instruction=SHORT_INSTRUCTION).score("what is a cat", docs)
+    trained = Reranker.from_pretrained(out).score("what is a cat", docs)
+    base = Reranker.from_pretrained(tiny_qwen3_path, instruction=SHORT_INSTRUCTION).score(
+        "what is a cat", docs
+    )
     assert all(0 < s < 1 for s in trained) and np.abs(np.subtract(trained, base)).max() > 1e-4

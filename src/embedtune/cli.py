@@ -1,9 +1,13 @@
 """`embedtune <step> --flags`: a CLI generated from the step config dataclasses.
 
 Each field of `<Step>Config` becomes a flag in both spellings (`--lora-rank` and `--lora_rank`, so ms-swift
-users can paste their flags); its help text is the trailing comment on the field in `config.py`. Booleans
-take an optional value (`--infonce-use-batch`, `--infonce-use-batch false`). The step's `run(cfg)` result is
-printed as JSON on stdout. A user error (`EmbedtuneError`) prints one line and exits with status 2.
+users can paste their flags); its help text is the trailing comment on the field in `config.py`
+(`config.field_help`). Booleans take an optional value (`--infonce-use-batch`, `--infonce-use-batch false`).
+The step's `run(cfg)` result is printed as JSON on stdout. A user error (`EmbedtuneError`) prints one line
+and exits with status 2.
+
+Submitting and scheduling the Kubeflow pipeline are not steps: they live with the pipeline in the repository
+(`make submit`, `python -m pipelines.client`), since the library never imports kfp or `pipelines`.
 """
 
 from __future__ import annotations
@@ -12,39 +16,23 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
-import inspect
-import re
 import sys
 import types
 import typing
-from pathlib import Path
 
 import orjson
 
 from embedtune import __version__
-from embedtune.config import STEP_CONFIGS
+from embedtune.config import STEP_CONFIGS, field_help, parse_bool
 from embedtune.errors import EmbedtuneError
-
-_FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=#]+(?:=.*?)?\s+#\s?(.*)$")
-
-
-def field_help(cls) -> dict[str, str]:
-    """Map field name -> the trailing comment on its line in the class source (the single help text)."""
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = _FIELD_LINE.match(line)
-        if m:
-            helps[m.group(1)] = m.group(2).strip()
-    return helps
+from embedtune.progress import error_line
 
 
-def parse_bool(raw: str) -> bool:
-    low = str(raw).strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {raw!r}")
+def _bool_flag(raw: str) -> bool:
+    try:
+        return parse_bool(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _base_type(annotation):
@@ -76,7 +64,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             if f.default is not None and f.default != "":
                 kwargs["help"] += f" (default: {f.default!r})"
         if kind is bool:
-            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+            kwargs.update(type=_bool_flag, nargs="?", const=True, metavar="BOOL")
         else:
             kwargs.update(type=kind, metavar=kind.__name__.upper())
         if optional:
@@ -87,7 +75,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedtune",
-        description="Fine-tune embedding models and rerankers: convert -> split -> train -> evaluate -> merge -> register.",
+        description="Fine-tune embedding models and rerankers: convert -> split -> train -> evaluate -> merge -> "
+        "register. The Kubeflow pipeline is submitted from the repository: make submit (pipelines/client.py).",
     )
     parser.add_argument("--version", action="version", version=f"embedtune {__version__}")
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
@@ -95,35 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         p = sub.add_parser(name, help=doc, description=doc)
         add_config_arguments(p, cls)
-    for name, doc in PIPELINE_COMMANDS.items():  # listed for --help; main() hands them to pipelines.client
-        sub.add_parser(name, help=doc, add_help=False)
     return parser
-
-
-# Kubeflow commands: they need kfp, which the library never imports, so they live in the repository's
-# pipelines/client.py (`python -m pipelines.client`); `embedtune submit|schedule` forwards there.
-PIPELINE_COMMANDS = {
-    "submit": "run a preset on a Kubeflow Pipelines server (see `embedtune submit --help`)",
-    "schedule": "schedule a preset's recurring retraining on a KFP server (see `embedtune schedule --help`)",
-}
-
-
-def pipeline_client():
-    """Import `pipelines.client` from the current directory or the checkout this package is installed from."""
-    try:
-        return importlib.import_module("pipelines.client")
-    except ModuleNotFoundError as e:
-        root = Path(__file__).resolve().parents[2]  # <repo>/src/embedtune/cli.py (editable install)
-        if (
-            e.name not in ("pipelines", "pipelines.client")
-            or not (root / "pipelines" / "client.py").is_file()
-        ):
-            raise EmbedtuneError(
-                f"needs the embedtune repository's pipelines/ and the [pipeline] extra ({e}); "
-                "run it from a checkout: python -m pipelines.client --help"
-            ) from None
-        sys.path.insert(0, str(root))
-        return importlib.import_module("pipelines.client")
 
 
 def config_from_args(name: str, args: argparse.Namespace):
@@ -133,13 +94,6 @@ def config_from_args(name: str, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PIPELINE_COMMANDS:
-        try:
-            client = pipeline_client()
-        except EmbedtuneError as e:
-            print(f"embedtune {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
-        return client.main(argv)
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args.step, args)
     try:
@@ -149,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             step = importlib.import_module(f"embedtune.steps.{args.step}")
             result = step.run(cfg)
     except EmbedtuneError as e:
-        print(f"embedtune {args.step}: error: {e}", file=sys.stderr)
+        print(error_line(args.step, str(e)), file=sys.stderr)
         return 2
     if result is not None:
         sys.stdout.write(

@@ -4,9 +4,10 @@ The same names flow end to end: preset YAML keys == pipeline parameters == compo
 fields == CLI flags (`lora_rank` -> `--lora-rank`, `--lora_rank` also accepted) == MLflow params. Where
 ms-swift or Hugging Face `TrainingArguments` already names a knob, we use that name.
 
-The trailing comment on each field is its help text: the CLI (`embedtune train --help`) reads it from this
-file, so keep it on the same line as the field. Stdlib only: this module is imported by the components at
-compile time on machines without torch.
+The trailing comment on each field is its help text (`field_help`): `embedtune train --help`, the Kubeflow
+components and the pipeline (the descriptions the Kubeflow UI shows) all read it from here, so keep it on
+the field's line (this file is left out of `ruff format`, which would wrap long ones). Stdlib only: this
+module is imported by the components at compile time on machines without torch.
 
 Knobs whose default can come from an environment variable (ms-swift compatibility: INFONCE_TEMPERATURE, ...)
 default to `None` here; `resolve_env_defaults` fills them (explicit values win) and the effective values are
@@ -15,8 +16,14 @@ logged and saved with the model.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 from dataclasses import dataclass
 
 # ms-swift's environment variables and the config field each one is a default for.
@@ -158,18 +165,28 @@ STEP_CONFIGS = {
 }
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(raw) -> bool:
+    """`true/false`, `1/0`, `yes/no`, `on/off` (any case) -> bool; anything else raises ValueError.
+
+    The one truth table for flags (`--infonce-use-batch false`), env vars and pipeline values.
+    """
+    low = str(raw).strip().lower()
+    if low in TRUE_WORDS:
+        return True
+    if low in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected true/false, got {raw!r}")
+
+
 def _parse_env(name: str, kind, raw: str):
-    if kind == "bool":
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"environment variable {name}={raw!r} is not a boolean")
     try:
-        return kind(raw)
+        return parse_bool(raw) if kind == "bool" else kind(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from None
+        what = "a boolean" if kind == "bool" else f"a valid {kind.__name__}"
+        raise ValueError(f"environment variable {name}={raw!r} is not {what}") from None
 
 
 def resolve_env_defaults(cfg, environ=None):
@@ -186,3 +203,41 @@ def resolve_env_defaults(cfg, environ=None):
         raw = environ.get(env)
         updates[field] = default if raw in (None, "") else _parse_env(env, kind, raw)
     return dataclasses.replace(cfg, **updates)
+
+
+@functools.cache
+def field_help(cls) -> dict[str, str]:
+    """Field name -> its help text: the comment that trails the field in the class source.
+
+    The one place every generated description comes from: `embedtune <step> --help`, the components'
+    and the pipeline's docstrings (the Kubeflow UI shows them per parameter). Read with `ast` + `tokenize`,
+    so a field whose value is wrapped over several lines keeps its comment.
+    """
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    helps = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, node.end_lineno + 1)
+            helps[node.target.id] = " ".join(comments[n] for n in lines if n in comments)
+    return helps
+
+
+def config_from(cls, values: dict, **overrides):
+    """`cls(...)` from a mapping that holds its fields among other keys (a component's `locals()`).
+
+    Keys that are not fields are ignored; a value with a `.path` (a KFP artifact) becomes that path; fields
+    missing from `values` keep their dataclass default. `overrides` win over `values`. This is how a
+    component builds its step's config without listing every field a second time.
+    """
+    merged = {**values, **overrides}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in merged:
+            value = merged[f.name]
+            kwargs[f.name] = getattr(value, "path", value)
+    return cls(**kwargs)

@@ -33,30 +33,56 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import iter_jsonl
 
 CANONICAL_FIELDS = ("query", "response", "rejected_response", "label")
+MAX_ERRORS = 20  # problems listed before a reader stops (every reader of canonical rows uses this cap)
 
-# loss_type -> (what a label must be, whether every row needs one). "range" bounds are inclusive.
-LABEL_RULES: dict[str, tuple[tuple, bool]] = {
-    "": (("finite",), False),
-    "infonce": (("finite",), False),
-    "cosine_similarity": (("range", -1.0, 1.0), True),
-    "contrastive": (("binary",), True),
-    "online_contrastive": (("binary",), True),
-    "pointwise_reranker": (("range", 0.0, 1.0), False),
-    "listwise_reranker": (("finite",), False),
+
+class LossRule(NamedTuple):
+    task_type: str  # what the loss trains: embedding | reranker ("" for data that names no loss)
+    label: tuple  # ("finite",) | ("binary",) | ("range", lo, hi) with inclusive bounds
+    label_required: bool  # every row needs a label (the loss regresses or classifies it)
+
+
+# The one table of loss names: which task each trains and what its labels must be. `losses.LOSSES` holds a
+# function for each key (a test ties the two), `train` checks task_type against it, convert and split read
+# labels by it.
+LOSS_RULES: dict[str, LossRule] = {
+    "": LossRule("", ("finite",), False),
+    "infonce": LossRule("embedding", ("finite",), False),
+    "cosine_similarity": LossRule("embedding", ("range", -1.0, 1.0), True),
+    "contrastive": LossRule("embedding", ("binary",), True),
+    "online_contrastive": LossRule("embedding", ("binary",), True),
+    "pointwise_reranker": LossRule("reranker", ("range", 0.0, 1.0), False),
+    "listwise_reranker": LossRule("reranker", ("finite",), False),
 }
-LOSS_TYPES = tuple(k for k in LABEL_RULES if k)
+LOSS_TYPES = tuple(k for k in LOSS_RULES if k)
+EMBEDDING_LOSSES = frozenset(k for k, r in LOSS_RULES.items() if r.task_type == "embedding")
+RERANKER_LOSSES = frozenset(k for k, r in LOSS_RULES.items() if r.task_type == "reranker")
+
+
+def label_rule_text(rule: tuple) -> str:
+    """What a label rule asks for, in words: `("range", -1.0, 1.0)` -> `a numeric label in [-1, 1]`."""
+    if rule[0] == "binary":
+        return "label 0 or 1"
+    if rule[0] == "range":
+        return f"a numeric label in [{rule[1]:g}, {rule[2]:g}]"
+    return "a finite numeric label"
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (JSON `true` is not a label or a metric)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_loss_type(loss_type: str) -> str:
     """Return `loss_type` if known (or empty), else raise `EmbedtuneError` naming the valid ones."""
-    if loss_type not in LABEL_RULES:
+    if loss_type not in LOSS_RULES:
         raise EmbedtuneError(f"loss_type: unknown {loss_type!r} (expected one of {', '.join(LOSS_TYPES)})")
     return loss_type
 
@@ -84,11 +110,11 @@ def check_texts(value: Any, field: str) -> list[str]:
 
 def check_label(value: Any, loss_type: str = "", field: str = "label") -> str | None:
     """`"field: reason"` when `value` is not a valid label for `loss_type`, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         return f"{field}: must be a number, got {type(value).__name__} {_short(value)}"
     if not math.isfinite(value):
         return f"{field}: must be finite, got {value}"
-    rule = LABEL_RULES[loss_type][0]
+    rule = LOSS_RULES[loss_type].label
     if rule[0] == "binary" and value not in (0, 1):
         return f"{field}: must be 0 or 1 for loss_type {loss_type}, got {value}"
     if rule[0] == "range" and not rule[1] <= value <= rule[2]:
@@ -99,7 +125,7 @@ def check_label(value: Any, loss_type: str = "", field: str = "label") -> str | 
 def check_row(row: Any, loss_type: str = "") -> list[str]:
     """All problems of one canonical row as `"field: reason"` strings; an empty list means valid.
 
-    `loss_type` must be known (see `LABEL_RULES`); it decides the label's range and whether it is required.
+    `loss_type` must be known (see `LOSS_RULES`); it decides the label's range and whether it is required.
     Unknown extra keys are allowed (they are ignored by every step).
     """
     if not isinstance(row, dict):
@@ -112,7 +138,7 @@ def check_row(row: Any, loss_type: str = "") -> list[str]:
     if label is not None:
         if p := check_label(label, loss_type):
             problems.append(p)
-    elif LABEL_RULES[loss_type][1]:
+    elif LOSS_RULES[loss_type].label_required:
         problems.append(f"label: missing (loss_type {loss_type} needs a label on every row)")
     return problems
 
@@ -145,11 +171,14 @@ def iter_rows(path: str | os.PathLike, loss_type: str = "") -> Iterator[tuple[in
         yield lineno, row, check_row(row, loss_type)
 
 
-def read_rows(path: str | os.PathLike, loss_type: str = "", max_errors: int = 20) -> list[dict]:
+def read_rows(
+    path: str | os.PathLike, loss_type: str = "", max_errors: int = MAX_ERRORS, lines: bool = False
+) -> list[dict]:
     """Load a canonical JSONL file, validated for `loss_type`, as canonical rows.
 
     Raises `DataError` listing `FILE:LINE: field: reason` for the first `max_errors` problems, and
-    `EmbedtuneError` when the file is missing or holds no rows.
+    `EmbedtuneError` when the file is missing or holds no rows. `lines=True` adds each row's 1-based line
+    number as `_line`, for messages about the rows later on (see `check_loss_data`).
     """
     rows, problems = [], []
     for lineno, row, row_problems in iter_rows(path, loss_type):
@@ -158,9 +187,68 @@ def read_rows(path: str | os.PathLike, loss_type: str = "", max_errors: int = 20
             if len(problems) >= max_errors:
                 break
         else:
-            rows.append(canonical(row))
+            rows.append({**canonical(row), "_line": lineno} if lines else canonical(row))
     if problems:
         raise DataError(format_problems(problems[:max_errors], stopped=len(problems) >= max_errors))
     if not rows:
         raise EmbedtuneError(f"{path}: no rows")
     return rows
+
+
+def check_loss_data(
+    loss_type: str, rows: Sequence[dict], params: Any = None, *, source: str = "data"
+) -> None:
+    """Fail before training when valid rows still cannot feed ``loss_type`` as a whole; name the rows.
+
+    ``rows`` are canonical dicts; a ``_line`` key (``read_rows(..., lines=True)``) is what the message cites,
+    else the 1-based row index. ``params`` is anything with the train knobs as attributes (a
+    ``TrainConfig``): it reads ``infonce_use_batch`` (default True) and ``listwise_min_group_size`` (2).
+
+    Row rules (texts, the label for the loss, from ``LOSS_RULES``) are ``check_row``'s; on top of them:
+    infonce needs negatives on every row when ``infonce_use_batch`` is false (else a query has nothing to
+    rank against), and the rerankers need at least one row with negatives (a listwise group needs
+    ``listwise_min_group_size - 1`` of them; smaller groups are skipped and reported by the loss). Raises
+    one ``DataError`` (problems joined by ``; ``) like ``train.jsonl lines 3, 7: label: must be 0 or 1 ...``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise EmbedtuneError(f"loss_type: unknown loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    use_batch = getattr(params, "infonce_use_batch", True)
+    use_batch = True if use_batch is None else use_batch
+    min_group = getattr(params, "listwise_min_group_size", 2)
+    problems: dict[tuple[str, str], list[int]] = {}
+    need_negs = max(min_group - 1, 1) if loss_type == "listwise_reranker" else 1
+    rows_with_negatives = 0
+    rule = LOSS_RULES[loss_type]
+    for i, row in enumerate(rows):
+        where = int(row.get("_line", i + 1))
+
+        def bad(field: str, reason: str, where=where) -> None:
+            problems.setdefault((field, reason), []).append(where)
+
+        if check_text(row.get("response"), "response"):
+            bad("response", f"{loss_type} needs a non-empty response")
+        negs = row.get("rejected_response") or []
+        if check_texts(negs, "rejected_response"):
+            bad("rejected_response", "must be a list of non-empty strings")
+            negs = []
+        rows_with_negatives += len(negs) >= need_negs
+        label = row.get("label")
+        if loss_type == "infonce" and not use_batch and not negs:
+            bad("rejected_response", "infonce needs rejected_response when infonce_use_batch is false")
+        elif (label is None and rule.label_required) or (label is not None and check_label(label, loss_type)):
+            bad("label", f"{loss_type} needs {label_rule_text(rule.label)}")
+    if loss_type in RERANKER_LOSSES and rows and not rows_with_negatives:
+        reason = f"{loss_type} needs rows with at least {need_negs} negative(s); no row has them"
+        problems[("rejected_response", reason)] = []
+    if not problems:
+        return
+    unit = "lines" if any("_line" in r for r in rows) else "rows"
+    messages = []
+    for (field, reason), where in problems.items():
+        listed = ", ".join(map(str, where[:MAX_ERRORS])) + (
+            f", ... ({len(where)} in all)" if len(where) > MAX_ERRORS else ""
+        )
+        messages.append(
+            f"{source} {unit} {listed}: {field}: {reason}" if where else f"{source}: {field}: {reason}"
+        )
+    raise DataError("; ".join(messages))  # one line: the CLI prints it as is

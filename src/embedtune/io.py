@@ -73,11 +73,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [row for _, row in iter_jsonl(path)]
 
 
-def write_jsonl(path: str | os.PathLike, rows) -> int:
-    """Write rows as JSONL atomically; returns the number written."""
-    n = 0
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    """Write rows (any iterable) as JSONL atomically; returns the path, so a call can stand for the file."""
     with atomic_write(path) as f:
         for row in rows:
             f.write(orjson.dumps(row) + b"\n")
-            n += 1
-    return n
+    return Path(path)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 from embedtune.errors import EmbedtuneError
+from embedtune.progress import error_line, say
 
 LAUNCHED = (
     "EMBEDTUNE_LAUNCHED"  # set in the children: they know their flags came from a parent that logged them
@@ -78,7 +79,7 @@ def torchrun(step: str, cfg, nproc: int) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHED: "1"}
     # torchrun pins OMP_NUM_THREADS=1 per process when unset: right for GPUs, 8x slower on a 16-core CPU box.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print(f"embedtune: launching {nproc} processes: {' '.join(cmd[:10])} ...", file=sys.stderr, flush=True)
+    say(step, f"launching {nproc} processes: {' '.join(cmd[:10])} ...")
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     proc = subprocess.Popen(
@@ -88,7 +89,7 @@ def torchrun(step: str, cfg, nproc: int) -> None:
         for line in proc.stdout:
             sys.stderr.write(line)
             tail.append(line.rstrip())
-            if line.startswith(f"embedtune {step}: error:") and line.rstrip() not in errors:
+            if line.startswith(error_line(step)) and line.rstrip() not in errors:
                 errors.append(line.rstrip())  # every rank prints the same user error: keep one
         rc = proc.wait()
     except BaseException:

@@ -39,8 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from embedtune.errors import DataError, EmbedtuneError
-
 # A negative whose cosine similarity to the query exceeds the positive's by more than this is treated as an
 # unlabeled positive (a "fake negative") and masked out when mask_fake_negative is on (ms-swift's margin).
 FAKE_NEGATIVE_MARGIN = 0.1
@@ -357,7 +355,7 @@ def listwise_reranker_loss(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Registry and data checks
+# Registry: one function per loss name of `embedtune.data.LOSS_RULES` (which also says what each trains)
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "infonce": infonce_loss,
@@ -367,77 +365,3 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "pointwise_reranker": pointwise_reranker_loss,
     "listwise_reranker": listwise_reranker_loss,
 }
-EMBEDDING_LOSSES = frozenset({"infonce", "cosine_similarity", "contrastive", "online_contrastive"})
-RERANKER_LOSSES = frozenset({"pointwise_reranker", "listwise_reranker"})
-
-_MAX_LISTED = 20
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def check_loss_data(
-    loss_type: str, rows: Sequence[dict], params: Any = None, *, source: str = "data"
-) -> None:
-    """Fail before training when rows cannot feed ``loss_type``; the message names the problem rows.
-
-    ``rows`` are canonical dicts (``query, response, rejected_response?, label?``); a ``_line`` key, when
-    present, is the row's 1-based line in ``source`` and is what the message cites (else the 1-based row
-    index). ``params`` is anything with the train knobs as attributes (a ``TrainConfig``): it reads
-    ``infonce_use_batch`` (default True) and ``listwise_min_group_size`` (default 2).
-
-    Checks: every loss needs ``response``; ``rejected_response`` must be a list of strings; infonce needs
-    negatives on every row when ``infonce_use_batch`` is false (else a query has nothing to rank against);
-    cosine_similarity needs a numeric ``label`` in [-1, 1]; contrastive / online_contrastive need ``label``
-    0 or 1; the rerankers need at least one row with negatives (a listwise group needs
-    ``listwise_min_group_size - 1`` of them; smaller groups are skipped and reported by the loss).
-    Raises one ``DataError`` (problems joined by ``; ``) like
-    ``train.jsonl lines 3, 7: label: contrastive needs label 0 or 1``.
-    """
-    if loss_type not in LOSSES:
-        raise EmbedtuneError(f"loss_type: unknown loss {loss_type!r}; choose one of {', '.join(LOSSES)}")
-    use_batch = getattr(params, "infonce_use_batch", True)
-    use_batch = True if use_batch is None else use_batch
-    min_group = getattr(params, "listwise_min_group_size", 2)
-    problems: dict[tuple[str, str], list[int]] = {}
-
-    def bad(i: int, row: dict, field: str, reason: str) -> None:
-        problems.setdefault((field, reason), []).append(int(row.get("_line", i + 1)))
-
-    need_negs = max(min_group - 1, 1) if loss_type == "listwise_reranker" else 1
-    rows_with_negatives = 0
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("response"), str) or not row["response"]:
-            bad(i, row, "response", f"{loss_type} needs a non-empty response")
-        negs = row.get("rejected_response") or []
-        if not isinstance(negs, list) or not all(isinstance(t, str) for t in negs):
-            bad(i, row, "rejected_response", "must be a list of strings")
-            negs = []
-        rows_with_negatives += len(negs) >= need_negs
-        label = row.get("label")
-        if loss_type == "infonce" and not use_batch and not negs:
-            bad(
-                i, row, "rejected_response", "infonce needs rejected_response when infonce_use_batch is false"
-            )
-        elif loss_type == "cosine_similarity" and not (_is_number(label) and -1 <= label <= 1):
-            bad(i, row, "label", "cosine_similarity needs a numeric label in [-1, 1]")
-        elif loss_type in ("contrastive", "online_contrastive") and not (
-            _is_number(label) and label in (0, 1)
-        ):
-            bad(i, row, "label", f"{loss_type} needs label 0 or 1")
-    if loss_type in RERANKER_LOSSES and rows and not rows_with_negatives:
-        reason = f"{loss_type} needs rows with at least {need_negs} negative(s); no row has them"
-        problems[("rejected_response", reason)] = []
-    if not problems:
-        return
-    unit = "lines" if any("_line" in r for r in rows) else "rows"
-    messages = []
-    for (field, reason), where in problems.items():
-        listed = ", ".join(map(str, where[:_MAX_LISTED])) + (
-            f", ... ({len(where)} in all)" if len(where) > _MAX_LISTED else ""
-        )
-        messages.append(
-            f"{source} {unit} {listed}: {field}: {reason}" if where else f"{source}: {field}: {reason}"
-        )
-    raise DataError("; ".join(messages))  # one line: the CLI prints it as is

@@ -34,10 +34,11 @@ from torch import nn
 
 from embedtune import __version__
 from embedtune.config import QWEN3_RERANKER_INSTRUCTION
-from embedtune.errors import EmbedtuneError
-from embedtune.io import write_json
+from embedtune.errors import DataError, EmbedtuneError
+from embedtune.io import read_json, write_json
 
 META_FILE = "embedtune.json"
+TASK_TYPES = ("embedding", "reranker")
 POOLINGS = ("last", "mean", "cls")
 ADAPTER_FILE = "adapter_config.json"
 
@@ -48,9 +49,19 @@ RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 # --------------------------------------------------------------------------------------------- folder helpers
 def read_meta(path: str | os.PathLike) -> dict:
-    """The `embedtune.json` of a model folder, or `{}` for a plain HF / sentence-transformers model."""
+    """The `embedtune.json` of a model folder, or `{}` for a plain HF / sentence-transformers model.
+
+    The one reader of that file (train and merge write it with `write_meta`); a `task_type` other than
+    embedding / reranker is refused, naming the file.
+    """
     f = Path(path) / META_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    meta = read_json(f)
+    if not isinstance(meta, dict) or meta.get("task_type", "embedding") not in TASK_TYPES:
+        got = meta.get("task_type") if isinstance(meta, dict) else meta
+        raise DataError(f"{f}: task_type: {got!r} is not one of {', '.join(TASK_TYPES)}")
+    return meta
 
 
 def _hub_file(path: str, name: str) -> str | None:
@@ -190,9 +201,30 @@ def _progress(iterable, show: bool, desc: str):
     return tqdm(iterable, desc=desc)
 
 
+# --------------------------------------------------------------------------------------------- both kinds
+class Wrapper(nn.Module):
+    """What Embedder and Reranker share: the Hugging Face model inside, under the attribute `INNER` names.
+
+    `inner` is the one way to reach it (LoRA wraps it, DeepSpeed shards it, saving and merging act on it);
+    `set_inner` replaces it (an `nn.Module` attribute cannot be a property setter: torch's `__setattr__`
+    registers sub-modules by name before any property is consulted).
+    """
+
+    INNER = ""
+
+    @property
+    def inner(self) -> nn.Module:
+        return getattr(self, self.INNER)
+
+    def set_inner(self, model: nn.Module) -> None:
+        setattr(self, self.INNER, model)
+
+
 # --------------------------------------------------------------------------------------------- embedder
-class Embedder(nn.Module):
+class Embedder(Wrapper):
     """Backbone + pooling + L2 normalization. `forward` keeps gradients (training); `encode` does not."""
+
+    INNER = "backbone"
 
     def __init__(self, backbone, tokenizer, pooling: str, query_instruction: str = "", max_length: int = 512):
         super().__init__()
@@ -357,8 +389,10 @@ def write_meta(out: str | os.PathLike, meta: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- reranker
-class Reranker(nn.Module):
+class Reranker(Wrapper):
     """Decoder LM scoring relevance as logit(yes) - logit(no) after the Qwen3-Reranker prompt."""
+
+    INNER = "lm"
 
     def __init__(
         self,
@@ -495,21 +529,62 @@ class Reranker(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- entry points
-def load_embedder(path: str | os.PathLike, **kwargs) -> Embedder:
-    return Embedder.from_pretrained(path, **kwargs)
-
-
-def load_reranker(path: str | os.PathLike, **kwargs) -> Reranker:
-    return Reranker.from_pretrained(path, **kwargs)
-
-
 def task_type_of(path: str | os.PathLike) -> str:
     """`embedding` or `reranker`: from embedtune.json; plain folders are embedders."""
     return read_meta(path).get("task_type", "embedding")
 
 
-def load_model(path: str | os.PathLike, **kwargs) -> Embedder | Reranker:
-    """Load whichever kind the folder holds."""
-    return (
-        load_reranker(path, **kwargs) if task_type_of(path) == "reranker" else load_embedder(path, **kwargs)
+def load_model(
+    path: str | os.PathLike,
+    task_type: str = "",
+    like: dict | None = None,
+    max_length: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> Embedder | Reranker:
+    """Load a model folder (or hub id) for inference: the one "load a folder by kind" of evaluate, merge,
+    register and serving. In eval mode, on `device` (default: the GPU when there is one).
+
+    `task_type`: how to load it (default: what its embedtune.json says, else embedding), so a reranker's
+    base model loads as a reranker. `like`: another model's embedtune.json whose settings to use (pooling,
+    query instruction, max length, reranker instruction and tokens), so a base model is measured the way its
+    fine-tuned model was trained. `max_length` > 0 overrides both.
+    """
+    like = like or {}
+    task_type = task_type or task_type_of(path)
+    kwargs = {
+        "max_length": max_length or like.get("max_length") or None,
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+    }
+    if task_type == "reranker":
+        model = Reranker.from_pretrained(
+            path,
+            instruction=like.get("reranker_instruction"),
+            positive_token=like.get("positive_token"),
+            negative_token=like.get("negative_token"),
+            **kwargs,
+        )
+    else:
+        model = Embedder.from_pretrained(
+            path,
+            pooling=like.get("pooling") or "auto",
+            query_instruction=like.get("query_instruction"),
+            **kwargs,
+        )
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def add_lora(model: Embedder | Reranker, rank: int, alpha: int, dropout: float, target: str) -> None:
+    """Wrap the model's inner HF model in a PEFT LoRA (in place). `target`: all-linear or module names."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
+        task_type="FEATURE_EXTRACTION" if isinstance(model, Embedder) else "CAUSAL_LM",
     )
+    model.set_inner(get_peft_model(model.inner, lora))

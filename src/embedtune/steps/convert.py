@@ -10,7 +10,7 @@ The output is one canonical row per line (see `embedtune.data`)::
 
 Sources: a local file, a folder (every JSONL / JSON / CSV / TSV / Parquet file below it, sorted by path,
 `.gz` allowed for the text formats), or a Hugging Face dataset `name[:subset]` (split `--hf-split`, read with
-`datasets` in streaming mode). Input shapes, detected per file from the keys of its first row or forced with
+`datasets` in streaming mode; the readers are `embedtune.readers`). Input shapes, detected per file from the keys of its first row or forced with
 `--format`:
 
     mteb       {"query", "positive": [...], "negative": [...]}  -> one row per positive, all negatives rejected
@@ -37,18 +37,12 @@ hashes whose low bits are zero (adaptive sampling), so the count becomes an esti
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
-import gzip
 import hashlib
-import io
-import json
-import logging
 import math
 import queue
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +50,7 @@ import orjson
 
 from embedtune.config import ConvertConfig
 from embedtune.data import (
-    LABEL_RULES,
+    LOSS_RULES,
     canonical,
     check_label,
     check_loss_type,
@@ -67,20 +61,10 @@ from embedtune.data import (
 )
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import atomic_write
-
-log = logging.getLogger(__name__)
+from embedtune.progress import say
+from embedtune.readers import Bad, guarded, sources
 
 FORMATS = ("auto", "canonical", "mteb", "sts", "pairs")
-FILE_KINDS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".parquet": "parquet",
-}
-BATCH_BYTES = 1 << 20  # text read per batch (~1k MTEB rows: small batches stay in CPU cache, ~15% faster)
-BATCH_ROWS = 2048  # rows per batch for Parquet, Hugging Face datasets and JSON lists
 FOLD_ROWS = 1 << 16  # output rows between folds of the per-row statistics into the totals
 DISTINCT_CAP = 1 << 20  # exact distinct-query hashes kept before sampling starts
 EXACT_CHARS = 4096  # text lengths below this are histogrammed exactly; above, in 1% log bins
@@ -88,274 +72,13 @@ _NL = orjson.OPT_APPEND_NEWLINE
 _STR = {str}
 
 
-class _Bad:
-    """A record that could not even be parsed (bad JSON line): its raw text and why."""
-
-    __slots__ = ("raw", "reason")
-
-    def __init__(self, raw, reason: str):
-        self.raw, self.reason = raw, reason
-
-
 class _Stop(Exception):
     """Raised inside the loop when `--on-error fail` has collected `max_errors` problems."""
 
 
 # --------------------------------------------------------------------------------------------------------
-# Readers: each yields batches `(numbers, rows)`, numbers being line numbers (text files) or 1-based row
-# numbers (Parquet, HF). A row is whatever the file holds (usually a dict) or a `_Bad`.
-
-
-def _open_text(path: Path, binary: bool = False):
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-    return raw if binary else io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-
-
-def _jsonl_batches(path: Path):
-    loads = orjson.loads
-    with _open_text(path, binary=True) as f:
-        first = 0
-        while lines := f.readlines(BATCH_BYTES):
-            try:  # fast path: every line parses, so line numbers are contiguous
-                rows = list(map(loads, lines))
-                yield range(first + 1, first + 1 + len(lines)), rows
-            except orjson.JSONDecodeError:
-                numbers, rows = [], []
-                for i, line in enumerate(lines, first + 1):
-                    try:
-                        rows.append(loads(line))
-                    except orjson.JSONDecodeError as e:
-                        if not line.strip():
-                            continue  # blank lines are allowed
-                        rows.append(_Bad(line, f"invalid JSON: {e.msg} (column {e.colno})"))
-                    numbers.append(i)
-                yield numbers, rows
-            first += len(lines)
-
-
-def _json_batches(path: Path):
-    """A JSON file: a list of objects, read incrementally (or JSON Lines with a .json name)."""
-    with _open_text(path) as f:
-        head = f.read(1 << 16).lstrip()
-    if not head.startswith("["):
-        if head.startswith("{"):  # many `.json` files on the hub are really JSON Lines
-            yield from _jsonl_batches(path)
-            return
-        raise DataError(f"{path}:1: invalid JSON: expected a list of objects")
-    decoder = json.JSONDecoder()
-    with _open_text(path) as f:
-        buf, pos, line, eof = "", 0, 1, False
-
-        def more():  # append text to the buffer; False at end of file
-            nonlocal buf, pos, eof
-            chunk = f.read(max(BATCH_BYTES, len(buf) - pos))
-            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
-            return bool(chunk)
-
-        def skip_ws():  # move past whitespace, counting lines; returns the next char or "" at EOF
-            nonlocal pos, line
-            while True:
-                start = pos
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                line += buf.count("\n", start, pos)
-                if pos < len(buf) or not more():
-                    return buf[pos] if pos < len(buf) else ""
-
-        more()
-        skip_ws()
-        pos += 1  # the "["
-        numbers, rows, expect_item = [], [], True
-        while True:
-            c = skip_ws()
-            if c == "]":
-                break
-            if c == "":
-                raise DataError(f"{path}:{line}: invalid JSON: the list is not closed with ']'")
-            if not expect_item:
-                if c != ",":
-                    raise DataError(f"{path}:{line}: invalid JSON: expected ',' or ']' between list items")
-                pos += 1
-                expect_item = True
-                continue
-            while True:
-                try:
-                    obj, end = decoder.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as e:
-                    bad_line = line + buf.count("\n", pos, e.pos)  # before `more()` moves the buffer
-                    # The end of the buffer cut the item (a string runs past it, or the error sits in its
-                    # last bytes: a cut literal or escape): read more and retry. Anything else is bad JSON.
-                    cut = e.msg.startswith("Unterminated") or e.pos >= len(buf) - 16
-                    if not cut or eof or not more():
-                        raise DataError(
-                            f"{path}:{bad_line}: invalid JSON: {e.msg} (the rest of a JSON list cannot be read "
-                            "past it; JSON Lines files can skip bad lines)"
-                        ) from None
-            numbers.append(line)
-            rows.append(obj)
-            line += buf.count("\n", pos, end)
-            pos, expect_item = end, False
-            if len(rows) >= BATCH_ROWS:
-                yield numbers, rows
-                numbers, rows = [], []
-        if rows:
-            yield numbers, rows
-
-
-def _csv_value(key: str, value):
-    """CSV cells are text: numbers for label/score, JSON lists or single texts for the list columns."""
-    if value is None or key is None:
-        return value
-    if key in ("label", "score"):
-        if value == "":
-            return None
-        with contextlib.suppress(ValueError):
-            return int(value)
-        with contextlib.suppress(ValueError):
-            return float(value)
-    elif key in ("rejected_response", "negative", "positive"):
-        if value == "":
-            return None
-        if value.startswith("["):
-            with contextlib.suppress(orjson.JSONDecodeError):
-                return orjson.loads(value)
-        return [value] if key == "rejected_response" else value  # the shapes accept one text for a list
-    return value
-
-
-def _csv_batches(path: Path, delimiter: str):
-    csv.field_size_limit(1 << 30)
-    with _open_text(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        numbers, rows = [], []
-        try:
-            for record in reader:
-                numbers.append(reader.line_num)
-                rows.append({k: _csv_value(k, v) for k, v in record.items() if k is not None})
-                if len(rows) >= BATCH_ROWS:
-                    yield numbers, rows
-                    numbers, rows = [], []
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
-        if rows:
-            yield numbers, rows
-
-
-def _parquet_batches(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-    first = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-        rows = batch.to_pylist()
-        yield range(first + 1, first + 1 + len(rows)), rows
-        first += len(rows)
-
-
-def _hf_batches(spec: str, split: str):
-    """A Hugging Face dataset `name[:subset]`, streamed (nothing is downloaded up front)."""
-    try:
-        import datasets
-    except ImportError:
-        raise EmbedtuneError(
-            f"{spec}: not a local file or folder; reading Hugging Face datasets needs the `datasets` package "
-            "(pip install 'embedtune[hub]')"
-        ) from None
-    name, _, subset = spec.partition(":")
-    hint = (
-        " (for ms-swift's `stsb:positive` use --sts-positive-threshold 0.75)" if subset == "positive" else ""
-    )
-    try:
-        stream = iter(datasets.load_dataset(name, subset or None, split=split, streaming=True))
-        first = 0
-        while True:
-            rows = [row for _, row in zip(range(BATCH_ROWS), stream, strict=False)]
-            if not rows:
-                return
-            yield range(first + 1, first + 1 + len(rows)), rows
-            first += len(rows)
-    except Exception as e:  # datasets raises many types (not found, offline, bad split, auth)
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise EmbedtuneError(
-            f"{spec}: not a local file or folder, and loading it as a Hugging Face dataset (split {split!r}) "
-            f"failed: {type(e).__name__}: {reason}{hint}"
-        ) from None
-
-
-def _guarded(name: str, batches):
-    """Iterate a reader, turning unreadable input (not UTF-8, broken gzip or Parquet) into a `DataError`."""
-    it = iter(batches)
-    while True:
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        except UnicodeDecodeError as e:
-            raise DataError(f"{name}: not UTF-8 text ({e.reason})") from None
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{name}: cannot read: {e}") from None
-        except Exception as e:
-            if type(e).__module__.startswith("pyarrow"):
-                raise DataError(f"{name}: cannot read: {e}") from None
-            raise
-        yield item
-
-
-def _file_kind(path: Path) -> str | None:
-    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
-    kind = FILE_KINDS.get(suffixes[0].lower()) if suffixes else None
-    return None if kind == "parquet" and path.suffix == ".gz" else kind
-
-
-def _sources(source: str, hf_split: str, exclude: set[Path]) -> list[tuple[str, str, object]]:
-    """`(display name, where-format, batch iterator factory)` for each input file (or the HF dataset)."""
-    path = Path(source).expanduser()
-    readers = {
-        "jsonl": _jsonl_batches,
-        "json": _json_batches,
-        "csv": lambda p: _csv_batches(p, ","),
-        "tsv": lambda p: _csv_batches(p, "\t"),
-        "parquet": _parquet_batches,
-    }
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and _file_kind(p)
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            and not p.name.endswith((".stats.json", ".rejected.jsonl"))  # convert's own side files
-            and p.resolve() not in exclude
-        )
-        if not files:
-            raise EmbedtuneError(f"{source}: no JSONL / JSON / CSV / TSV / Parquet files in this folder")
-    elif path.is_file():
-        if not _file_kind(path):
-            raise EmbedtuneError(
-                f"{source}: unsupported file type {''.join(path.suffixes) or '(none)'} "
-                "(expected .jsonl, .json, .csv, .tsv or .parquet, text ones optionally .gz)"
-            )
-        files = [path]
-    elif source.startswith((".", "/", "~")) or _file_kind(path) or source.count("/") > 1 or not source:
-        raise EmbedtuneError(f"{source}: file not found")
-    else:
-        return [(source, "{name}:row {n}", lambda: _hf_batches(source, hf_split))]
-    out = []
-    for p in files:
-        kind = _file_kind(p)
-        where = "{name}:row {n}" if kind == "parquet" else "{name}:{n}"
-        out.append((str(p), where, lambda p=p, kind=kind: readers[kind](p)))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------
 # Shapes: one function per input shape, `row -> (canonical rows, problems, filtered count)`. These are the
-# reference semantics; the fast loops in `_Converter` only accept rows these functions accept and write the
+# reference semantics; the fast loops in `Converter` only accept rows these functions accept and write the
 # same bytes for them.
 
 
@@ -524,12 +247,12 @@ class _HashingWriter:
             raise self.error
 
 
-class _Converter:
+class Converter:
     """Converts batches of rows, writing canonical JSONL and keeping the statistics."""
 
     def __init__(self, cfg: ConvertConfig, out, rejected):
         self.cfg, self.out, self.rejected = cfg, _HashingWriter(out), rejected
-        self.label_required = LABEL_RULES[cfg.loss_type][1]
+        self.label_required = LOSS_RULES[cfg.loss_type].label_required
         self.parts: list[bytes] = []  # output lines of the current batch
         self.qlens: list[int] = []  # per output row
         self.rlens: list[int] = []
@@ -556,7 +279,7 @@ class _Converter:
     def convert(self, name: str, where: str, batches) -> None:
         shape = None if self.cfg.format == "auto" else self.cfg.format
         counted = self.input_rows
-        for numbers, rows in _guarded(name, batches):
+        for numbers, rows in guarded(name, batches):
             if shape is None:
                 first = next(
                     ((n, r) for n, r in zip(numbers, rows, strict=True) if isinstance(r, dict)), None
@@ -574,7 +297,7 @@ class _Converter:
             # no object seen yet (only bad lines so far): `_slow` reports them without needing the shape
             loop = {"mteb": self._mteb_batch, "canonical": self._canonical_batch}.get(shape, self._slow_batch)
             loop(name, where, shape, numbers, rows)
-            self._flush()
+            self.flush()
         self.files.append({"name": name, "format": shape or "empty", "input_rows": self.input_rows - counted})
 
     def _slow_batch(self, name, where, shape, numbers, rows):
@@ -582,7 +305,7 @@ class _Converter:
             self._slow(name, where, shape, n, row)
 
     def _slow(self, name, where, shape, n, row):
-        if isinstance(row, _Bad):
+        if isinstance(row, Bad):
             out, problems, filtered = [], [row.reason], 0
         elif not isinstance(row, dict):
             out, problems, filtered = [], [f"row: must be a JSON object, got {type(row).__name__}"], 0
@@ -697,12 +420,12 @@ class _Converter:
             return
         if len(self.problems) < self.cfg.max_errors:
             self.problems += lines
-        raw = row.raw.decode("utf-8", "replace").rstrip("\n") if isinstance(row, _Bad) else row
+        raw = row.raw.decode("utf-8", "replace").rstrip("\n") if isinstance(row, Bad) else row
         self.rejected.write(
             orjson.dumps({"location": location, "problems": problems, "row": raw}, default=str, option=_NL)
         )
 
-    def _flush(self, final: bool = False) -> None:
+    def flush(self, final: bool = False) -> None:
         """Write the batch's output; fold the per-row statistics into the totals every FOLD_ROWS rows."""
         if self.parts:
             self.out.write(b"".join(self.parts))
@@ -792,7 +515,7 @@ def run(cfg: ConvertConfig) -> dict:
     stats_path = Path(f"{cfg.output}.stats.json")
     rejected_path = Path(f"{cfg.output}.rejected.jsonl")
     skip = cfg.on_error == "skip"
-    sources = _sources(cfg.source, cfg.hf_split, {p.resolve() for p in (output, stats_path, rejected_path)})
+    inputs = sources(cfg.source, cfg.hf_split, {p.resolve() for p in (output, stats_path, rejected_path)})
     try:
         with (
             contextlib.ExitStack() as stack
@@ -800,13 +523,13 @@ def run(cfg: ConvertConfig) -> dict:
             out = stack.enter_context(atomic_write(output))
             rejected = stack.enter_context(atomic_write(rejected_path)) if skip else None
             stats_file = stack.enter_context(atomic_write(stats_path))
-            conv = _Converter(cfg, out, rejected)
+            conv = Converter(cfg, out, rejected)
             stack.callback(conv.out.stop)  # runs before out's own exit: the thread is done with the file
             hint = "fix the data, or pass --on-error skip to write the good rows and a .rejected.jsonl"
             gc_enabled = gc.isenabled()
             gc.disable()  # rows are acyclic; the collector would only rescan each batch's fresh objects (~30%)
             try:
-                for name, where, batches in sources:
+                for name, where, batches in inputs:
                     conv.convert(name, where, batches())
             except _Stop:
                 raise DataError(
@@ -815,7 +538,7 @@ def run(cfg: ConvertConfig) -> dict:
             finally:
                 if gc_enabled:
                     gc.enable()
-            conv._flush(final=True)
+            conv.flush(final=True)
             conv.out.close()
             if conv.problems and not skip:
                 raise DataError(format_problems(conv.problems, hint=hint))
@@ -830,18 +553,16 @@ def run(cfg: ConvertConfig) -> dict:
                 raise EmbedtuneError(f"{cfg.source}: no rows to write ({'; '.join(why)})")
             stats = conv.stats()
             stats_file.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2 | _NL))
-    except OSError as e:  # reading errors are DataErrors already (see `_guarded`): this is the output side
+    except OSError as e:  # reading errors are DataErrors already (see `guarded`): this is the output side
         raise EmbedtuneError(f"{cfg.output}: cannot write: {e}") from None
     if not skip:
         rejected_path.unlink(missing_ok=True)  # a stale one from an earlier skip run would mislead
     for w in stats["warnings"]:
-        log.warning("embedtune convert: warning: %s", w)
+        say("convert", f"warning: {w}")
     if conv.rejected_rows:
-        log.warning(
-            "embedtune convert: %d of %d input rows rejected (reasons in %s)",
-            conv.rejected_rows,
-            conv.input_rows,
-            rejected_path,
+        say(
+            "convert",
+            f"{conv.rejected_rows} of {conv.input_rows} input rows rejected (reasons in {rejected_path})",
         )
     return {
         **stats,

@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -47,7 +46,8 @@ from embedtune.config import MergeConfig
 from embedtune.data import read_rows
 from embedtune.errors import EmbedtuneError
 from embedtune.io import write_json
-from embedtune.modeling import META_FILE, Embedder, Reranker, is_adapter, read_meta, task_type_of
+from embedtune.modeling import META_FILE, Reranker, is_adapter, load_model, read_meta, task_type_of
+from embedtune.progress import say
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
 SAMPLE_ROWS = 16
@@ -81,14 +81,6 @@ def sample_inputs(eval_data: str) -> tuple[list[str], list[str]]:
     return queries, docs
 
 
-def load(path: str | Path, task_type: str):
-    """Load a model folder as `task_type`, in fp32, on the GPU when there is one."""
-    import torch
-
-    model = (Reranker if task_type == "reranker" else Embedder).from_pretrained(path, dtype=torch.float32)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-
-
 def outputs(model, queries: list[str], docs: list[str]) -> np.ndarray:
     """What the check compares: (Q + D, H) embeddings, or (2 Q,) reranker z scores of query-document pairs."""
     if isinstance(model, Reranker):  # each query with 2 documents: 2 Q prompts, not Q x D
@@ -97,17 +89,9 @@ def outputs(model, queries: list[str], docs: list[str]) -> np.ndarray:
     return np.concatenate([model.encode(queries, is_query=True), model.encode(docs)]).astype(np.float64)
 
 
-def _peft(model):
-    return model.lm if isinstance(model, Reranker) else model.backbone
-
-
 def merge_lora(model) -> None:
     """Fold the LoRA deltas into the base weights in place: W <- W + (alpha / r) * B @ A."""
-    merged = _peft(model).merge_and_unload()
-    if isinstance(model, Reranker):
-        model.lm = merged
-    else:
-        model.backbone = merged
+    model.set_inner(model.inner.merge_and_unload())
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -175,7 +159,7 @@ def run(cfg: MergeConfig) -> dict:
         with _staging(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             _publish(tmp, out)
-        print(f"merge: {src} holds full weights (no adapter): copied to {out} unchanged", file=sys.stderr)
+        say("merge", f"{src} holds full weights (no adapter): copied to {out} unchanged")
         return {
             "merged": False,
             "mode": "passthrough",
@@ -187,13 +171,13 @@ def run(cfg: MergeConfig) -> dict:
 
     task_type = task_type_of(src)
     queries, docs = sample_inputs(cfg.eval_data)
-    model = load(src, task_type)
+    model = load_model(src, task_type)  # fp32, on the GPU when there is one
     adapter_out = outputs(model, queries, docs)
-    with _peft(model).disable_adapter():
+    with model.inner.disable_adapter():
         base_out = outputs(model, queries, docs)
     adapter_vs_base = _max_diff(adapter_out, base_out)
     if adapter_vs_base <= SAME:
-        print(f"merge: warning: the adapter {src} does not change the outputs (untrained?)", file=sys.stderr)
+        say("merge", f"warning: the adapter {src} does not change the outputs (untrained?)")
 
     merge_lora(model)
     merged_out = outputs(model, queries, docs)
@@ -208,7 +192,7 @@ def run(cfg: MergeConfig) -> dict:
         gc.collect()
         if is_adapter(tmp):
             raise EmbedtuneError(f"merge check failed: the saved folder is still an adapter ({tmp})")
-        saved_out = outputs(load(tmp, task_type), queries, docs)  # what consumers will load, from disk
+        saved_out = outputs(load_model(tmp, task_type), queries, docs)  # what consumers will load, from disk
         saved = _max_diff(saved_out, adapter_out)
         merged_vs_base = _max_diff(saved_out, base_out)
         check(saved, adapter_vs_base, merged_vs_base, cfg.tolerance, "after saving and reloading")
@@ -227,9 +211,9 @@ def run(cfg: MergeConfig) -> dict:
             {**json.loads(meta_file.read_text()), "merge_check": {**numbers, "tolerance": cfg.tolerance}},
         )
         _publish(tmp, out)
-    print(
-        f"merge: {src} -> {out}: max |merged - adapter| = {result['max_abs_diff']:.3g} <= {cfg.tolerance:g} "
+    say(
+        "merge",
+        f"{src} -> {out}: max |merged - adapter| = {result['max_abs_diff']:.3g} <= {cfg.tolerance:g} "
         f"(adapter vs base {adapter_vs_base:.3g}, merged vs base {merged_vs_base:.3g})",
-        file=sys.stderr,
     )
     return result

@@ -30,25 +30,9 @@ Credentials come only from the environment (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_
 `MLFLOW_TRACKING_PASSWORD`, read by the MLflow client itself; never flags). Their values (and any
 `user:password@` in the URI) are masked out of every param, tag, description and message this step writes.
 
-Consuming a registered **embedder** (sentence_transformers flavor; vectors are L2-normalized, so dot ==
-cosine; a Normalize module is appended when the folder has none):
-
-    model = mlflow.pyfunc.load_model("models:/my-embedder@champion")
-    doc_vecs = model.predict(["Paris is the capital of France."])                    # (N, dim) float32
-    query_vecs = model.predict(["capital of France?"], params={"prompt_name": "query"})
-
-`prompt_name="query"` prepends the query instruction saved with the model (its sentence-transformers
-`query` prompt, e.g. Qwen3's `Instruct: ...\\nQuery:`); the default `document` adds nothing. The native
-object works too: `mlflow.sentence_transformers.load_model(uri).encode(texts, prompt_name="query")`.
-
-A **reranker** is a pyfunc over the model folder (plus this package's code, so `embedtune` need not be
-installed where it is loaded):
-
-    model = mlflow.pyfunc.load_model("models:/my-reranker@champion")
-    scores = model.predict(pd.DataFrame({"query": ["q", "q"], "document": ["d1", "d2"]}))  # (N,) in [0, 1]
-
-It also takes a list of `{"query", "document"}` dicts; the unwrapped Python model takes `(query, document)`
-pairs.
+How the model is stored and served (sentence_transformers flavor for embedders, a pyfunc scoring
+(query, document) pairs for rerankers) is `embedtune.mlflow_models`; consumers load it by alias:
+`mlflow.pyfunc.load_model("models:/NAME@champion")`.
 """
 
 from __future__ import annotations
@@ -57,28 +41,24 @@ import contextlib
 import math
 import os
 import re
-import shutil
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
-import mlflow.pyfunc
-import numpy as np
-import pandas as pd
 import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 
-import embedtune
 from embedtune import __version__
 from embedtune.config import RegisterConfig
+from embedtune.data import is_number
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import read_json
+from embedtune.mlflow_models import LOGGERS, redacted_copy
+from embedtune.modeling import META_FILE, is_adapter, read_meta
+from embedtune.progress import say
+from embedtune.report import metric_table
 
-META_FILE = "embedtune.json"
 DEFAULT_HOME = "~/.embedtune"  # local store: mlflow.db + mlartifacts/ (used when no URI is given)
 RUN_ID_TAG = "embedtune.pipeline_run_id"  # the idempotency key, set on the version as its last step
 # Read by the MLflow client itself; their values never appear in anything this step writes or prints.
@@ -101,15 +81,6 @@ META_PARAMS = (
     "negative_token",
     "reranker_instruction",
 )
-SAMPLE_TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France."]
-SAMPLE_PAIRS = pd.DataFrame(
-    {
-        "query": ["What is the capital of France?"] * 2,
-        "document": ["Paris is the capital of France.", "The cat sat on the mat."],
-    }
-)
-# Checkpoints and logs that may sit beside a final model folder: never shipped inside the model.
-_NOT_MODEL = re.compile(r"^(checkpoint-\d+|runs|logs|\..*)$")
 
 
 # --------------------------------------------------------------------------------------------- secrets
@@ -137,26 +108,15 @@ def redact_uri(uri: str) -> str:
 
 # --------------------------------------------------------------------------------------------- inputs
 def read_model_meta(model_dir: Path) -> dict:
-    """`embedtune.json` of the folder; a plain sentence-transformers folder reads as an embedder."""
+    """`embedtune.json` of the folder with defaults: a plain sentence-transformers folder is an embedder."""
     if not model_dir.is_dir():
         raise EmbedtuneError(f"{model_dir}: model folder not found")
-    if (model_dir / "adapter_config.json").is_file():
+    if is_adapter(model_dir):
         raise EmbedtuneError(
             f"{model_dir}: is a LoRA adapter; run `embedtune merge --adapter {model_dir} --output DIR` "
             "and register the merged folder"
         )
-    meta = read_json(model_dir / META_FILE) if (model_dir / META_FILE).is_file() else {}
-    meta.setdefault("task_type", "embedding")
-    meta.setdefault("base_model", str(model_dir))
-    if meta["task_type"] not in ("embedding", "reranker"):
-        raise DataError(
-            f"{model_dir / META_FILE}: task_type: {meta['task_type']!r} is not embedding or reranker"
-        )
-    return meta
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return {"task_type": "embedding", "base_model": str(model_dir), **read_meta(model_dir)}
 
 
 def metric_name(name: str) -> str:
@@ -174,18 +134,18 @@ def read_metrics(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of metrics")
     nested = isinstance(data.get("metrics"), dict)
-    own = data["metrics"] if nested else {k: v for k, v in data.items() if _is_number(v)}
-    own = {metric_name(k): float(v) for k, v in own.items() if _is_number(v) and k != "primary_value"}
+    own = data["metrics"] if nested else {k: v for k, v in data.items() if is_number(v)}
+    own = {metric_name(k): float(v) for k, v in own.items() if is_number(v) and k != "primary_value"}
     baseline = {
-        metric_name(k): float(v) for k, v in (data.get("baseline_metrics") or {}).items() if _is_number(v)
+        metric_name(k): float(v) for k, v in (data.get("baseline_metrics") or {}).items() if is_number(v)
     }
-    deltas = {metric_name(k): float(v) for k, v in (data.get("deltas") or {}).items() if _is_number(v)}
+    deltas = {metric_name(k): float(v) for k, v in (data.get("deltas") or {}).items() if is_number(v)}
     primary = data.get("primary_metric")
     if not isinstance(primary, str) or not primary:
         raise DataError(f"{path}: primary_metric: missing (the metric the champion gate compares)")
     primary = metric_name(primary)
     value = data.get("primary_value", own.get(primary))
-    if not _is_number(value) or math.isnan(float(value)):
+    if not is_number(value) or math.isnan(float(value)):
         raise DataError(f"{path}: primary_metric: {primary!r} has no numeric value in this file")
 
     logged = dict(own)
@@ -195,7 +155,7 @@ def read_metrics(path: Path) -> dict:
     if nested:  # evaluate's other scalars (n_eval, ...) are facts about the evaluation: params
         skip = {"metrics", "baseline_metrics", "deltas", "primary_metric", "primary_value"}
         skip.add("report")  # logged as a file
-        extra = {k: v for k, v in data.items() if k not in skip and (_is_number(v) or isinstance(v, str))}
+        extra = {k: v for k, v in data.items() if k not in skip and (is_number(v) or isinstance(v, str))}
     else:
         extra = {}
     rows = [(k, v, baseline.get(k), deltas.get(f"delta_{k}", deltas.get(k))) for k, v in own.items()]
@@ -315,147 +275,19 @@ def champion_gate(
 
 
 # --------------------------------------------------------------------------------------------- model flavors
-def _pin(module) -> str:
-    """`torch==2.13.0` (local labels like `+cpu` dropped: the consumer picks its own build)."""
-    return f"{module.__name__.replace('_', '-')}=={module.__version__.split('+')[0]}"
-
-
-def log_embedder(model_dir: Path, meta: dict, extra_metadata: dict, redact: Redactor):
-    """sentence_transformers flavor: list of strings -> (N, dim) float32 unit vectors, `prompt_name` param."""
-    import sentence_transformers
-    import torch
-    import transformers
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.normalize import Normalize
-
-    trust = bool((meta.get("train_config") or {}).get("trust_remote_code", False))
-    try:
-        model = SentenceTransformer(str(model_dir), device="cpu", trust_remote_code=trust)
-    except (OSError, ValueError) as e:
-        raise EmbedtuneError(f"{model_dir}: not a sentence-transformers model folder: {e}") from None
-    if not isinstance(model[len(model) - 1], Normalize):
-        model.append(
-            Normalize()
-        )  # consumers get unit vectors; cosine scores (what evaluate measured) unchanged
-    instruction = meta.get("query_instruction") or ""
-    if instruction and not model.prompts.get("query"):
-        model.prompts["query"] = instruction
-    model.prompts.setdefault("query", "")
-    model.prompts.setdefault("document", "")
-    # prompt_name is always passed (default "document"), so a model's default_prompt_name never leaks onto
-    # documents; consumers ask for "query" to get the query instruction.
-    vectors = model.encode(SAMPLE_TEXTS, prompt_name="document", convert_to_numpy=True)
-    signature = infer_signature(SAMPLE_TEXTS, vectors, params={"prompt_name": "document"})
-    return mlflow.sentence_transformers.log_model(
-        model,
-        name="model",
-        signature=signature,
-        pip_requirements=[_pin(sentence_transformers), _pin(transformers), _pin(torch)],
-        metadata={**extra_metadata, "query_prompt": redact(model.prompts.get("query", ""))},
-    )
-
-
-class RerankerModel(mlflow.pyfunc.PythonModel):
-    """pyfunc over a reranker folder: (query, document) pairs -> relevance scores in [0, 1]."""
-
-    def load_context(self, context):
-        from embedtune.modeling import load_reranker
-
-        self.reranker = load_reranker(context.artifacts["model"])
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        queries, docs = _pairs(model_input)
-        batch_size = int((params or {}).get("batch_size", 16))
-        # score_pairs batches by length, so mixed queries in one call cost no more than grouped ones
-        return np.asarray(self.reranker.score_pairs(queries, docs, batch_size=batch_size), dtype=np.float64)
-
-
-def _pairs(model_input) -> tuple[list[str], list[str]]:
-    """DataFrame / list of dicts with `query`, `document` columns, or a list of (query, document) pairs."""
-    if isinstance(model_input, list) and model_input and isinstance(model_input[0], dict):
-        model_input = pd.DataFrame(model_input)
-    if isinstance(model_input, pd.DataFrame):
-        missing = {"query", "document"} - set(model_input.columns)
-        if missing:
-            raise ValueError(f"reranker input needs columns query, document; missing {sorted(missing)}")
-        return model_input["query"].astype(str).tolist(), model_input["document"].astype(str).tolist()
-    pairs = [tuple(p) for p in model_input]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError("reranker input: expected (query, document) pairs")
-    return [str(q) for q, _ in pairs], [str(d) for _, d in pairs]
-
-
-def log_reranker(model_dir: Path, meta: dict, extra_metadata: dict, redact: Redactor):
-    """pyfunc with the model folder (checkpoints left out) and embedtune's code as artifacts."""
-    import orjson
-    import safetensors
-    import torch
-    import transformers
-
-    from embedtune.modeling import load_reranker
-
-    trust = bool((meta.get("train_config") or {}).get("trust_remote_code", False))
-    example_scores = np.asarray(
-        load_reranker(model_dir, trust_remote_code=trust).score_pairs(
-            SAMPLE_PAIRS["query"].tolist(), SAMPLE_PAIRS["document"].tolist()
-        ),
-        dtype=np.float64,
-    )
-    signature = infer_signature(SAMPLE_PAIRS, example_scores, params={"batch_size": 16})
-    with tempfile.TemporaryDirectory(prefix="embedtune-reranker-") as tmp:
-        staged = Path(tmp) / "model"
-        staged.mkdir()
-        for entry in model_dir.iterdir():
-            if _NOT_MODEL.match(entry.name):
-                continue
-            if entry.name == META_FILE:
-                _redacted_copy(entry, staged, redact)
-            else:
-                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staged / entry.name)
-
-        with warnings.catch_warnings():  # "no input_example": the signature is explicit, no second load
-            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-            return mlflow.pyfunc.log_model(
-                name="model",
-                python_model=RerankerModel(),
-                artifacts={"model": str(staged)},
-                code_paths=[str(Path(embedtune.__file__).parent)],
-                signature=signature,
-                pip_requirements=[_pin(m) for m in (torch, transformers, safetensors, orjson, np, pd)],
-                metadata=extra_metadata,
-            )
-
-
-LOGGERS = {"embedding": log_embedder, "reranker": log_reranker}
-
-
-def _redacted_copy(src: Path, out_dir: Path, redact: Redactor) -> str:
-    """A copy of a small text file (embedtune.json, metrics, report) with credential values masked."""
-    out = out_dir / src.name
-    out.write_text(redact(src.read_text()))
-    return str(out)
-
-
 # --------------------------------------------------------------------------------------------- description
 def describe(cfg: RegisterConfig, meta: dict, metrics: dict, decision: str) -> str:
     """The version's Markdown description: what it is, its metrics table, the gate's decision, how to load it."""
-    has_base = any(b is not None for _, _, b, _ in metrics["rows"])
-    head = "| metric | value |" + (" baseline | delta |" if has_base else "")
+    tuned = {name: value for name, value, _, _ in metrics["rows"]}
+    base = {name: b for name, _, b, _ in metrics["rows"] if b is not None}
     lines = [
         f"**{meta['task_type']}** model fine-tuned from `{meta['base_model']}` "
         f"({meta.get('train_type', 'n/a')}) by embedtune {__version__}"
         + (f", pipeline run `{cfg.run_id}`" if cfg.run_id else "")
         + ".",
         "",
-        head,
-        "|---|---:|" + ("---:|---:|" if has_base else ""),
+        metric_table(tuned, base or None, metrics["primary"]),
     ]
-    for name, value, base, delta in metrics["rows"]:
-        label = f"**{name}** (primary)" if name == metrics["primary"] else name
-        row = f"| {label} | {value:.4f} |"
-        if has_base:
-            row += f" {'' if base is None else f'{base:.4f}'} | {'' if delta is None else f'{delta:+.4f}'} |"
-        lines.append(row)
     usage = (
         f'`mlflow.pyfunc.load_model("models:/{cfg.name}@champion").predict(texts)`; '
         'queries: `params={"prompt_name": "query"}`'
@@ -494,10 +326,6 @@ def _result(client, cfg, mv, created: bool, shown_uri: str) -> dict:
     }
 
 
-def _say(msg: str) -> None:
-    print(f"embedtune register: {msg}", file=sys.stderr, flush=True)
-
-
 def run(cfg: RegisterConfig) -> dict:
     """Log, register and gate one model folder. Returns model_uri, version, aliases, promoted, decision,
     primary_metric/primary_value, champion_value_before (see the module docstring for each step)."""
@@ -522,8 +350,9 @@ def run(cfg: RegisterConfig) -> dict:
     try:
         existing = find_registered(client, cfg.name, cfg.run_id)
         if existing is not None:
-            _say(
-                f"{cfg.name} v{existing.version} already registered for run id {cfg.run_id}; nothing created"
+            say(
+                "register",
+                f"{cfg.name} v{existing.version} already registered for run id {cfg.run_id}; nothing created",
             )
             return _result(client, cfg, existing, created=False, shown_uri=shown_uri)
         champ_version, champ_metric, champ_value = current_champion(client, cfg.name)
@@ -580,7 +409,7 @@ def run(cfg: RegisterConfig) -> dict:
                 for i, (src, where) in enumerate(files):
                     if src is not None and src.is_file():
                         (Path(tmp) / str(i)).mkdir()
-                        mlflow.log_artifact(_redacted_copy(src, Path(tmp) / str(i), redact), where)
+                        mlflow.log_artifact(redacted_copy(src, Path(tmp) / str(i), redact), where)
             extra_metadata = {"embedtune_version": __version__, "task_type": meta["task_type"]}
             info = LOGGERS[meta["task_type"]](model_dir, meta, extra_metadata, redact)
             mv = mlflow.register_model(
@@ -608,7 +437,7 @@ def run(cfg: RegisterConfig) -> dict:
         _undo(client, cfg.name, version, model_existed)
         raise
 
-    _say(f"{cfg.name} v{version} (run {mlflow_run_id}): {decision}")
+    say("register", f"{cfg.name} v{version} (run {mlflow_run_id}): {decision}")
     return _result(
         client, cfg, client.get_model_version(cfg.name, version), created=True, shown_uri=shown_uri
     )

@@ -25,11 +25,9 @@ from pathlib import Path
 import orjson
 
 from embedtune.config import SplitConfig
-from embedtune.data import check_row, format_problems
+from embedtune.data import MAX_ERRORS, check_row, format_problems
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import atomic_write
-
-MAX_ERRORS = 20
 
 
 def query_key(query: str, seed: int) -> int:

@@ -1,0 +1,121 @@
+"""The layout of a training run's folders, and how a run knows where it stands.
+
+    output_dir/                 the final model (sentence-transformers folder, or a LoRA adapter)
+        train_result.json       written last: its presence marks a finished run
+        checkpoint-N/           while training (or under checkpoint_dir when set); deleted at the end
+
+A re-run of the same command on a finished folder returns `train_result.json` without training again (other
+knobs: an error, except bookkeeping ones that do not change the weights). An unfinished one resumes from the
+newest *complete* checkpoint (the Trainer writes `trainer_state.json` last, so one cut short is skipped).
+After the final save, `check_saved_weights` proves the weights are whole (ZeRO-3 shards saved without
+gathering would be empty tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import shutil
+from pathlib import Path
+
+from embedtune.config import TrainConfig
+from embedtune.errors import EmbedtuneError
+from embedtune.io import read_json
+from embedtune.modeling import Embedder, Reranker
+from embedtune.progress import say
+
+RESULT_FILE = "train_result.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Knobs that do not change the trained weights: a finished run re-run with other values is still "the same".
+BOOKKEEPING_KNOBS = {
+    "eval_data",
+    "checkpoint_dir",
+    "per_device_eval_batch_size",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "dataloader_num_workers",
+}
+
+
+def base_model_id(model: str) -> str:
+    """A local base model as an absolute path (adapters name their base), a hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """`checkpoint-N` folders of `out`, by step."""
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest *complete* checkpoint: the Trainer writes trainer_state.json last, so a checkpoint cut
+    short by a preemption is skipped."""
+    complete = [p for p in checkpoints(out) if (p / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def resumed_step(checkpoint: Path | None) -> int:
+    """The global step a checkpoint folder was saved at (0 for none)."""
+    return int(CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else 0
+
+
+def remove_checkpoints(ckpt_dir: Path, out: Path) -> None:
+    """Delete the run's checkpoint-N folders once its final model is saved and verified (they hold optimizer
+    states, several times the model's size); a separate `ckpt_dir` goes too when left empty."""
+    for ckpt in checkpoints(ckpt_dir):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if ckpt_dir != out:
+        with contextlib.suppress(OSError):
+            ckpt_dir.rmdir()  # only when empty: the run's own folder on a shared volume
+
+
+def finished_result(out: Path, cfg: TrainConfig) -> dict | None:
+    """The saved result when `out` holds a finished run of the same knobs; an error when of other knobs."""
+    if not (out / RESULT_FILE).is_file():
+        return None
+    result = read_json(out / RESULT_FILE)
+    before, now = result.get("config", {}), dataclasses.asdict(cfg)
+    changed = [k for k in now if k not in BOOKKEEPING_KNOBS and before.get(k) != now[k]]
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise EmbedtuneError(f"{out}: holds a finished run with other knobs ({diff}); use a new output_dir")
+    say("train", f"{out} already holds this finished run (step {result.get('global_step')}); nothing to do")
+    return result
+
+
+def check_saved_weights(out: Path, model: Embedder | Reranker, train_type: str) -> None:
+    """Fail loudly if the saved weights are not whole (e.g. ZeRO-3 shards saved without gathering)."""
+    from safetensors import safe_open
+
+    files = sorted(out.glob("adapter_model.safetensors" if train_type == "lora" else "model*.safetensors"))
+    if not files:
+        raise EmbedtuneError(f"{out}: no safetensors weights were written")
+    saved = {}
+    for f in files:
+        with safe_open(f, "pt") as st:
+            saved.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})  # noqa: SIM118
+    inner = model.inner
+
+    def shape(p):
+        return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
+
+    if train_type == "lora":
+        expected = {n.replace(".default", ""): shape(p) for n, p in inner.named_parameters() if "lora_" in n}
+        if not expected or saved != expected:
+            missing = sorted(set(expected) - set(saved))[:3]
+            wrong = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])[:3]
+            raise EmbedtuneError(
+                f"{out}: saved adapter is not whole (missing {missing}, wrong shapes {wrong})"
+            )
+        return
+    unique = {id(p): math.prod(shape(p)) for p in inner.parameters()}
+    empty = [k for k, s in saved.items() if math.prod(s) == 0]
+    if empty or sum(math.prod(s) for s in saved.values()) < sum(unique.values()):
+        raise EmbedtuneError(f"{out}: saved weights are not whole (empty tensors: {empty[:3]})")
