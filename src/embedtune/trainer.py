@@ -192,13 +192,29 @@ class EmbedtuneTrainer(Trainer):
 
 
 class StepLog(TrainerCallback):
-    """The progress bar, and one line per logging step on rank 0: step, loss, lr, samples/s."""
+    """The progress bar, and one line per logging step on rank 0: step, loss, lr, samples/s.
+
+    It also keeps the wall time of every optimizer step (`step_seconds`, end to end, so compilation and
+    evaluation show up where they happen): the first step's time and the median of the others say what a
+    compiled model costs up front and what it runs at (`timing()`).
+    """
 
     def __init__(self, global_batch: int, primary: str | None = None):
         self.global_batch = global_batch
         self.primary = primary  # evaluate's primary metric for the eval data's shape, logged as eval_<name>
         self.bar = None
         self.t, self.step = time.perf_counter(), 0
+        self.step_seconds: list[float] = []
+        self.last = time.perf_counter()
+
+    def timing(self) -> dict:
+        """`first_step_seconds` and `median_step_seconds` (the steady state: every step after the first)."""
+        steps = self.step_seconds
+        rest = sorted(steps[1:])
+        return {
+            "first_step_seconds": round(steps[0], 4) if steps else None,
+            "median_step_seconds": round(rest[len(rest) // 2], 4) if rest else None,
+        }
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -208,8 +224,12 @@ class StepLog(TrainerCallback):
                 total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True
             )
         self.t, self.step = time.perf_counter(), state.global_step
+        self.last = self.t
 
     def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.step_seconds.append(now - self.last)
+        self.last = now
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
@@ -226,6 +246,7 @@ class StepLog(TrainerCallback):
                 file=sys.stderr,
             )
         elif "eval_loss" in logs:
+            self.last = time.perf_counter()  # an evaluation is not part of the next step's time
             metric = f"eval_{self.primary}"
             self.bar.write(
                 f"step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}"

@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
 import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -134,7 +136,8 @@ def run(cfg: TrainConfig) -> dict:
     trainer.group_by_length = cfg.group_by_length
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
-    trainer.add_callback(StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None))
+    step_log = StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None)
+    trainer.add_callback(step_log)
     say(
         "train", f"resuming from {resume} (step {resumed_step(resume)})" if resume else "starting from step 0"
     )
@@ -174,6 +177,8 @@ def run(cfg: TrainConfig) -> dict:
             "train_runtime": train_out.metrics.get("train_runtime"),
             "train_samples_per_second": train_out.metrics.get("train_samples_per_second"),
             "tokenize_seconds": round(tokenize_s, 3),
+            **step_log.timing(),
+            "peak_memory_gb": peak_memory_gb(),
             "world_size": world,
             "global_batch_size": global_batch,
             "train_rows": len(train_set),
@@ -203,6 +208,13 @@ def run(cfg: TrainConfig) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- knobs
+def peak_memory_gb() -> float:
+    """Peak memory of this process: allocated GPU memory under CUDA, else the resident set size (rank 0)."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+
+
 def log_env_knobs(given: TrainConfig, cfg: TrainConfig) -> None:
     """Log the effective value of each env-var knob the loss reads, and where it came from."""
     fields = [f for f in ENV_DEFAULTS if f.startswith("infonce_")] if cfg.loss_type == "infonce" else []
