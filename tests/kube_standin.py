@@ -87,6 +87,7 @@ class StandIn:
         self.created: list[dict] = []  # every body accepted by POST
         self.deleted: list[str] = []
         self.calls: list[tuple[str, str]] = []
+        self.errors: list[str] = []  # the stand-in's own exceptions (a test fails on any)
         self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -99,6 +100,8 @@ class StandIn:
                 self.behaviour.deleted(self, name)
         self.server.shutdown()
         self.server.server_close()
+        if self.errors and sys.exc_info()[0] is None:  # called in `finally`: never hide the test's own error
+            raise AssertionError(f"the stand-in failed: {self.errors}")
 
     def kubeconfig(self, path: Path) -> Path:
         path.write_text(
@@ -205,13 +208,22 @@ class StandIn:
                 return json.loads(self.rfile.read(n)) if n else {}
 
             def do_POST(self):
-                self._route("POST")
+                self._safely("POST")
 
             def do_GET(self):
-                self._route("GET")
+                self._safely("GET")
 
             def do_DELETE(self):
-                self._route("DELETE")
+                self._safely("DELETE")
+
+            def _safely(self, method: str) -> None:
+                """A bug in the stand-in answers 500 (the client raises) instead of leaving it waiting."""
+                try:
+                    self._route(method)
+                except Exception as e:
+                    api.errors.append(repr(e))
+                    self._status(500, "InternalError", f"stand-in: {e!r}")
+                    self.close_connection = True
 
             def _route(self, method: str) -> None:
                 url = urlparse(self.path)
@@ -282,7 +294,7 @@ class StandIn:
                     for pod in [
                         p
                         for p, v in api.pods.items()
-                        if v["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name
+                        if selected(v, f"jobset.sigs.k8s.io/jobset-name={name}")
                     ]:
                         del api.pods[pod]
                     api.deleted.append(name)
@@ -400,7 +412,7 @@ class LocalNodes(Behaviour):
             pods = [
                 p
                 for p in api.pods.values()
-                if p["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == job["metadata"]["name"]
+                if selected(p, "jobset.sigs.k8s.io/jobset-name=" + job["metadata"]["name"])
             ]
             if rc != 0:
                 api.set_condition(

@@ -120,6 +120,8 @@ class Cluster:
         self.core = client.CoreV1Api(api_client)
         self.ns = namespace
 
+    TIMEOUT_S = 60  # per API call (not the log stream): a hung connection must not hang the step
+
     @staticmethod
     def _json(resp) -> dict:
         return orjson.loads(resp.data)
@@ -129,7 +131,7 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self._json(call(*args, **kwargs, _preload_content=False))
+            return self._json(call(*args, **kwargs, _preload_content=False, _request_timeout=self.TIMEOUT_S))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -144,7 +146,7 @@ class Cluster:
 
         try:
             self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, self.ns, PLURAL, body, _preload_content=False
+                GROUP, VERSION, self.ns, PLURAL, body, _preload_content=False, _request_timeout=self.TIMEOUT_S
             )
         except ApiException as e:
             if e.status == 409:
@@ -167,7 +169,10 @@ class Cluster:
         """The job's node pods, by node rank."""
         found = self._json(
             self.core.list_namespaced_pod(
-                self.ns, label_selector=NODE_PODS.format(name=name), _preload_content=False
+                self.ns,
+                label_selector=NODE_PODS.format(name=name),
+                _preload_content=False,
+                _request_timeout=self.TIMEOUT_S,
             )
         )["items"]
         return sorted(found, key=node_rank)
@@ -184,7 +189,10 @@ class Cluster:
         for obj in names:
             items = self._json(
                 self.core.list_namespaced_event(
-                    self.ns, field_selector=f"involvedObject.name={obj}", _preload_content=False
+                    self.ns,
+                    field_selector=f"involvedObject.name={obj}",
+                    _preload_content=False,
+                    _request_timeout=self.TIMEOUT_S,
                 )
             )["items"]
             for ev in sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or ""):
@@ -213,8 +221,9 @@ def connect():
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
         return client.ApiClient(), Path(SA_NAMESPACE).read_text().strip()
-    config.load_kube_config()
-    _, context = config.list_kube_config_contexts()
+    path = os.environ.get("KUBECONFIG")  # read now: the client reads it once, when it is first imported
+    config.load_kube_config(config_file=path)
+    _, context = config.list_kube_config_contexts(config_file=path)
     return client.ApiClient(), context["context"].get("namespace", "default")
 
 

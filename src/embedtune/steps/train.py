@@ -116,7 +116,9 @@ def run(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------- 4. model and tokens
     # TrainingArguments first: with ZeRO-3 it makes from_pretrained load the weights already sharded.
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = dataclasses.replace(cfg, nproc=world // cfg.nodes)  # under torchrun the processes are what they are
+    # Under torchrun the processes are what they are: per node, and nodes = world / per node.
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cfg = dataclasses.replace(cfg, nproc=per_node, nodes=world // per_node)
     ckpt_dir = Path(cfg.checkpoint_dir or cfg.output_dir)
     resume = latest_checkpoint(ckpt_dir)
     metric_data = metric_eval_data(cfg.eval_data, cfg.task_type) if eval_rows else None
