@@ -450,10 +450,8 @@ class Watch:
         if job is not None:
             say("train", f"attaching to TrainJob {self.name}, created by an earlier attempt of this step")
         elif self.cluster.create_job(self.body):
-            say(
-                "train",
-                f"created TrainJob {self.name}: {self.nodes} nodes x {self.body['spec']['trainer']['numProcPerNode']} processes",
-            )
+            per_node = self.body["spec"]["trainer"]["numProcPerNode"]
+            say("train", f"created TrainJob {self.name}: {self.nodes} nodes x {per_node} processes")
         else:
             say("train", f"TrainJob {self.name} was created meanwhile (another attempt): attaching")
 
@@ -499,9 +497,9 @@ class Watch:
                     print(line, file=sys.stderr, flush=True)
                     self.tail.append(line)
                     last = time.monotonic()
+            except EmbedtuneError:  # Cancelled (SIGTERM)
+                raise
             except Exception as e:  # a dropped connection: look at the job, then re-open
-                if isinstance(e, (EmbedtuneError, KeyboardInterrupt)):
-                    raise
                 say("train", f"TrainJob {self.name}: log stream dropped ({type(e).__name__}): re-opening")
             node0 = self.cluster.pod(pods[0]["metadata"]["name"]) or {}
             if condition(self.job(), "Complete") or (node0.get("status") or {}).get("phase") != "Running":
