@@ -315,7 +315,7 @@ class StandIn:
                         with api.lock:
                             api.behaviour.tick(api)  # time passes for the cluster while the log streams
                             text = api.log_text(pod)
-                            alive = query.get("follow") == "true" and api.log_open(pod)
+                            alive = query.get("follow", "").lower() in ("true", "1") and api.log_open(pod)
                         if len(text) > sent:
                             chunk = text[sent:].encode()
                             self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")

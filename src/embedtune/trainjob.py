@@ -484,19 +484,21 @@ class Watch:
             time.sleep(self.poll_s)
 
     def stream_logs(self) -> None:
-        """Node 0's log, line by line, to stderr (its progress lines are the run's); a dropped stream is
-        re-opened from where it stopped, `LOG_ATTEMPTS` times."""
-        last = None
-        for _ in range(LOG_ATTEMPTS):
+        """Node 0's log, line by line, to stderr (its progress lines are the run's). A stream that ends while
+        node 0 still runs (a dropped connection) is re-opened from where it stopped; after `LOG_ATTEMPTS`
+        opens in a row that bring nothing, the step only polls the job."""
+        last, misses = None, 0
+        while misses < LOG_ATTEMPTS:
             pods = [p for p in self.cluster.pods(self.name) if node_rank(p) == 0]
             if not pods:
                 return
             since = int(time.monotonic() - last) + 1 if last else None
+            got = False
             try:
                 for line in self.cluster.log_lines(pods[0]["metadata"]["name"], since):
                     print(line, file=sys.stderr, flush=True)
                     self.tail.append(line)
-                    last = time.monotonic()
+                    last, got = time.monotonic(), True
             except EmbedtuneError:  # Cancelled (SIGTERM)
                 raise
             except Exception as e:  # a dropped connection: look at the job, then re-open
@@ -504,6 +506,7 @@ class Watch:
             node0 = self.cluster.pod(pods[0]["metadata"]["name"]) or {}
             if condition(self.job(), "Complete") or (node0.get("status") or {}).get("phase") != "Running":
                 return  # node 0 is done (or gone): its whole log was read
+            misses = 0 if got else misses + 1
             time.sleep(self.poll_s)
 
     def wait_done(self, deadline_s: float | None) -> None:
