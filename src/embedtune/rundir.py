@@ -38,6 +38,8 @@ BOOKKEEPING_KNOBS = {
     "save_steps",
     "save_total_limit",
     "dataloader_num_workers",
+    "shared_dir",  # where a multi-node job staged its files, and the job's name: not the weights
+    "run_id",
 }
 
 
@@ -74,6 +76,45 @@ def remove_checkpoints(ckpt_dir: Path, out: Path) -> None:
     if ckpt_dir != out:
         with contextlib.suppress(OSError):
             ckpt_dir.rmdir()  # only when empty: the run's own folder on a shared volume
+
+
+def check_shared(folders: list[Path], rank: int, world: int) -> None:
+    """Under a multi-node job, prove every node sees the same `folders` before any training.
+
+    Global rank 0 alone writes the checkpoints' shared files, the final model and `train_result.json`, every
+    rank its own ZeRO shards and RNG state into the same checkpoint folder, and every rank reads the newest
+    checkpoint back on resume: a folder that is local to each node would train for hours, then fail to
+    save, or resume nodes from different steps. Rank 0 writes a token file into each folder, every rank reads
+    it back, and all ranks fail together, naming the folder and the ranks that could not see it.
+    Collective: every rank must call it.
+    """
+    import secrets
+
+    import torch.distributed as dist
+
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token)
+    probes = [Path(f) / f".embedtune-shared-{token[0]}" for f in folders]
+    if rank == 0:
+        for probe in probes:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token[0])
+    dist.barrier()
+    seen = [probe.is_file() and probe.read_text() == token[0] for probe in probes]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, seen)
+    dist.barrier()  # every rank has looked before rank 0 removes the files
+    if rank == 0:
+        for probe in probes:
+            probe.unlink(missing_ok=True)
+    for i, folder in enumerate(folders):
+        blind = [r for r, s in enumerate(everyone) if not s[i]]
+        if blind:
+            raise EmbedtuneError(
+                f"{folder}: not shared between the nodes (ranks {blind} do not see what rank 0 wrote there); "
+                "a multi-node job needs its output and checkpoint folders on one volume every node mounts "
+                "(a ReadWriteMany claim)"
+            )
 
 
 def finished_result(out: Path, cfg: TrainConfig) -> dict | None:
