@@ -6,7 +6,8 @@
 
 A re-run of the same command on a finished folder returns `train_result.json` without training again (other
 knobs: an error, except bookkeeping ones that do not change the weights). An unfinished one resumes from the
-newest *complete* checkpoint (the Trainer writes `trainer_state.json` last, so one cut short is skipped).
+newest *whole* checkpoint: one cut short (a file missing or shorter than its format says) is skipped for the
+previous one, and one holding a pickle that would run code is refused (`checkpoint_problem`).
 After the final save, `check_saved_weights` proves the weights are whole (ZeRO-3 shards saved without
 gathering would be empty tensors).
 """
@@ -15,16 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from embedtune.config import TrainConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.io import read_json
 from embedtune.modeling import Embedder, Reranker
-from embedtune.progress import say
+from embedtune.progress import rank, say
+from embedtune.safety import PICKLE_SUFFIXES, check_pickle
 
 RESULT_FILE = "train_result.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -54,11 +58,72 @@ def checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _safetensors_problem(f: Path) -> str | None:
+    """Why a .safetensors file is not whole (its header says how long the file must be), or None."""
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "cut short (no header)"
+        n = int.from_bytes(head, "little")
+        if n > f.stat().st_size - 8:
+            return "cut short (in its header)"
+        try:
+            header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "unreadable header"
+    size = f.stat().st_size
+    return None if size == 8 + n + end else f"{size} bytes, its header says {8 + n + end}"
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (a file cut short or missing), or None when it is whole.
+
+    The Trainer writes trainer_state.json last, so a checkpoint cut short by a preemption usually lacks it;
+    a checkpoint copied half, or written on a filesystem that reorders writes, can hold it and still miss
+    bytes elsewhere. So every file is checked against its own format: safetensors against the length its
+    header announces, torch pickles (optimizer, scheduler, RNG, DeepSpeed shards) as whole zip archives,
+    JSON files as parseable. A pickle that would run code is not "cut short": `safety.check_pickle` refuses
+    it (EmbedtuneError), and nothing is loaded.
+    """
+    state = ckpt / "trainer_state.json"
+    try:
+        if not state.is_file():
+            return "no trainer_state.json"
+        files = sorted(f for f in ckpt.rglob("*") if f.is_file())
+        if not any(f.suffix == ".safetensors" or f.parent.name.startswith("global_step") for f in files):
+            return "no weights"
+        for f in files:
+            where = f.relative_to(ckpt)
+            if f.suffix == ".safetensors" and (why := _safetensors_problem(f)):
+                return f"{where}: {why}"
+            if f.suffix == ".json":
+                try:
+                    json.loads(f.read_bytes())
+                except ValueError:
+                    return f"{where}: not valid JSON (cut short)"
+            if f.suffix in PICKLE_SUFFIXES:
+                if not zipfile.is_zipfile(f):
+                    return f"{where}: not a whole torch file (cut short)"
+                check_pickle(f)
+    except OSError as e:  # vanished while we looked (another rank set it aside)
+        return f"unreadable: {e}"
+    return None
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest *complete* checkpoint: the Trainer writes trainer_state.json last, so a checkpoint cut
-    short by a preemption is skipped."""
-    complete = [p for p in checkpoints(out) if (p / "trainer_state.json").is_file()]
-    return complete[-1] if complete else None
+    """The newest *whole* checkpoint of `out` (see `checkpoint_problem`). Newer ones that are cut short are
+    skipped, said so, and set aside by rank 0 as `incomplete-checkpoint-N` (a name the Trainer's checkpoint
+    rotation ignores; the run saves at that step again; `remove_checkpoints` deletes them with the rest)."""
+    for ckpt in reversed(checkpoints(out)):
+        why = checkpoint_problem(ckpt)
+        if why is None:
+            return ckpt
+        say("train", f"skipping {ckpt}: {why}")
+        if rank() == 0:
+            with contextlib.suppress(OSError):
+                ckpt.rename(ckpt.with_name(f"incomplete-{ckpt.name}"))
+    return None
 
 
 def resumed_step(checkpoint: Path | None) -> int:
@@ -69,7 +134,7 @@ def resumed_step(checkpoint: Path | None) -> int:
 def remove_checkpoints(ckpt_dir: Path, out: Path) -> None:
     """Delete the run's checkpoint-N folders once its final model is saved and verified (they hold optimizer
     states, several times the model's size); a separate `ckpt_dir` goes too when left empty."""
-    for ckpt in checkpoints(ckpt_dir):
+    for ckpt in [*checkpoints(ckpt_dir), *ckpt_dir.glob("incomplete-checkpoint-*")]:
         shutil.rmtree(ckpt, ignore_errors=True)
     if ckpt_dir != out:
         with contextlib.suppress(OSError):

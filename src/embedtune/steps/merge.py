@@ -46,7 +46,15 @@ from embedtune.config import MergeConfig
 from embedtune.data import read_rows
 from embedtune.errors import EmbedtuneError
 from embedtune.io import write_json
-from embedtune.modeling import META_FILE, Reranker, is_adapter, load_model, read_meta, task_type_of
+from embedtune.modeling import (
+    META_FILE,
+    Reranker,
+    check_sources,
+    is_adapter,
+    load_model,
+    read_meta,
+    task_type_of,
+)
 from embedtune.progress import say
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
@@ -156,6 +164,8 @@ def run(cfg: MergeConfig) -> dict:
     _check_output(out)
 
     if not is_adapter(src):
+        trust = bool((read_meta(src).get("train_config") or {}).get("trust_remote_code", False))
+        check_sources(str(src), trust)  # passed on to register: no pickle that runs code, no unasked-for code
         with _staging(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             _publish(tmp, out)

@@ -55,9 +55,10 @@ from embedtune.data import is_number
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import read_json
 from embedtune.mlflow_models import LOGGERS, redacted_copy
-from embedtune.modeling import META_FILE, is_adapter, read_meta
+from embedtune.modeling import META_FILE, check_sources, is_adapter, read_meta
 from embedtune.progress import say
 from embedtune.report import metric_table
+from embedtune.safety import mask_credentials
 
 DEFAULT_HOME = "~/.embedtune"  # local store: mlflow.db + mlartifacts/ (used when no URI is given)
 RUN_ID_TAG = "embedtune.pipeline_run_id"  # the idempotency key, set on the version as its last step
@@ -95,7 +96,7 @@ class Redactor:
         self.secrets.sort(key=len, reverse=True)
 
     def __call__(self, text) -> str:
-        text = str(text)
+        text = mask_credentials(str(text))  # any other URI's user:password@ too
         for s in self.secrets:
             text = text.replace(s, "***")
         return text
@@ -103,7 +104,7 @@ class Redactor:
 
 def redact_uri(uri: str) -> str:
     """`https://user:pw@host/x` -> `https://***@host/x`."""
-    return re.sub(r"^([a-z][\w+.-]*://)[^/@]+@", r"\1***@", uri)
+    return mask_credentials(uri)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -116,7 +117,9 @@ def read_model_meta(model_dir: Path) -> dict:
             f"{model_dir}: is a LoRA adapter; run `embedtune merge --adapter {model_dir} --output DIR` "
             "and register the merged folder"
         )
-    return {"task_type": "embedding", "base_model": str(model_dir), **read_meta(model_dir)}
+    meta = {"task_type": "embedding", "base_model": str(model_dir), **read_meta(model_dir)}
+    check_sources(str(model_dir), bool((meta.get("train_config") or {}).get("trust_remote_code", False)))
+    return meta
 
 
 def metric_name(name: str) -> str:
@@ -344,6 +347,8 @@ def run(cfg: RegisterConfig) -> dict:
     uri, artifact_location = resolve_tracking_uri(cfg.tracking_uri)
     redact = Redactor(uri)
     shown_uri = redact_uri(uri)
+    if shown_uri != uri:  # MLflow prints "View run ... at: <the URI>" when a run ends, credentials and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     client = MlflowClient(tracking_uri=uri)
     check_reachable(client, shown_uri, redact)
 
