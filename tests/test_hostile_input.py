@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import math
+import os
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -38,7 +39,12 @@ BLANKS = ["   ", "\u00a0", "\u200b", "\u3000", "\ufeff", "\t\n", "\u00a0\u200b\u
 # Texts that show something, kept byte for byte (invisible characters around or inside visible ones).
 VISIBLE = [" leading space", "trailing\u200b", "\u200bword", "a\tb\nc", "\u00a0x\u00a0", "é", "你好", "😀",
            "\u0301", "\ue000"]  # fmt: skip
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# Examples per fuzz test: bounded so `make test` stays fast; `bench/fuzz.py` raises it for a long run.
+FUZZ = settings(
+    max_examples=int(os.environ.get("EMBEDTUNE_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 def spec_blank(text: str) -> bool:

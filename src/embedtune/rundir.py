@@ -18,8 +18,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from embedtune.errors import EmbedtuneError
 from embedtune.io import read_json
 from embedtune.modeling import Embedder, Reranker
 from embedtune.progress import rank, say
-from embedtune.safety import PICKLE_SUFFIXES, check_pickle
+from embedtune.safety import NEVER_LOADED, PICKLE_SUFFIXES, check_pickle
 
 RESULT_FILE = "train_result.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -91,8 +93,18 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         if not state.is_file():
             return "no trainer_state.json"
         files = sorted(f for f in ckpt.rglob("*") if f.is_file())
-        if not any(f.suffix == ".safetensors" or f.parent.name.startswith("global_step") for f in files):
+        if not any(f.suffix == ".safetensors" for f in files):
             return "no weights"
+        shards = [f for f in files if f.parent.name.startswith("global_step")]
+        if shards:  # DeepSpeed: its tag file and, per rank, a model and an optimizer state
+            n_model = sum(f.name.endswith("model_states.pt") for f in shards)
+            n_optim = sum(f.name.endswith("optim_states.pt") for f in shards)
+            if not (ckpt / "latest").is_file() or not n_model or n_model != n_optim:
+                return f"DeepSpeed states incomplete ({n_model} model, {n_optim} optimizer files)"
+        else:  # the HF Trainer silently skips a missing optimizer: that would resume half
+            for name in ("optimizer.pt", "scheduler.pt"):
+                if not (ckpt / name).is_file():
+                    return f"no {name}"
         for f in files:
             where = f.relative_to(ckpt)
             if f.suffix == ".safetensors" and (why := _safetensors_problem(f)):
@@ -102,7 +114,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
                     json.loads(f.read_bytes())
                 except ValueError:
                     return f"{where}: not valid JSON (cut short)"
-            if f.suffix in PICKLE_SUFFIXES:
+            if f.suffix in PICKLE_SUFFIXES and f.name not in NEVER_LOADED:
                 if not zipfile.is_zipfile(f):
                     return f"{where}: not a whole torch file (cut short)"
                 check_pickle(f)
@@ -184,3 +196,27 @@ def check_saved_weights(out: Path, model: Embedder | Reranker, train_type: str) 
     empty = [k for k, s in saved.items() if math.prod(s) == 0]
     if empty or sum(math.prod(s) for s in saved.values()) < sum(unique.values()):
         raise EmbedtuneError(f"{out}: saved weights are not whole (empty tensors: {empty[:3]})")
+
+
+def save_final(out: Path, write) -> None:
+    """`write(folder)` the final model into a staging folder beside `out`, then move its files into `out`.
+
+    A save that fails half-way (a full disk) leaves no partial model file in `out` (which may hold the
+    run's checkpoints and earlier files) and raises `EmbedtuneError` naming the folder; the moves are
+    renames within one filesystem, so they need no space.
+    """
+    from safetensors import SafetensorError
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    try:
+        write(tmp)
+        for entry in sorted(tmp.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    except (OSError, SafetensorError) as e:
+        raise EmbedtuneError(f"{out}: cannot save the model: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -143,6 +143,17 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
+def _write_errors(out: Path):
+    """A full disk (or any write error) while staging: one line naming the output, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise EmbedtuneError(f"{out}: cannot write the merged model: {e}") from None
+
+
+@contextlib.contextmanager
 def _staging(out: Path):
     """A temporary folder beside `out` (same filesystem: the final rename is atomic), removed on error."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +177,7 @@ def run(cfg: MergeConfig) -> dict:
     if not is_adapter(src):
         trust = bool((read_meta(src).get("train_config") or {}).get("trust_remote_code", False))
         check_sources(str(src), trust)  # passed on to register: no pickle that runs code, no unasked-for code
-        with _staging(out) as tmp:
+        with _write_errors(out), _staging(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             _publish(tmp, out)
         say("merge", f"{src} holds full weights (no adapter): copied to {out} unchanged")
@@ -196,7 +207,7 @@ def run(cfg: MergeConfig) -> dict:
 
     meta = {k: v for k, v in read_meta(src).items() if k != "embedtune_version"}
     meta["merged_from_adapter"] = True
-    with _staging(out) as tmp:
+    with _write_errors(out), _staging(out) as tmp:
         model.save_pretrained(tmp, meta=meta)
         del model
         gc.collect()
