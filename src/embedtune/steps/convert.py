@@ -348,27 +348,27 @@ class Converter:
             ):
                 self._slow(name, where, shape, n, row)
                 continue
-            nn = len(neg)
+            lq, nn, nl, k = len(q), len(neg), list(map(len, neg)), len(parts)
             try:
-                lines = [
-                    dumps({"query": q, "response": p, "rejected_response": neg}, option=_NL)
-                    if nn
-                    else dumps({"query": q, "response": p}, option=_NL)
-                    for p in pos
-                ]
+                for p in pos:
+                    parts.append(
+                        dumps({"query": q, "response": p, "rejected_response": neg}, option=_NL)
+                        if nn
+                        else dumps({"query": q, "response": p}, option=_NL)
+                    )
+                    qlens.append(lq)
+                    rlens.append(len(p))
+                    nnegs.append(nn)
+                    nlens += nl
             except TypeError:  # a lone surrogate (JSON lists are read by Python's json): `_slow` rejects it
+                done = len(parts) - k  # positives already written for this row: take them back
+                del parts[k:], qlens[len(qlens) - done :], rlens[len(rlens) - done :]
+                del nnegs[len(nnegs) - done :], nlens[len(nlens) - done * nn :]
                 self._slow(name, where, shape, n, row)
-                continue
-            parts += lines
-            h = hash(q)
-            if not h & mask:
-                add_q(h)
-            lq, nl = len(q), list(map(len, neg))
-            for p in pos:
-                qlens.append(lq)
-                rlens.append(len(p))
-                nnegs.append(nn)
-                nlens += nl
+            else:
+                h = hash(q)
+                if not h & mask:
+                    add_q(h)
 
     def _canonical_batch(self, name, where, shape, numbers, rows):
         loss, required = self.cfg.loss_type, self.label_required
