@@ -155,3 +155,40 @@ def test_mask_credentials_masks_userinfo_in_any_uri_inside_any_text():
         "failed: https://***@mlflow.example.com/api and s3://***@bucket/x, not a@b.c"
     )
     assert mask_credentials("sqlite:////home/u/mlflow.db") == "sqlite:////home/u/mlflow.db"
+
+
+def test_a_source_with_credentials_is_masked_in_errors_and_progress_lines(tmp_path, capsys):
+    from embedtune.progress import say
+
+    line = cli_error(capsys, "convert", "--source", "https://bob:s3cr3t@data.example.com/x/rows.jsonl",
+                     "--output", str(tmp_path / "o.jsonl"))  # fmt: skip
+    assert "https://***@data.example.com/x/rows.jsonl" in line and "s3cr3t" not in line
+    say("train", "loading https://bob:s3cr3t@models.example.com/m")
+    assert capsys.readouterr().err == "embedtune train: loading https://***@models.example.com/m\n"
+
+
+def test_a_tracking_uri_with_credentials_is_masked_in_every_output_log_and_mlflow_field(
+    mlflow_server, minilm_path, tmp_path, capfd
+):
+    """register through the CLI with `http://user:password@host`: the password and the user appear nowhere:
+    not in its stdout / stderr (MLflow's own "View run at" line included), params, tags, description."""
+    from mlflow import MlflowClient
+
+    model = tmp_path / "model"
+    Embedder.from_pretrained(minilm_path, max_length=128).save_pretrained(
+        model, meta={"base_model": "all-MiniLM-L6-v2", "train_type": "full", "train_config": {"seed": 1}}
+    )
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"primary_metric": "map", "primary_value": 0.5, "metrics": {"map": 0.5}}))
+    uri = mlflow_server.replace("http://", "http://bob-user:s3cr3t-pw@")
+    name = f"masked-{tmp_path.name[-6:]}"
+    assert cli(["register", "--model", str(model), "--metrics", str(metrics), "--name", name,
+                "--run-id", "masked-1", "--tracking-uri", uri]) == 0  # fmt: skip
+    out, err = capfd.readouterr()
+    result = json.loads(out[out.index("{\n") :])  # (DeepSpeed's logger, imported earlier, writes here too)
+    assert result["tracking_uri"] == mlflow_server.replace("http://", "http://***@")
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result["mlflow_run_id"])
+    mv = client.get_model_version(name, result["version"])
+    seen = json.dumps([out, err, run.data.params, run.data.tags, mv.tags, mv.description])
+    assert "s3cr3t" not in seen and "bob-user" not in seen
