@@ -217,8 +217,8 @@ def test_train_killed_inside_a_kfp_local_pipeline_resumes_on_retry_and_registers
     assert out["registered"]
     client = MlflowClient(out["tracking_uri"])
     versions = client.search_model_versions("name = 'tiny-killed'")
-    assert [v.version for v in versions] == ["1"]
-    assert client.get_model_version_by_alias("tiny-killed", "champion").version == "1"
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias("tiny-killed", "champion").version) == "1"
     assert not list(ckpt_root.glob("*/checkpoint-*"))  # deleted after the verified final save
 
 
@@ -330,9 +330,9 @@ def test_mlflow_server_stopped_mid_register_leaves_nothing_half_registered_and_a
 
     result = register.run(cfg)  # the same run id, the server back
     versions = client.search_model_versions(f"name = '{name}'")
-    assert [v.version for v in versions] == [result["version"]] and result["created"]
+    assert [str(v.version) for v in versions] == [result["version"]] and result["created"]
     assert sorted(client.get_registered_model(name).aliases) == ["challenger", "champion"]
-    assert set(client.get_registered_model(name).aliases.values()) == {result["version"]}
+    assert {str(v) for v in client.get_registered_model(name).aliases.values()} == {result["version"]}
     runs = client.search_runs([client.get_experiment_by_name("embedtune").experiment_id],
                               "tags.`embedtune.pipeline_run_id` = 'run-1'")  # fmt: skip
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
@@ -363,7 +363,7 @@ def test_two_registers_racing_for_the_champion_leave_it_on_the_better_one(
     client = MlflowClient(mlflow_server)
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version == outs["better"]["version"]
+    assert str(champion.version) == outs["better"]["version"]
     assert float(champion.tags["embedtune.primary_value"]) == 0.9
     assert not client.search_registered_models(f"name = '{name}{register.LOCK_SUFFIX}'")  # lock released
 

@@ -23,8 +23,8 @@ folder or a bad metrics file leaves no trace:
    `baseline_<m>` / `delta_<m>` when evaluate measured a baseline, lineage tags (`embedtune.pipeline_run_id`,
    `embedtune.base_model`, `embedtune.dataset_fingerprint`, `embedtune.version`, `embedtune.image`) and the
    model, logged with the MLflow 3 API under `name="model"`.
-6. Register a version, point alias `challenger` at it, then, holding a per-name lock (`champion_lock`: two
-   registers racing for one name take turns), read the champion and move `champion` to the new version
+6. Register a version, then, holding a per-name lock (`champion_lock`: two registers racing for one name
+   take turns), point alias `challenger` at it, read the champion and move `champion` to the new version
    only when `primary > champion's primary + min_improvement` or there is no champion (every metric
    embedtune reports is higher-is-better). The decision and both numbers are printed (stderr) and tagged on
    the version and the run; the run-id tag comes last. A failure after the run started deletes the
@@ -389,10 +389,7 @@ def run(cfg: RegisterConfig) -> dict:
     mlflow.set_tracking_uri(uri)
     version = None
     try:
-        exp = client.get_experiment_by_name(cfg.experiment_name)
-        exp_id = (
-            exp.experiment_id if exp else client.create_experiment(cfg.experiment_name, artifact_location)
-        )
+        exp_id = experiment_id(client, cfg.experiment_name, artifact_location)
         run_name = f"{cfg.name}-{cfg.run_id}" if cfg.run_id else cfg.name
         # The context manager ends the run FAILED when anything below raises.
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=lineage) as active:
@@ -412,10 +409,10 @@ def run(cfg: RegisterConfig) -> dict:
                 info.model_uri, cfg.name, tags={k: v for k, v in lineage.items() if k != RUN_ID_TAG}
             )
             version = mv.version
-            client.set_registered_model_alias(cfg.name, "challenger", version)
-            # The gate reads the champion and moves the alias under a lock: two registers racing for one
-            # name each compare against the champion the other one may just have set.
+            # Aliases move under a lock: two registers racing for one name each compare against the
+            # champion the other one may just have set (and MLflow's own alias upsert is not atomic).
             with champion_lock(client, cfg.name):
+                client.set_registered_model_alias(cfg.name, "challenger", version)
                 champ_version, champ_metric, champ_value = current_champion(client, cfg.name)
                 promote, decision = champion_gate(
                     metrics["primary"], metrics["value"], champ_version, champ_metric, champ_value,
@@ -459,6 +456,19 @@ def run(cfg: RegisterConfig) -> dict:
     return _result(
         client, cfg, client.get_model_version(cfg.name, version), created=True, shown_uri=shown_uri
     )
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created when missing (two registers creating it at once: one wins, both use it)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 LOCK_SUFFIX = ".embedtune-champion-lock"
