@@ -78,6 +78,16 @@ def _safetensors_problem(f: Path) -> str | None:
     return None if size == 8 + n + end else f"{size} bytes, its header says {8 + n + end}"
 
 
+def _ranks(shards: list[Path], suffix: str) -> set:
+    """Ranks of DeepSpeed files ending in `suffix` (`zero_pp_rank_R_...`; None for one shared by all ranks)."""
+    found = set()
+    for f in shards:
+        if f.name.endswith(suffix):
+            m = re.search(r"zero_pp_rank_(\d+)_", f.name)
+            found.add(m.group(1) if m else None)
+    return found
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from (a file cut short or missing), or None when it is whole.
 
@@ -96,11 +106,12 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         if not any(f.suffix == ".safetensors" for f in files):
             return "no weights"
         shards = [f for f in files if f.parent.name.startswith("global_step")]
-        if shards:  # DeepSpeed: its tag file and, per rank, a model and an optimizer state
-            n_model = sum(f.name.endswith("model_states.pt") for f in shards)
-            n_optim = sum(f.name.endswith("optim_states.pt") for f in shards)
-            if not (ckpt / "latest").is_file() or not n_model or n_model != n_optim:
-                return f"DeepSpeed states incomplete ({n_model} model, {n_optim} optimizer files)"
+        if shards:  # DeepSpeed: its tag file, an optimizer state per rank, model states (ZeRO-3: per rank)
+            model = _ranks(shards, "model_states.pt")
+            optim = _ranks(shards, "optim_states.pt")
+            per_rank = model - {None}
+            if not (ckpt / "latest").is_file() or not model or not optim or (per_rank and per_rank != optim):
+                return f"DeepSpeed states incomplete (model states of ranks {sorted(map(str, model))}, optimizer states of ranks {sorted(map(str, optim))})"
         else:  # the HF Trainer silently skips a missing optimizer: that would resume half
             for name in ("optimizer.pt", "scheduler.pt"):
                 if not (ckpt / name).is_file():
