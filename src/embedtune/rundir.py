@@ -98,25 +98,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     JSON files as parseable. A pickle that would run code is not "cut short": `safety.check_pickle` refuses
     it (EmbedtuneError), and nothing is loaded.
     """
-    state = ckpt / "trainer_state.json"
     try:
-        if not state.is_file():
-            return "no trainer_state.json"
         files = sorted(f for f in ckpt.rglob("*") if f.is_file())
-        if not any(f.suffix == ".safetensors" for f in files):
-            return "no weights"
-        shards = [f for f in files if f.parent.name.startswith("global_step")]
-        if shards:  # DeepSpeed: its tag file, an optimizer state per rank, model states (ZeRO-3: per rank)
-            model = _ranks(shards, "model_states.pt")
-            optim = _ranks(shards, "optim_states.pt")
-            per_rank = model - {None}
-            if not (ckpt / "latest").is_file() or not model or not optim or (per_rank and per_rank != optim):
-                return f"DeepSpeed states incomplete (model states of ranks {sorted(map(str, model))}, optimizer states of ranks {sorted(map(str, optim))})"
-        else:  # the HF Trainer silently skips a missing optimizer: that would resume half
-            for name in ("optimizer.pt", "scheduler.pt"):
-                if not (ckpt / name).is_file():
-                    return f"no {name}"
-        for f in files:
+        for f in files:  # every file against its format; pickles first of all against running code
             where = f.relative_to(ckpt)
             if f.suffix == ".safetensors" and (why := _safetensors_problem(f)):
                 return f"{where}: {why}"
@@ -128,7 +112,25 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             if f.suffix in PICKLE_SUFFIXES and f.name not in NEVER_LOADED:
                 if not zipfile.is_zipfile(f):
                     return f"{where}: not a whole torch file (cut short)"
-                check_pickle(f)
+                check_pickle(f)  # raises: refused, whatever else the checkpoint lacks
+        if not (ckpt / "trainer_state.json").is_file():
+            return "no trainer_state.json"
+        if not any(f.suffix == ".safetensors" for f in files):
+            return "no weights"
+        shards = [f for f in files if f.parent.name.startswith("global_step")]
+        if shards:  # DeepSpeed: its tag file, an optimizer state per rank, model states (ZeRO-3: per rank)
+            model = _ranks(shards, "model_states.pt")
+            optim = _ranks(shards, "optim_states.pt")
+            per_rank = model - {None}
+            if not (ckpt / "latest").is_file() or not model or not optim or (per_rank and per_rank != optim):
+                return (
+                    f"DeepSpeed states incomplete (model states of ranks {sorted(map(str, model))}, "
+                    f"optimizer states of ranks {sorted(map(str, optim))})"
+                )
+        else:  # the HF Trainer silently skips a missing optimizer: that would resume half
+            for name in ("optimizer.pt", "scheduler.pt"):
+                if not (ckpt / name).is_file():
+                    return f"no {name}"
     except OSError as e:  # vanished while we looked (another rank set it aside)
         return f"unreadable: {e}"
     return None
