@@ -79,6 +79,7 @@ from embedtune.rundir import (
     latest_checkpoint,
     remove_checkpoints,
     resumed_step,
+    save_final,
 )
 from embedtune.trainer import EmbedtuneTrainer, StepLog, TrainModel, training_arguments
 from embedtune.trainjob import check_submit, run_on_nodes
@@ -185,8 +186,14 @@ def run(cfg: TrainConfig) -> dict:
             "train_type": cfg.train_type,
             "train_config": saved_config,
         }
-        model.save_pretrained(out, meta=meta, state_dict=trainer.model.inner_weights(state))
-        check_saved_weights(out, model, cfg.train_type)
+        weights = trainer.model.inner_weights(state)
+        save_final(  # staged beside `out`, checked whole, then moved in: a full disk leaves no half model
+            out,
+            lambda tmp: (
+                model.save_pretrained(tmp, meta=meta, state_dict=weights),
+                check_saved_weights(tmp, model, cfg.train_type),
+            ),
+        )
         history = trainer.state.log_history
         names = METRIC_NAMES[metric_data.shape] if metric_data else ()
         result = {
