@@ -189,21 +189,26 @@ def test_dropout_draws_the_same_masks_in_both_passes(tiny_qwen3_path, monkeypatc
 # ------------------------------------------------------------------------------------------ 2 gloo ranks
 def _two_rank_worker(rank: int, world: int, port: int, path: str, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model = make_model(Path(path), "infonce", chunk=3)
     rows = rows_for("infonce")
     # rank 0: rows 0-4, rank 1: rows 5-7: different numbers of rows and of real negatives, so of texts.
     mine = rows[:5] if rank == 0 else rows[5:8]
-    batch = batch_of(model, mine)
-    loss, g = cached(model, batch, chunk=3)
-    for t in g.values():
-        dist.all_reduce(t)
-        t /= world  # what DDP / DeepSpeed apply: the mean over ranks
-    losses = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(losses, torch.tensor([loss]))
+    results = {}
+    # chunk 1: rank 1 has fewer texts than rank 0 has chunks, so it runs stand-in chunks to keep in step.
+    for chunk in (3, 1):
+        model = make_model(Path(path), "infonce", chunk=chunk)
+        batch = batch_of(model, mine)
+        loss, g = cached(model, batch, chunk=chunk)
+        for t in g.values():
+            dist.all_reduce(t)
+            t /= world  # what DDP / DeepSpeed apply: the mean over ranks
+        losses = [torch.zeros(1) for _ in range(world)]
+        dist.all_gather(losses, torch.tensor([loss]))
+        texts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(texts, torch.tensor([len(batch["input_ids"])]))
+        chunks = len(plan(len(batch["input_ids"]), chunk))
+        results[chunk] = {"grads": g, "loss": float(sum(losses)) / world, "texts": texts, "chunks": chunks}
     if rank == 0:
-        torch.save(
-            {"grads": g, "loss": float(sum(losses)) / world, "texts": len(batch["input_ids"])}, out_path
-        )
+        torch.save(results, out_path)
     dist.destroy_process_group()
 
 
@@ -215,8 +220,11 @@ def test_two_ranks_cached_gradients_equal_one_process_uncached_with_cross_rank_n
     got = torch.load(out)
     model = make_model(tiny_qwen3_path, "infonce", chunk=0)
     want_loss, want = uncached(model, batch_of(model, rows_for("infonce")[:8]))
-    assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
-    assert_same_grads(got["grads"], want)
+    texts = [int(t) for t in got[1]["texts"]]
+    assert texts[1] < texts[0] == got[1]["chunks"]  # rank 1 ran stand-ins
+    for chunk in (3, 1):
+        assert got[chunk]["loss"] == pytest.approx(want_loss, rel=1e-5)
+        assert_same_grads(got[chunk]["grads"], want)
 
 
 # ------------------------------------------------------------------------------------------ the Trainer

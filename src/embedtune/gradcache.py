@@ -14,6 +14,10 @@ Batch Size under Memory Limited Setup"):
    back-propagate sum(outputs_chunk * g_chunk). Its gradient with respect to the parameters is
    J_chunk^T g_chunk, so the sum over chunks is the chain rule of the uncached step: the same gradient.
 
+With dropout, "the same gradient" means that of the outputs pass 1 computed: chunked, each chunk with its
+own masks. A one-pass forward over the whole batch would draw other masks (different shapes, different
+draws), which is a different random sample, not a different loss.
+
 Cost: one more forward pass per step (about 1.33x the compute when backward costs two forwards). Memory:
 the activations of one chunk, plus the (T, H) outputs and their gradient.
 
