@@ -52,6 +52,7 @@ def train(
     per_device_train_batch_size: int,
     per_device_eval_batch_size: int,
     gradient_accumulation_steps: int,
+    gradient_cache_chunk_size: int,
     learning_rate: float,
     weight_decay: float,
     warmup_ratio: float,

@@ -167,6 +167,7 @@ def embedtune_pipeline(
     per_device_train_batch_size: int = default("per_device_train_batch_size"),
     per_device_eval_batch_size: int = default("per_device_eval_batch_size"),
     gradient_accumulation_steps: int = default("gradient_accumulation_steps"),
+    gradient_cache_chunk_size: int = default("gradient_cache_chunk_size"),
     learning_rate: float = default("learning_rate"),
     weight_decay: float = default("weight_decay"),
     warmup_ratio: float = default("warmup_ratio"),

@@ -95,6 +95,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 8  # rows per process per step (the global batch is this x nproc x accumulation)
     per_device_eval_batch_size: int = 16  # rows per process per eval step
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (never adds infonce negatives)
+    gradient_cache_chunk_size: int = 0  # > 0: gradient cache (GradCache), texts per forward pass: the batch is encoded chunk by chunk without a graph, then each chunk again with the cached gradient of the whole batch's loss; same loss and gradients (every in-batch negative of the global batch) at the activation memory of one chunk, ~1.33x compute; 0: off
     learning_rate: float = 2e-5  # peak learning rate (ms-swift uses 1e-4 for LoRA, 1e-5 for full)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.1  # fraction of steps spent warming the learning rate up linearly

@@ -1,9 +1,12 @@
 """The Hugging Face Trainer, fitted to embedding and reranker losses.
 
 - `TrainModel`: the module the Trainer trains. Its `forward(**batch)` encodes every text of a collated batch
-  (see `embedtune.batching`) in one pass and returns `{"loss": LOSSES[loss_type](...)}`.
-- `EmbedtuneTrainer`: length-grouped (and, for infonce, duplicate-free) training batches; every evaluation
-  also reports evaluate's own metrics for the eval file's shape, sharded across ranks (`gather_over_ranks`).
+  (see `embedtune.batching`) in one pass (`encode`) and returns `{"loss": loss_from_outputs(...)}`, the
+  loss picked by name from `LOSSES`.
+- `EmbedtuneTrainer`: length-grouped (and, for infonce, duplicate-free) training batches; with
+  `gradient_cache_chunk_size` a training step runs the gradient cache (`embedtune.gradcache`); every
+  evaluation also reports evaluate's own metrics for the eval file's shape, sharded across ranks
+  (`gather_over_ranks`).
 - `StepLog`: the progress bar and one line per logging step (step, loss, lr, samples/s).
 - `training_arguments(cfg, ...)`: `TrainingArguments` from the train knobs (same names), plus what embedtune
   always does (bf16 on GPUs that have it, gloo on CPU, DeepSpeed configs shipped in the package).
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from importlib import resources
@@ -18,21 +22,27 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from embedtune.batching import LengthGroupedSampler
 from embedtune.config import TrainConfig
 from embedtune.evaldata import EvalData
+from embedtune.gradcache import cached_backward, encode_without_graph
 from embedtune.losses import LOSSES, pack_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.scoring import measure
 
 
 class TrainModel(nn.Module):
-    """What the Trainer trains: encodes a collated batch in one forward pass and returns `{"loss": ...}`.
+    """What the Trainer trains: `encode` turns every text of a collated batch into outputs, in one forward
+    pass; `loss_from_outputs` turns those outputs into the loss, picked by name from `LOSSES` (only the
+    split of the outputs differs per loss). `forward(**batch)` is the two in a row, returning `{"loss": ...}`.
 
-    The loss is picked by name from `LOSSES`; only the split of the encoded batch differs per loss.
+    The two halves are separate so the gradient cache can run them apart: outputs chunk by chunk, then the
+    loss of the whole batch (`EmbedtuneTrainer.training_step`); a wrapper around the loss (Matryoshka
+    dimensions, say) plugs into `loss_from_outputs` and works with and without the cache.
     """
 
     accepts_loss_kwargs = False  # our loss is a per-batch mean: the Trainer divides it by accumulation steps
@@ -42,6 +52,7 @@ class TrainModel(nn.Module):
         self.model = model
         self.config = model.inner.config  # DeepSpeed's 'auto' sizes read the hidden size from here
         self.loss_type = cfg.loss_type
+        self.chunk_size = cfg.gradient_cache_chunk_size
         self.loss_kwargs = {
             "infonce": {
                 "temperature": cfg.infonce_temperature,
@@ -56,24 +67,27 @@ class TrainModel(nn.Module):
             },
         }.get(cfg.loss_type, {})
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask,
-        neg_mask=None,
-        targets=None,
-        group_sizes=None,
-        doc_keys=None,
-        return_loss=True,
-    ):
-        out = self.model(input_ids, attention_mask)  # embedder: (T, H) unit vectors; reranker: (T,) z
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(T, L) ids + mask of every text of a batch -> (T, H) unit embeddings (embedder) or (T,) z (reranker).
+
+        Without a graph (the eval loss) and with a gradient cache chunk size, chunk by chunk: evaluation
+        then needs the memory of one chunk too, for the same outputs.
+        """
+        if self.chunk_size > 0 and not torch.is_grad_enabled():
+            return encode_without_graph(self.model, input_ids, attention_mask, self.chunk_size)[0]
+        return self.model(input_ids, attention_mask)
+
+    def loss_from_outputs(
+        self, out: torch.Tensor, neg_mask=None, targets=None, group_sizes=None, doc_keys=None
+    ) -> torch.Tensor:
+        """The loss of a batch from `encode`'s outputs of all its texts (in the collator's order)."""
         loss_fn = LOSSES[self.loss_type]
         if self.loss_type == "infonce":
             b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             rank = dist.get_rank() if world > 1 else 0
             neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
-            loss = loss_fn(
+            return loss_fn(
                 out[:b],
                 out[b : 2 * b],
                 neg,
@@ -83,14 +97,28 @@ class TrainModel(nn.Module):
                 doc_keys=doc_keys,
                 **self.loss_kwargs,
             )
-        elif self.loss_type == "pointwise_reranker":
-            loss = loss_fn(out, targets)
-        elif self.loss_type == "listwise_reranker":
-            loss = loss_fn(out, group_sizes, **self.loss_kwargs)
-        else:  # pair losses: out = [B queries, B responses]
-            b = targets.shape[0]
-            loss = loss_fn(out[:b], out[b:], targets, **self.loss_kwargs)
-        return {"loss": loss}
+        if self.loss_type == "pointwise_reranker":
+            return loss_fn(out, targets)
+        if self.loss_type == "listwise_reranker":
+            return loss_fn(out, group_sizes, **self.loss_kwargs)
+        b = targets.shape[0]  # pair losses: out = [B queries, B responses]
+        return loss_fn(out[:b], out[b:], targets, **self.loss_kwargs)
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        neg_mask=None,
+        targets=None,
+        group_sizes=None,
+        doc_keys=None,
+        return_loss=True,
+        encode_only=False,
+    ):
+        if encode_only:  # one chunk of the gradient cache, called through the DDP / DeepSpeed wrapper
+            return {"outputs": self.model(input_ids, attention_mask)}
+        out = self.encode(input_ids, attention_mask)
+        return {"loss": self.loss_from_outputs(out, neg_mask, targets, group_sizes, doc_keys)}
 
     def inner_weights(self, state: dict) -> dict:
         """The inner HF model's tensors out of a state dict of this module, keyed as its own
@@ -141,6 +169,54 @@ class EmbedtuneTrainer(Trainer):
     metric_data: EvalData | None = None
     distinct_texts: bool = False
     group_by_length: bool = True
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, or with `gradient_cache_chunk_size` > 0 the gradient cache: the same loss and
+        gradients at the activation memory of one chunk (`embedtune.gradcache`).
+
+        `model` is what the Trainer wraps (DDP or the DeepSpeed engine): each chunk goes through it, so ZeRO-3
+        gathers parameters and counts micro-steps as for any forward pass. To DeepSpeed the chunks are
+        micro-steps of one accumulation window: each chunk's backward is the engine's (gradients reduced
+        and accumulated, ZeRO-3 reduce-scatters included), and only the last chunk of the Trainer's last
+        micro-batch is the accumulation boundary, followed by the one optimizer step (what accelerate's
+        `backward` does for an uncached step). Under DDP, every chunk but the last runs in `no_sync`.
+        """
+        train_model = self.accelerator.unwrap_model(model)
+        if train_model.chunk_size <= 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as the Trainer does
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        inputs.pop("return_loss", None)
+        acc = self.accelerator
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        # TrainModel.accepts_loss_kwargs is False: like the uncached step, the loss is divided by the
+        # number of micro-batches of this optimizer step.
+        micro_batches = self.current_gradient_accumulation_steps
+
+        def encode(input_ids, attention_mask):
+            with self.compute_loss_context_manager():
+                return model(input_ids=input_ids, attention_mask=attention_mask, encode_only=True)["outputs"]
+
+        def backward(surrogate, last):
+            if deepspeed:
+                acc.deepspeed_engine_wrapped.backward(
+                    surrogate, sync_gradients=acc.sync_gradients and last, scale_wrt_gas=False
+                )
+            else:
+                acc.backward(surrogate)
+
+        return cached_backward(
+            encode,
+            lambda out: train_model.loss_from_outputs(out, **inputs) / micro_batches,
+            ids,
+            mask,
+            train_model.chunk_size,
+            backward,
+            no_sync=contextlib.nullcontext if deepspeed else (lambda: acc.no_sync(model)),
+        )
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"

@@ -12,7 +12,8 @@ Read top to bottom, like nanoGPT: `run(cfg)` is the whole step.
 4. Build the model (`Embedder` or `Reranker`, LoRA on its inner model when asked), tokenize every text once
    (`embedtune.batching`).
 5. Train with the HF Trainer (`embedtune.trainer`): length-grouped batches padded to their own longest text,
-   a wrapper module whose `forward(batch)` returns `{"loss": LOSSES[loss_type](...)}`, checkpoints every
+   a wrapper module whose `forward(batch)` returns `{"loss": LOSSES[loss_type](...)}` (with
+   `gradient_cache_chunk_size`, the batch is encoded chunk by chunk: `embedtune.gradcache`), checkpoints every
    `save_steps`, and automatic resume from the latest complete `checkpoint-*` in `checkpoint_dir` (default:
    `output_dir`, see `embedtune.rundir`). Every evaluation reports the eval loss and evaluate's metrics for
    the eval file's shape (see below).
@@ -162,6 +163,8 @@ def run(cfg: TrainConfig) -> dict:
     trainer.pop_callback(PrinterCallback)
     step_log = StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None)
     trainer.add_callback(step_log)
+    if cfg.gradient_cache_chunk_size > 0:
+        say("train", f"gradient cache: {cfg.gradient_cache_chunk_size} texts per forward pass")
     say(
         "train", f"resuming from {resume} (step {resumed_step(resume)})" if resume else "starting from step 0"
     )
@@ -296,6 +299,10 @@ def check_knobs(cfg: TrainConfig) -> None:
         raise EmbedtuneError(f"warmup_ratio: {cfg.warmup_ratio} is not in [0, 1)")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise EmbedtuneError("set num_train_epochs > 0 or max_steps > 0")
+    if cfg.gradient_cache_chunk_size < 0:
+        raise EmbedtuneError(
+            f"gradient_cache_chunk_size: {cfg.gradient_cache_chunk_size} must be >= 0 (0: off)"
+        )
     if cfg.loss_type == "infonce" and cfg.infonce_temperature <= 0:
         raise EmbedtuneError(f"infonce_temperature: {cfg.infonce_temperature} must be > 0")
 
@@ -364,6 +371,9 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
             trust_remote_code=cfg.trust_remote_code,
         )
     if cfg.train_type == "lora":
+        torch.manual_seed(
+            cfg.seed
+        )  # LoRA's A matrices are random: same seed, same adapter, whatever ran before
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     say("train", f"{cfg.task_type} {cfg.train_type}: {n_train:,} trainable parameters")
