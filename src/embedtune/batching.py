@@ -103,9 +103,12 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
     return feats
 
 
-def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T,) ragged id arrays -> (T, L) ids and mask, L = the longest of *this* batch (right padding)."""
+def pad(seqs: list[np.ndarray], pad_id: int, multiple: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T,) ragged id arrays -> (T, L) ids and mask, L = the longest of *this* batch (right padding),
+    rounded up to a multiple of `multiple` when > 1 (fewer distinct shapes for compiled kernels)."""
     longest = max(len(s) for s in seqs)
+    if multiple > 1:
+        longest = -(-longest // multiple) * multiple
     ids = np.full((len(seqs), longest), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), longest), dtype=np.int64)
     for i, s in enumerate(seqs):
@@ -122,6 +125,7 @@ class Collator:
     pad_id: int
     hard_negatives: int | None = None
     seed: int = 42
+    pad_to_multiple_of: int = 0
 
     def __call__(self, feats: list[dict]) -> dict:
         if self.loss_type == "infonce":
@@ -132,7 +136,7 @@ class Collator:
             negs, neg_mask = pad_negatives(rows, self.hard_negatives or None, rng)
             real = [t for row in negs for t in row if t is not None]  # row-major, as pack_negatives expects
             texts = [f["query"] for f in feats] + [f["response"] for f in feats] + [ids for ids, _ in real]
-            ids, mask = pad(texts, self.pad_id)
+            ids, mask = pad(texts, self.pad_id, self.pad_to_multiple_of)
             # per document (B positives, K negatives): its text key, and its row's query key if a positive
             doc_keys = [(f["text_keys"][1], f["text_keys"][0]) for f in feats] + [(k, -1) for _, k in real]
             return {
@@ -142,7 +146,9 @@ class Collator:
                 "doc_keys": torch.tensor(doc_keys, dtype=torch.long).reshape(-1, 2),
             }
         if self.loss_type in RERANKER_LOSSES:
-            ids, mask = pad([p for f in feats for p in f["pairs"]], self.pad_id)  # texts: sum of group sizes
+            ids, mask = pad(
+                [p for f in feats for p in f["pairs"]], self.pad_id, self.pad_to_multiple_of
+            )  # texts: sum of group sizes
             batch = {"input_ids": ids, "attention_mask": mask}
             if self.loss_type == "pointwise_reranker":
                 batch["targets"] = torch.tensor([t for f in feats for t in f["targets"]], dtype=torch.float32)
@@ -150,7 +156,9 @@ class Collator:
                 batch["group_sizes"] = torch.tensor([len(f["pairs"]) for f in feats], dtype=torch.long)
             return batch
         # pair losses: B queries then B responses, a float label per pair
-        ids, mask = pad([f["query"] for f in feats] + [f["response"] for f in feats], self.pad_id)
+        ids, mask = pad(
+            [f["query"] for f in feats] + [f["response"] for f in feats], self.pad_id, self.pad_to_multiple_of
+        )
         targets = torch.tensor([f["label"] for f in feats], dtype=torch.float32)
         return {"input_ids": ids, "attention_mask": mask, "targets": targets}
 

@@ -190,9 +190,9 @@ def append_eos_post_processor(tokenizer) -> None:
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, L, H) hidden states + (B, L) mask -> (B, H), independent of the padding side."""
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == "mean":  # summed in fp32: a bf16 sum over hundreds of tokens would lose the low bits
+        m = mask.unsqueeze(-1).to(torch.float32)
+        return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
     positions = torch.arange(mask.shape[1], device=mask.device)
     if pooling == "last":
         idx = (mask.long() * positions).argmax(1)  # index of the last 1 in each row
@@ -316,15 +316,15 @@ class Embedder(Wrapper):
     def encode(
         self, texts: Sequence[str], is_query: bool = False, batch_size: int = 32, show_progress: bool = False
     ) -> np.ndarray:
-        """(N,) texts -> (N, H) float32 unit vectors, in the input order. Batched by length, no grad."""
+        """(N,) texts -> (N, H) float32 unit vectors, in the input order, no grad. All texts are tokenized
+        first, then batched by token count (longest first), so each batch pads to the fewest tokens."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for idx in _progress(
-            _batches_by_length([len(t) for t in texts], batch_size), show_progress, "encode"
-        ):
-            batch = self.tokenize([texts[i] for i in idx], is_query=is_query).to(device)
+        ids = self.tokenize(texts, is_query=is_query, padding=False)["input_ids"] if len(texts) else []
+        for idx in _progress(_batches_by_length([len(i) for i in ids], batch_size), show_progress, "encode"):
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)
             out[idx] = self(batch["input_ids"], batch["attention_mask"]).cpu().numpy()
         self.train(was_training)
         return out
@@ -490,13 +490,18 @@ class Reranker(Wrapper):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B,) z = logit(yes) - logit(no) at the last real token (any padding side).
 
-        Only the last position goes through the LM head: (B, V) logits instead of (B, L, V).
+        Only the last position and the two tokens' rows of the LM head are used, in fp32: z from two bf16
+        logits would be rounded to ~0.1 and tie close candidates. Under ZeRO-3 (the head's weight is a
+        shard its own forward gathers) the whole head runs: (B, V) logits instead of (B, L, V).
         """
         lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = pool(hidden, attention_mask, "last")  # (B, H)
-        logits = lm.get_output_embeddings()(last).float()  # (B, V)
-        return logits[:, self.yes_id] - logits[:, self.no_id]
+        last, head = pool(hidden, attention_mask, "last"), lm.get_output_embeddings()  # (B, H)
+        if type(head) is not nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
+            logits = head(last).float()  # (B, V)
+            return logits[:, self.yes_id] - logits[:, self.no_id]
+        w = head.weight[[self.yes_id, self.no_id]].float()  # (2, H)
+        return last.float() @ (w[0] - w[1])
 
     @torch.inference_mode()
     def score(self, query: str, docs: Sequence[str], batch_size: int = 16) -> list[float]:

@@ -6,6 +6,9 @@
 
     metrics, plot, seconds = measure(load_model("out/model"), read_eval_data("eval.jsonl"), batch_size=32)
 
+    with scoring_model("out/model", dtype="auto") as model:  # bf16 weights on a GPU that has it, else fp32
+        metrics, plot, seconds = measure(model, read_eval_data("eval.jsonl"), batch_size=32)
+
 How a candidate is scored:
   - embedder: cosine of the query embedding (with the model's `query_instruction`) and the document
     embedding. Every UNIQUE text is encoded once (queries and documents separately, as the instruction makes
@@ -24,6 +27,7 @@ process; train passes `trainer.gather_over_ranks`, which splits the items across
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -31,10 +35,22 @@ import numpy as np
 from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import METRIC_NAMES, EvalData
 from embedtune.metrics import margin_metrics, ranking_metrics, retrieval_metrics, sts_metrics
-from embedtune.modeling import Embedder, Reranker
+from embedtune.modeling import Embedder, Reranker, load_model
+from embedtune.speed import TORCH_DTYPES, autocast, resolve_dtype
 
 CHUNK = 65536  # pairs per gathered block: bounds the (chunk, H) temporaries to a few hundred MB at most
 PLOT_NEGATIVES = 20000  # retrieval histogram: all non-relevant pairs up to this many, else a sample of it
+
+
+@contextlib.contextmanager
+def scoring_model(path: str, task_type: str = "", dtype: str = "auto", **kwargs):
+    """`load_model(path, task_type, **kwargs)` in `dtype` (`embedtune.speed`: auto is bf16 weights on a GPU
+    that has it, fp32 on CPU; autocast is fp32 weights under bf16 autocast, for the block's duration).
+    The one way evaluate (and any step that encodes for scoring) loads a model to score with."""
+    dtype = resolve_dtype(dtype)
+    model = load_model(path, task_type, dtype=TORCH_DTYPES[dtype], **kwargs)
+    with autocast(dtype, next(model.parameters()).device):
+        yield model
 
 
 def row_dots(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@
   (`gather_over_ranks`).
 - `StepLog`: the progress bar and one line per logging step (step, loss, lr, samples/s).
 - `training_arguments(cfg, ...)`: `TrainingArguments` from the train knobs (same names), plus what embedtune
-  always does (bf16 on GPUs that have it, gloo on CPU, DeepSpeed configs shipped in the package).
+  always does (gloo on CPU, DeepSpeed configs shipped in the package); `dtype`, `torch_compile`,
+  `length_buckets`, `pad_to_multiple_of` are the speed levers of `embedtune.speed`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from embedtune.gradcache import cached_backward, encode_without_graph
 from embedtune.losses import LOSSES, pack_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.scoring import measure
+from embedtune.speed import (
+    MasterWeightAdamW,
+    compile_enabled,
+    compile_layers,
+    encode_in_buckets,
+    train_precision,
+)
 
 
 class TrainModel(nn.Module):
@@ -53,6 +61,9 @@ class TrainModel(nn.Module):
         self.config = model.inner.config  # DeepSpeed's 'auto' sizes read the hidden size from here
         self.loss_type = cfg.loss_type
         self.chunk_size = cfg.gradient_cache_chunk_size
+        self.length_buckets, self.pad_to_multiple_of = cfg.length_buckets, cfg.pad_to_multiple_of
+        if compile_enabled(cfg.torch_compile, cfg.deepspeed):
+            compile_layers(model.inner)  # regional: each layer in place (`embedtune.speed`)
         self.loss_kwargs = {
             "infonce": {
                 "temperature": cfg.infonce_temperature,
@@ -71,11 +82,14 @@ class TrainModel(nn.Module):
         """(T, L) ids + mask of every text of a batch -> (T, H) unit embeddings (embedder) or (T,) z (reranker).
 
         Without a graph (the eval loss) and with a gradient cache chunk size, chunk by chunk: evaluation
-        then needs the memory of one chunk too, for the same outputs.
+        then needs the memory of one chunk too, for the same outputs. Otherwise in `length_buckets` passes
+        over length-sorted groups, each padded to its own longest text (`speed.encode_in_buckets`).
         """
         if self.chunk_size > 0 and not torch.is_grad_enabled():
             return encode_without_graph(self.model, input_ids, attention_mask, self.chunk_size)[0]
-        return self.model(input_ids, attention_mask)
+        return encode_in_buckets(
+            self.model, input_ids, attention_mask, self.length_buckets, self.pad_to_multiple_of
+        )
 
     def loss_from_outputs(
         self, out: torch.Tensor, neg_mask=None, targets=None, group_sizes=None, doc_keys=None
@@ -169,6 +183,19 @@ class EmbedtuneTrainer(Trainer):
     metric_data: EvalData | None = None
     distinct_texts: bool = False
     group_by_length: bool = True
+    master_weights: bool = (
+        False  # dtype bf16 without DeepSpeed: AdamW on fp32 copies (`speed.MasterWeightAdamW`)
+    )
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (its weight-decay groups, `optim`'s settings); with `master_weights`, the
+        same AdamW run on fp32 master weights of the bf16 model."""
+        if self.master_weights and self.optimizer is None:
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            if cls is not torch.optim.AdamW:
+                raise RuntimeError(f"optim {self.args.optim}: master weights need torch's AdamW")
+            self.optimizer_cls_and_kwargs = (MasterWeightAdamW, kwargs)
+        return super().create_optimizer(model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step, or with `gradient_cache_chunk_size` > 0 the gradient cache: the same loss and
@@ -342,6 +369,7 @@ def training_arguments(cfg: TrainConfig, world: int, has_eval: bool, fresh: bool
     With eval data, a fresh run is evaluated once before the first step too (the baseline eval loss).
     """
     cuda = torch.cuda.is_available()
+    precision = train_precision(cfg.dtype, cfg.deepspeed, cuda)  # bf16: autocast, or DeepSpeed's bf16 mode
     deepspeed = None
     if cfg.deepspeed != "none":
         deepspeed = str(resources.files("embedtune") / "deepspeed" / f"{cfg.deepspeed}.json")
@@ -372,7 +400,8 @@ def training_arguments(cfg: TrainConfig, world: int, has_eval: bool, fresh: bool
         remove_unused_columns=False,
         prediction_loss_only=True,
         report_to="none",
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=precision["trainer_bf16"],
+        optim=cfg.optim,
         use_cpu=not cuda,  # on CPU, also what makes accelerate set up gloo for DeepSpeed's processes
         ddp_backend="gloo" if world > 1 and not cuda else None,
         deepspeed=deepspeed,

@@ -7,8 +7,9 @@ Read top to bottom, `run(cfg)` is the whole step:
 
 1. Read the eval rows and decide their shape: sts, ranking or retrieval (`embedtune.evaldata`, which also
    says which metrics each shape gets and how candidate lists are built).
-2. Load the model as the kind its embedtune.json names (`modeling.load_model`) and score every unique text
-   or reranker pair once (`embedtune.scoring`).
+2. Load the model as the kind its embedtune.json names (`modeling.load_model`), in `--dtype` (auto: bf16
+   weights on GPUs that have it, fp32 on CPU; `embedtune.speed`), and score every unique text or reranker
+   pair once (`embedtune.scoring`), in batches of similar token counts.
 3. With `--baseline-model`, measure it the same way and add `delta_<metric>` = tuned - baseline for every
    metric. When the baseline is the model's own `base_model` (from its embedtune.json), it is loaded with
    the settings training used (pooling, query instruction, max length; reranker instruction and tokens), so
@@ -27,10 +28,11 @@ from embedtune.config import EvaluateConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import METRIC_NAMES, PRIMARY, read_eval_data
 from embedtune.io import atomic_write, write_json
-from embedtune.modeling import load_model, read_meta, task_type_of
+from embedtune.modeling import read_meta, task_type_of
 from embedtune.progress import say
 from embedtune.report import render_report
-from embedtune.scoring import measure
+from embedtune.scoring import measure, scoring_model
+from embedtune.speed import resolve_dtype
 
 
 def _same_model(a: str | None, b: str) -> bool:
@@ -62,11 +64,12 @@ def run(cfg: EvaluateConfig) -> dict:
             "or evaluate an embedder on this file"
         )
     seconds: dict[str, float] = {}
+    dtype = resolve_dtype(cfg.dtype)  # auto: bf16 on GPUs that have it, else fp32 (`embedtune.speed`)
 
     t = time.perf_counter()
-    model = load_model(cfg.model, task_type, max_length=cfg.max_length)
-    seconds["load"] = time.perf_counter() - t
-    metrics, plot, timing = measure(model, data, cfg.per_device_eval_batch_size)
+    with scoring_model(cfg.model, task_type, dtype, max_length=cfg.max_length) as model:
+        seconds["load"] = time.perf_counter() - t
+        metrics, plot, timing = measure(model, data, cfg.per_device_eval_batch_size)
     seconds.update(timing)
     del model
 
@@ -74,8 +77,8 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.baseline_model:
         meta = read_meta(cfg.model)
         like = meta if _same_model(meta.get("base_model"), cfg.baseline_model) else None  # trained from it
-        base = load_model(cfg.baseline_model, task_type, like=like, max_length=cfg.max_length)
-        base_metrics, base_plot, timing = measure(base, data, cfg.per_device_eval_batch_size)
+        with scoring_model(cfg.baseline_model, task_type, dtype, like=like, max_length=cfg.max_length) as base:
+            base_metrics, base_plot, timing = measure(base, data, cfg.per_device_eval_batch_size)
         seconds["baseline_encode"], seconds["baseline_metrics"] = timing["encode"], timing["metrics"]
         del base
 
@@ -97,6 +100,7 @@ def run(cfg: EvaluateConfig) -> dict:
         n_queries_skipped=data.n_queries_skipped,
         data_shape=data.shape,
         task_type=task_type,
+        dtype=dtype,
         model=cfg.model,
         baseline_model=cfg.baseline_model or None,
         eval_data=cfg.eval_data,

@@ -82,6 +82,7 @@ from embedtune.rundir import (
     resumed_step,
     save_final,
 )
+from embedtune.speed import check_train_knobs, train_precision
 from embedtune.trainer import EmbedtuneTrainer, StepLog, TrainModel, training_arguments
 from embedtune.trainjob import check_submit, run_on_nodes
 
@@ -153,12 +154,17 @@ def run(cfg: TrainConfig) -> dict:
         train_dataset=train_set,
         eval_dataset=eval_set or None,
         data_collator=Collator(
-            cfg.loss_type, model.tokenizer.pad_token_id, cfg.infonce_hard_negatives, cfg.seed
+            cfg.loss_type,
+            model.tokenizer.pad_token_id,
+            cfg.infonce_hard_negatives,
+            cfg.seed,
+            cfg.pad_to_multiple_of,
         ),
     )
     trainer.metric_data = metric_data
     trainer.distinct_texts = cfg.loss_type == "infonce" and bool(cfg.infonce_use_batch)
     trainer.group_by_length = cfg.group_by_length
+    trainer.master_weights = train_precision(cfg.dtype, cfg.deepspeed)["master"]
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
     step_log = StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None)
@@ -305,6 +311,7 @@ def check_knobs(cfg: TrainConfig) -> None:
         )
     if cfg.loss_type == "infonce" and cfg.infonce_temperature <= 0:
         raise EmbedtuneError(f"infonce_temperature: {cfg.infonce_temperature} must be > 0")
+    check_train_knobs(cfg)  # dtype, optim, torch_compile, length_buckets, pad_to_multiple_of
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -353,6 +360,7 @@ def metric_eval_data(path: str, task_type: str) -> EvalData | None:
 # -------------------------------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig) -> Embedder | Reranker:
     """Embedder or Reranker from `cfg.model`; with `train_type=lora`, a PEFT LoRA on its inner model."""
+    dtype = train_precision(cfg.dtype, cfg.deepspeed)["load"]  # bf16 weights: `embedtune.speed`
     if cfg.task_type == "embedding":
         model = Embedder.from_pretrained(
             cfg.model,
@@ -360,6 +368,7 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
             query_instruction=cfg.query_instruction or None,  # empty: the model's own query prompt, if any
             max_length=cfg.max_length,
             trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
         )
     else:
         model = Reranker.from_pretrained(
@@ -369,6 +378,7 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
             positive_token=cfg.positive_token,
             negative_token=cfg.negative_token,
             trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
         )
     if cfg.train_type == "lora":
         torch.manual_seed(

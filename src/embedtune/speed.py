@@ -1,0 +1,248 @@
+"""What makes training and encoding fast on a GPU. Each lever is a knob that can be turned off, and each one
+that can run on a CPU is tested there against the plain path (tests/test_speed.py).
+
+- `dtype` (train, evaluate): what the weights and activations are.
+    auto      bf16 on a GPU that has it, else fp32.
+    bf16      bf16 weights and activations. Train, without DeepSpeed: the optimizer keeps fp32 master weights
+              and Adam states (`MasterWeightAdamW`), rounded into the bf16 weights after every step; with
+              DeepSpeed: its bf16 mode (which keeps fp32 masters itself).
+    autocast  fp32 weights, matmuls in bf16 under `torch.autocast` (norms, residuals and the activations
+              between them stay fp32: more memory traffic and casts; what train did before `dtype` existed).
+    fp32      everything fp32.
+    fp16      evaluate only (GPUs without bf16): fp16 weights. Train refuses it (it needs loss scaling).
+- `compile` (train): regional `torch.compile`: each layer of the backbone's repeated block (decoder /
+  encoder layer) compiled in place, so the state dict keeps its keys and compile time is that of one layer
+  (the layers share the compiled code). Compiled with dynamic shapes: one graph serves every padded length
+  and batch size, so recompiles stay bounded whatever the data (`pad_to_multiple_of` narrows the lengths
+  further). auto: on for CUDA, except under ZeRO-3, whose parameter-gathering hooks run inside each layer.
+- `length_buckets` (train): a batch's texts are sorted by length and cut into this many forward passes, each
+  padded to its own longest text (`bucket_cuts` picks the cuts that minimise the padded tokens: with 2,
+  queries and documents land apart). Every text is encoded on its own (attention never crosses texts), so
+  the outputs, the loss and the gradients are those of one padded pass.
+- `pad_to_multiple_of` (train): padded lengths rounded up to a multiple (fewer distinct shapes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedtune.errors import EmbedtuneError
+
+DTYPES = ("auto", "bf16", "autocast", "fp32", "fp16")
+TORCH_DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "autocast": torch.float32,
+}
+SWITCHES = ("auto", "on", "off")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise EmbedtuneError(f"{name}: {value!r} is not one of {' | '.join(choices)}")
+
+
+def resolve_dtype(dtype: str, cuda: bool | None = None) -> str:
+    """`auto` -> bf16 on a CUDA device that supports it, else fp32; any other value as it is (checked)."""
+    check_choice("dtype", dtype, DTYPES)
+    if dtype != "auto":
+        return dtype
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(dtype: str, device: torch.device | str):
+    """The context `dtype` computes under: bf16 autocast for `autocast`, else nothing."""
+    if dtype != "autocast":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------ train dtype
+def train_precision(dtype: str, deepspeed: str, cuda: bool | None = None) -> dict:
+    """What train does for `dtype`: the dtype to load the weights in, whether the HF Trainer runs in bf16
+    (autocast without DeepSpeed; DeepSpeed's bf16 mode with it) and whether `MasterWeightAdamW` is used.
+
+    Under DeepSpeed the weights load in fp32 and DeepSpeed's bf16 mode casts them, keeping the fp32 copies
+    as its master weights: `bf16` and `autocast` are the same thing there.
+    """
+    resolved = resolve_dtype(dtype, cuda)
+    if resolved == "fp16":
+        raise EmbedtuneError("dtype: fp16 training needs loss scaling; use bf16, autocast or fp32")
+    if deepspeed != "none":
+        return {"dtype": resolved, "load": torch.float32, "trainer_bf16": resolved != "fp32", "master": False}
+    bf16 = resolved == "bf16"
+    return {
+        "dtype": resolved,
+        "load": torch.bfloat16 if bf16 else torch.float32,
+        "trainer_bf16": resolved == "autocast",
+        "master": bf16,
+    }
+
+
+def check_train_knobs(cfg) -> None:
+    """Refuse train speed knobs that cannot work (a `TrainConfig`), before anything is loaded."""
+    precision = train_precision(cfg.dtype, cfg.deepspeed)  # fp16 and unknown values refused
+    compile_enabled(cfg.torch_compile, cfg.deepspeed, cuda=False)
+    if cfg.length_buckets < 1 or cfg.pad_to_multiple_of < 0:
+        raise EmbedtuneError("length_buckets must be >= 1 and pad_to_multiple_of >= 0")
+    if precision["master"] and cfg.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise EmbedtuneError(
+            f"optim: {cfg.optim!r}: dtype bf16 without DeepSpeed keeps fp32 master weights in AdamW; "
+            "use adamw_torch or adamw_torch_fused (or dtype autocast)"
+        )
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW whose parameters are fp32 copies ("master weights") of a model's low-precision parameters.
+
+    The model computes in bf16 (no casts, bf16 activations); `step` converts the bf16 gradients to fp32,
+    updates the fp32 masters and Adam states (an update far below a bf16 weight's resolution still adds up
+    in its master) and rounds the masters into the model's weights. fp32 parameters (a LoRA adapter on a
+    bf16 base) are their own masters. `state_dict` carries the masters, so a resumed run continues from the
+    exact fp32 values, not from their bf16 rounding. `fused=True` (CUDA, and recent CPUs builds) runs the
+    update as one fused kernel.
+
+    Gradients themselves are bf16 (on the model's parameters), and so is their sum over gradient
+    accumulation micro-batches or gradient-cache chunks; `dtype autocast` accumulates in fp32.
+    """
+
+    def __init__(self, param_groups, **kwargs):
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        groups = []
+        for group in param_groups:
+            masters = []
+            for p in group["params"]:
+                master = p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
+                self.pairs.append((p, master))
+                masters.append(master)
+            groups.append({**group, "params": masters})
+        super().__init__(groups, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise EmbedtuneError("MasterWeightAdamW.step takes no closure")
+        for p, master in self.pairs:
+            if master is not p:
+                master.grad = None if p.grad is None else p.grad.float()
+        super().step()
+        for p, master in self.pairs:
+            if master is not p:
+                p.copy_(master)
+                master.grad = None
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p, master in self.pairs:
+            p.grad = None
+            master.grad = None
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["master_weights"] = [master.detach() for _, master in self.pairs]
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights", None)
+        super().load_state_dict(state_dict)
+        if masters is not None:
+            with torch.no_grad():
+                for (p, master), saved in zip(self.pairs, masters, strict=True):
+                    master.copy_(saved)
+                    if master is not p:
+                        p.copy_(saved)
+
+
+# ------------------------------------------------------------------------------------------------ compile
+def compile_enabled(setting: str, deepspeed: str = "none", cuda: bool | None = None) -> bool:
+    """`compile` on / off / auto (on for CUDA unless ZeRO-3)."""
+    check_choice("compile", setting, SWITCHES)
+    if setting != "auto":
+        return setting == "on"
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return cuda and deepspeed != "zero3"
+
+
+def repeated_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of layers: its biggest `ModuleList` whose children are all of one class
+    (`layers` of Qwen3 / ModernBERT, `encoder.layer` of BERT), found through any LoRA wrapper."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    return best
+
+
+def compile_layers(model: nn.Module) -> int:
+    """Regional compile: every layer of the repeated block compiled in place (`nn.Module.compile`: the state
+    dict keeps its keys), dynamic shapes. Returns how many layers (0: no repeated block found)."""
+    layers = repeated_layers(model)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+# ------------------------------------------------------------------------------------------------ padding
+def round_up(n: int, multiple: int) -> int:
+    return n if multiple <= 1 else -(-n // multiple) * multiple
+
+
+def bucket_cuts(sorted_lengths, k: int) -> list[int]:
+    """Boundaries [0, c1, ..., n] cutting ascending lengths into exactly min(k, n) non-empty groups with the
+    fewest padded tokens (sum over groups of count x longest). Dynamic programming, O(k n^2) in numpy."""
+    s = np.asarray(sorted_lengths, dtype=np.float64)
+    n = len(s)
+    k = max(1, min(k, n))
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    back = []
+    for _ in range(k):
+        cur, arg = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=np.int64)
+        for j in range(1, n + 1):
+            cost = best[:j] + (j - np.arange(j)) * s[j - 1]  # last group = texts i..j-1
+            i = int(np.argmin(cost))
+            cur[j], arg[j] = cost[i], i
+        back.append(arg)
+        best = cur
+    cuts = [n]
+    for arg in reversed(back):
+        cuts.append(int(arg[cuts[-1]]))
+    return cuts[::-1]
+
+
+def encode_in_buckets(
+    forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, multiple: int = 0
+):
+    """`forward(ids, mask)` of a right-padded (T, L) batch run as exactly `k` passes over length-sorted groups,
+    each cut to its own longest text (rounded up to `multiple`); outputs back in the input order.
+
+    Always `k` passes, also when there are fewer than `k` texts (the missing passes re-encode text 0 and add
+    zero times their output): under ZeRO-3 every rank must run the same number of forward passes.
+    """
+    if k <= 1:
+        return forward(input_ids, attention_mask)
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    cuts = bucket_cuts(sorted_lengths, k)
+    outs = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        width = min(round_up(max(int(sorted_lengths[b - 1]), 1), multiple), input_ids.shape[1])
+        idx = order[a:b]
+        outs.append(forward(input_ids[idx, :width], attention_mask[idx, :width]))
+    out = torch.cat(outs)[torch.argsort(order)]
+    for _ in range(k - len(outs)):  # stand-ins: same pass count on every rank, no effect on the result
+        width = max(int(lengths[0]), 1)
+        out = out + 0 * forward(input_ids[:1, :width], attention_mask[:1, :width]).sum()
+    return out
