@@ -75,6 +75,11 @@ def train(
     listwise_min_group_size: int,
     trust_remote_code: bool,
     dataloader_num_workers: int,
+    dtype: str,
+    optim: str,
+    torch_compile: str,
+    length_buckets: int,
+    pad_to_multiple_of: int,
 ):
     """Fine-tune `model` on the train rows; the step launches one torchrun process per GPU, or with nodes > 1
     submits a TrainJob of `nodes` pods running the same command and waits for it."""
