@@ -5,10 +5,18 @@ intermediate 3072; built from a config, no download) with a 32k byte-level BPE t
 SciFact corpus; infonce rows from SciFact train qrels: (query, positive abstract, N random other abstracts as
 hard negatives). In one run, each in its own process (a clean GPU):
 
-- `embedtune train --deepspeed none` and `--deepspeed zero3` (1 GPU), infonce, N hard negatives;
+- `embedtune train --deepspeed none` and `--deepspeed zero3` (1 GPU), infonce, N hard negatives, every speed
+  lever at its default (`embedtune.speed`: on CUDA bf16 weights + fp32 master AdamW, regional
+  torch.compile, 2 length buckets, fused AdamW);
+- the ablation (`--only ...,ablation`): `--deepspeed none` again with one lever turned off per run
+  (`ABLATION` below: `--dtype autocast`, `--torch-compile off`, `--length-buckets 1`, `--optim adamw_torch`,
+  ...) and with all of them off (what train did before the levers existed), each row also as a ratio to the
+  defaults; the ZeRO-3 overhead is ZeRO-3 against `--deepspeed none` with the same levers (compile is off
+  under ZeRO-3, so against the `compile_off` row);
 - sentence-transformers' `SentenceTransformerTrainer`, MultipleNegativesRankingLoss with scale 1 / temperature
   (the same loss), last-token pooling, `no_duplicates` batches, bf16 on CUDA;
-- encode: `Embedder.encode` (what evaluate runs) vs `SentenceTransformer.encode` on 2000 abstracts, per dtype.
+- encode: evaluate's path (`scoring.scoring_model` + `Embedder.encode`: token-length batches, `--dtype` auto =
+  bf16 weights on the GPU) vs `SentenceTransformer.encode` on 2000 abstracts, per dtype.
 
 Printed and written as JSON (`--out`): rows/s, real tokens/s (non-padding tokens of the rows as trained: each
 text cut at max_length), MFU = 6 x non-embedding parameters x real tokens/s / `--peak-tflops` (790: the bf16
@@ -18,7 +26,9 @@ written after every part, so a time-out keeps what was measured.
 
     python bench/gpu_train.py [--steps 50] [--batch 16] [--negatives 3] [--max-length 512] [--temperature 0.01]
         [--layers 28] [--hidden 1024] [--peak-tflops 790] [--data-dir ../shared/data] [--out gpu_train.json]
-        [--only embedtune,zero3,st,encode] [--train-args "--group-by-length false"]
+        [--only embedtune,zero3,st,encode,ablation] [--ablation autocast,compile_off,...] [--train-args "..."]
+    # a GPU session with little time: the calibration and the levers, ~15 runs of --steps 30
+    python bench/gpu_train.py --steps 30 --out gpu_train.json
     python bench/gpu_train.py --smoke     # anywhere (CPU): 2 tiny layers, synthetic rows, 3 steps; tests run it
 
 On a machine without internet (the lent GPU machine), bring the wheels it lacks (../shared/gpu/README.md).
@@ -33,6 +43,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +57,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_06B = {"layers": 28, "hidden": 1024, "heads": 16, "kv_heads": 8, "head_dim": 128, "intermediate": 3072}
 SMOKE = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate": 128}
+# One lever turned off per run (relative to the defaults), then all of them: name -> extra train flags.
+ABLATION = {
+    "autocast": "--dtype autocast",  # fp32 weights + bf16 autocast instead of bf16 weights + fp32 masters
+    "compile_off": "--torch-compile off",
+    "buckets_1": "--length-buckets 1",  # one pass padded to the longest text
+    "buckets_4": "--length-buckets 4",
+    "pad_64": "--pad-to-multiple-of 64",
+    "optim_unfused": "--optim adamw_torch",
+    "all_off": "--dtype autocast --torch-compile off --length-buckets 1",  # train before the levers
+}
+SMOKE_ABLATION = "all_off,buckets_1,autocast"  # CPU: compile would take minutes; plumbing only
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -207,7 +229,7 @@ print("RESULT " + json.dumps({"train_samples_per_second": metrics["train_samples
 
 ENCODE = r"""
 import json, sys, time, torch
-from embedtune.modeling import Embedder
+from embedtune.scoring import scoring_model
 from sentence_transformers import SentenceTransformer
 model, data, n, batch, max_length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 texts = [json.loads(line)["response"] for line in open(data)][:n]
@@ -222,8 +244,8 @@ def timed(encode):
 res = {}
 for dtype in ([torch.float32, torch.bfloat16] if cuda else [torch.float32]):
     name = str(dtype).removeprefix("torch.")
-    ours = Embedder.from_pretrained(model, dtype=dtype, max_length=max_length).to(device).eval()
-    res[f"embedtune_{name}"] = timed(lambda t: ours.encode(t, batch_size=batch))
+    with scoring_model(model, dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], max_length=max_length) as ours:
+        res[f"embedtune_{name}"] = timed(lambda t: ours.encode(t, batch_size=batch))
     del ours
     theirs = SentenceTransformer(model, device=device, model_kwargs={"dtype": dtype})
     theirs.max_seq_length = max_length
@@ -276,7 +298,12 @@ def main() -> int:
     parser.add_argument("--encode-texts", type=int, default=2000)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("gpu_train.json"))
-    parser.add_argument("--only", default="embedtune,zero3,st,encode", help="comma-separated parts to run")
+    parser.add_argument(
+        "--only", default="embedtune,zero3,st,encode,ablation", help="comma-separated parts to run"
+    )
+    parser.add_argument(
+        "--ablation", default=",".join(ABLATION), help=f"ablation runs, of: {', '.join(ABLATION)}"
+    )
     parser.add_argument("--train-args", default="", help="extra flags for both embedtune runs")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per part")
     args = parser.parse_args()
@@ -286,6 +313,7 @@ def main() -> int:
     if args.smoke:
         shape, texts, docs, pairs = SMOKE, *synthetic()
         args.steps, args.batch, args.max_length, args.encode_texts, vocab = 3, 4, 64, 32, 600
+        args.ablation = SMOKE_ABLATION if args.ablation == ",".join(ABLATION) else args.ablation
     else:
         shape = {**QWEN3_06B, "layers": args.layers, "hidden": args.hidden}
         texts, docs, pairs = scifact(args.data_dir)
@@ -344,30 +372,28 @@ def main() -> int:
             "--save-steps", "0", "--logging-steps", str(max(args.steps // 5, 1)), "--learning-rate", "1e-5",
             "--max-steps", str(args.steps), *shlex.split(args.train_args),
         ]  # fmt: skip
-        for part, deepspeed in (("embedtune", "none"), ("zero3", "zero3")):
-            if part not in parts:
-                continue
+
+        def train(part: str, deepspeed: str, flags: str = "") -> dict:
             out = work / f"et-{part}"
-            print(f"embedtune train --deepspeed {deepspeed} ...", flush=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "embedtune",
-                "train",
-                *common,
-                "--output-dir",
-                str(out),
-                "--deepspeed",
-                deepspeed,
-            ]
+            print(f"embedtune train --deepspeed {deepspeed} {flags}...", flush=True)
+            cmd = [sys.executable, "-m", "embedtune", "train", *common, "--output-dir", str(out),
+                   "--deepspeed", deepspeed, *shlex.split(flags)]  # fmt: skip
             code, _, wall = run(cmd, args.out.with_suffix(f".{part}.log"), args.timeout)
-            entry: dict = {"exit_code": code, "wall_seconds": round(wall, 1)}
+            entry: dict = {"exit_code": code, "wall_seconds": round(wall, 1), "flags": flags}
             if code == 0:
                 r = json.loads((out / "train_result.json").read_text())
                 entry.update(throughput(r["train_samples_per_second"]), train_runtime=r["train_runtime"], first_step_seconds=r.get("first_step_seconds"),
                              median_step_seconds=r.get("median_step_seconds"), peak_memory_gb=r.get("peak_memory_gb"), final_loss=r["loss_history"][-1][1])  # fmt: skip
-            results[f"embedtune_{deepspeed}"] = entry
-            save()
+                if (
+                    part != "embedtune"
+                ):  # the encode part reads the defaults' model; the others only take room
+                    shutil.rmtree(out, ignore_errors=True)
+            return entry
+
+        for part, deepspeed in (("embedtune", "none"), ("zero3", "zero3")):
+            if part in parts:
+                results[f"embedtune_{deepspeed}"] = train(part, deepspeed)
+                save()
 
         if "st" in parts:
             print("sentence-transformers trainer ...", flush=True)
@@ -400,6 +426,12 @@ def main() -> int:
             results["encode_texts_per_s"] = result_line(stdout) or {"exit_code": code}
             save()
 
+        if "ablation" in parts:
+            results.setdefault("ablation", {})
+            for name in [a for a in args.ablation.split(",") if a]:
+                results["ablation"][name] = train(f"ablation-{name}", "none", ABLATION[name])
+                save()
+
     ours, zero3, peer = (
         results.get(k, {}) for k in ("embedtune_none", "embedtune_zero3", "sentence_transformers")
     )
@@ -420,6 +452,26 @@ def main() -> int:
     if "rows_per_s" in ours and "rows_per_s" in zero3:
         results["zero3_over_none"] = round(zero3["rows_per_s"] / ours["rows_per_s"], 3)
         print(f"ZeRO-3 / no DeepSpeed rows/s: {results['zero3_over_none']:.2f}x")
+    ablation = results.get("ablation", {})
+    if ablation:
+        print(
+            f"\nablation (--deepspeed none, one lever off per row){'rows/s':>10}{'x defaults':>12}{'first s':>9}{'step s':>9}{'peak GB':>9}"
+        )
+        for name, r in ablation.items():
+            if "rows_per_s" in r:
+                r["over_defaults"] = (
+                    round(r["rows_per_s"] / ours["rows_per_s"], 3) if "rows_per_s" in ours else None
+                )
+                print(f"  {name:<14}{r['flags']:<38}{r['rows_per_s']:>9.2f}{r['over_defaults'] or 0:>12.2f}{r.get('first_step_seconds') or 0:>9.2f}"
+                      f"{r.get('median_step_seconds') or 0:>9.3f}{r.get('peak_memory_gb') or 0:>9.2f}")  # fmt: skip
+            else:
+                print(f"  {name:<14}{r.get('flags', ''):<38} failed (exit {r.get('exit_code')})")
+        same = ablation.get("compile_off", {})  # ZeRO-3 turns compile off: compare it with the same levers
+        if "rows_per_s" in same and "rows_per_s" in zero3:
+            results["zero3_overhead_same_levers"] = round(same["rows_per_s"] / zero3["rows_per_s"] - 1, 3)
+            print(
+                f"ZeRO-3 overhead over --deepspeed none, same levers (compile off): {results['zero3_overhead_same_levers']:+.1%}"
+            )
     for key, value in results.get("encode_texts_per_s", {}).items():
         print(f"encode {key}: {value} texts/s")
     if not cuda:
@@ -429,7 +481,7 @@ def main() -> int:
         k
         for k in ("embedtune_none", "embedtune_zero3", "sentence_transformers")
         if results.get(k, {}).get("exit_code", 0) != 0
-    ]
+    ] + [k for k, r in ablation.items() if r.get("exit_code", 0) != 0]
     return 1 if failed else 0
 
 

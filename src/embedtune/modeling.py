@@ -218,6 +218,13 @@ def _progress(iterable, show: bool, desc: str):
 
 
 # --------------------------------------------------------------------------------------------- both kinds
+def no_kv_cache(model: nn.Module) -> None:
+    """Embedding and scoring never generate: without this a decoder fills a KV cache in every forward pass
+    (copies, and a Python object a compiled layer would break on). sentence-transformers does the same."""
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False
+
+
 class Wrapper(nn.Module):
     """What Embedder and Reranker share: the Hugging Face model inside, under the attribute `INNER` names.
 
@@ -247,6 +254,7 @@ class Embedder(Wrapper):
         if pooling not in POOLINGS:
             raise EmbedtuneError(f"unknown pooling {pooling!r}: choose one of {POOLINGS}")
         self.backbone = backbone
+        no_kv_cache(backbone)
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.query_instruction = query_instruction
@@ -422,6 +430,7 @@ class Reranker(Wrapper):
     ):
         super().__init__()
         self.lm = lm
+        no_kv_cache(lm)
         self.tokenizer = tokenizer
         self.instruction = instruction
         self.max_length = max_length
