@@ -80,7 +80,7 @@ def test_bucket_cuts_are_the_fewest_padded_tokens_of_any_cut():
         k = rng.randint(1, 4)
         cuts = bucket_cuts(lengths, k)
 
-        def cost(c):
+        def cost(c, lengths=lengths):
             return sum((b - a) * lengths[b - 1] for a, b in zip(c[:-1], c[1:], strict=True))
 
         groups = min(k, len(lengths))
@@ -146,7 +146,7 @@ def test_master_weights_follow_the_fp32_adamw_trajectory_and_resume_exactly():
     kw = {"lr": 1e-4, "weight_decay": 0.01}
     opt_ref = torch.optim.AdamW(ref.parameters(), **kw)
     opt = MasterWeightAdamW([{"params": list(low.parameters())}], **kw)
-    for step in range(5):
+    for _ in range(5):
         grads = [torch.randn_like(p, dtype=torch.bfloat16) for p in low.parameters()]
         for p, q, g in zip(ref.parameters(), low.parameters(), grads, strict=True):
             p.grad, q.grad = g.float(), g.clone()
@@ -211,7 +211,9 @@ def test_regional_compile_gives_the_eager_loss_and_gradients(tiny_qwen3_path, fi
     feats = tokenize_rows(eager.model, rows(fixtures_dir, "infonce"))
     collate = Collator("infonce", eager.model.tokenizer.pad_token_id)
     for batch in (collate(feats[:4]), collate(feats[4:])):  # two shapes: dynamic, no recompile per length
-        assert_same(loss_and_grads(compiled, batch), loss_and_grads(eager, batch), {"rtol": 1e-4, "atol": 1e-4})
+        assert_same(
+            loss_and_grads(compiled, batch), loss_and_grads(eager, batch), {"rtol": 1e-4, "atol": 1e-4}
+        )
 
 
 # ------------------------------------------------------------------------------------------------ evaluate

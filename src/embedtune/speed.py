@@ -176,18 +176,25 @@ def repeated_layers(model: nn.Module) -> nn.ModuleList | None:
     (`layers` of Qwen3 / ModernBERT, `encoder.layer` of BERT), found through any LoRA wrapper."""
     best = None
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
+        same_class = isinstance(module, nn.ModuleList) and len({type(m) for m in module}) == 1
+        if same_class and (best is None or len(module) > len(best)):
+            best = module
     return best
 
 
-def compile_layers(model: nn.Module) -> int:
+def compile_layers(model: nn.Module, strict: bool = True) -> int:
     """Regional compile: every layer of the repeated block compiled in place (`nn.Module.compile`: the state
-    dict keeps its keys), dynamic shapes. Returns how many layers (0: no repeated block found)."""
+    dict keeps its keys), dynamic shapes. Returns how many layers (0: no repeated block found).
+
+    `strict` False (`torch_compile auto`): a layer torch cannot compile runs eager, with torch's warning,
+    instead of failing the run (`torch._dynamo.config.suppress_errors`, process-wide)."""
     layers = repeated_layers(model)
     if layers is None:
         return 0
+    if not strict:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -63,7 +63,7 @@ class TrainModel(nn.Module):
         self.chunk_size = cfg.gradient_cache_chunk_size
         self.length_buckets, self.pad_to_multiple_of = cfg.length_buckets, cfg.pad_to_multiple_of
         if compile_enabled(cfg.torch_compile, cfg.deepspeed):
-            compile_layers(model.inner)  # regional: each layer in place (`embedtune.speed`)
+            compile_layers(model.inner, strict=cfg.torch_compile == "on")  # each layer in place (`speed`)
         self.loss_kwargs = {
             "infonce": {
                 "temperature": cfg.infonce_temperature,

@@ -77,7 +77,9 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.baseline_model:
         meta = read_meta(cfg.model)
         like = meta if _same_model(meta.get("base_model"), cfg.baseline_model) else None  # trained from it
-        with scoring_model(cfg.baseline_model, task_type, dtype, like=like, max_length=cfg.max_length) as base:
+        with scoring_model(
+            cfg.baseline_model, task_type, dtype, like=like, max_length=cfg.max_length
+        ) as base:
             base_metrics, base_plot, timing = measure(base, data, cfg.per_device_eval_batch_size)
         seconds["baseline_encode"], seconds["baseline_metrics"] = timing["encode"], timing["metrics"]
         del base
