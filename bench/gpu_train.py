@@ -455,17 +455,17 @@ def main() -> int:
     ablation = results.get("ablation", {})
     if ablation:
         print(
-            f"\nablation (--deepspeed none, one lever off per row){'rows/s':>10}{'x defaults':>12}{'first s':>9}{'step s':>9}{'peak GB':>9}"
+            f"\nablation (--deepspeed none, one lever off per row)\n  {'run':<14}{'flags':<56}{'rows/s':>9}{'x defaults':>12}{'first s':>9}{'step s':>9}{'peak GB':>9}"
         )
         for name, r in ablation.items():
             if "rows_per_s" in r:
                 r["over_defaults"] = (
                     round(r["rows_per_s"] / ours["rows_per_s"], 3) if "rows_per_s" in ours else None
                 )
-                print(f"  {name:<14}{r['flags']:<38}{r['rows_per_s']:>9.2f}{r['over_defaults'] or 0:>12.2f}{r.get('first_step_seconds') or 0:>9.2f}"
+                print(f"  {name:<14}{r['flags']:<56}{r['rows_per_s']:>9.2f}{r['over_defaults'] or 0:>12.2f}{r.get('first_step_seconds') or 0:>9.2f}"
                       f"{r.get('median_step_seconds') or 0:>9.3f}{r.get('peak_memory_gb') or 0:>9.2f}")  # fmt: skip
             else:
-                print(f"  {name:<14}{r.get('flags', ''):<38} failed (exit {r.get('exit_code')})")
+                print(f"  {name:<14}{r.get('flags', ''):<56} failed (exit {r.get('exit_code')})")
         same = ablation.get("compile_off", {})  # ZeRO-3 turns compile off: compare it with the same levers
         if "rows_per_s" in same and "rows_per_s" in zero3:
             results["zero3_overhead_same_levers"] = round(same["rows_per_s"] / zero3["rows_per_s"] - 1, 3)
