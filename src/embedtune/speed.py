@@ -10,11 +10,12 @@ that can run on a CPU is tested there against the plain path (tests/test_speed.p
               between them stay fp32: more memory traffic and casts; what train did before `dtype` existed).
     fp32      everything fp32.
     fp16      evaluate only (GPUs without bf16): fp16 weights. Train refuses it (it needs loss scaling).
-- `compile` (train): regional `torch.compile`: each layer of the backbone's repeated block (decoder /
+- `torch_compile` (train): regional `torch.compile`: each layer of the backbone's repeated block (decoder /
   encoder layer) compiled in place, so the state dict keeps its keys and compile time is that of one layer
   (the layers share the compiled code). Compiled with dynamic shapes: one graph serves every padded length
   and batch size, so recompiles stay bounded whatever the data (`pad_to_multiple_of` narrows the lengths
-  further). auto: on for CUDA, except under ZeRO-3, whose parameter-gathering hooks run inside each layer.
+  further). auto: on for CUDA, except under ZeRO-3, whose parameter-gathering hooks run inside each layer;
+  a layer that fails to compile then runs eager (`on`: the error fails the run).
 - `length_buckets` (train): a batch's texts are sorted by length and cut into this many forward passes, each
   padded to its own longest text (`bucket_cuts` picks the cuts that minimise the padded tokens: with 2,
   queries and documents land apart). Every text is encoded on its own (attention never crosses texts), so
