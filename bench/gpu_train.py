@@ -61,7 +61,7 @@ SMOKE = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "
 ABLATION = {
     "autocast": "--dtype autocast",  # fp32 weights + bf16 autocast instead of bf16 weights + fp32 masters
     "compile_off": "--torch-compile off",
-    "buckets_1": "--length-buckets 1",  # one pass padded to the longest text
+    "buckets_1": "--length-buckets 1",  # one pass padded to the longest text (auto is 2 on CUDA)
     "buckets_4": "--length-buckets 4",
     "pad_64": "--pad-to-multiple-of 64",
     "optim_unfused": "--optim adamw_torch",

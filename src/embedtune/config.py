@@ -121,7 +121,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 (bf16 weights and activations; fp32 master weights and Adam states in the optimizer, or DeepSpeed's bf16 mode) | autocast (fp32 weights, bf16 matmuls under torch.autocast) | fp32
     optim: str = "adamw_torch_fused"  # HF optimizer name: adamw_torch_fused (one fused kernel per step) | adamw_torch | any TrainingArguments optim; with dtype bf16 and deepspeed none, adamw_torch or adamw_torch_fused on the fp32 master weights
     torch_compile: str = "auto"  # regional torch.compile (each layer of the backbone, dynamic shapes): auto (on for CUDA, except with deepspeed zero3; a layer that fails to compile runs eager) | on (compile errors fail the run) | off
-    length_buckets: int = 2  # forward passes per batch: texts sorted by length, cut into this many groups with the fewest padded tokens (2: queries and documents apart), each padded to its own longest; same loss and gradients; 1: one pass padded to the longest text
+    length_buckets: int = 0  # forward passes per batch: texts sorted by length, cut into this many groups with the fewest padded tokens (2: queries and documents apart), each padded to its own longest; same loss and gradients; 1: one pass padded to the longest text; 0 auto: 2 on CUDA, 1 on CPU (where a second pass costs more than the padding it saves)
     pad_to_multiple_of: int = 0  # > 0: padded lengths rounded up to a multiple of this (fewer distinct shapes for compiled kernels); 0: each pass's longest text
 
 

@@ -39,6 +39,7 @@ from embedtune.speed import (
     compile_enabled,
     compile_layers,
     encode_in_buckets,
+    resolve_buckets,
     train_precision,
 )
 
@@ -61,7 +62,10 @@ class TrainModel(nn.Module):
         self.config = model.inner.config  # DeepSpeed's 'auto' sizes read the hidden size from here
         self.loss_type = cfg.loss_type
         self.chunk_size = cfg.gradient_cache_chunk_size
-        self.length_buckets, self.pad_to_multiple_of = cfg.length_buckets, cfg.pad_to_multiple_of
+        self.length_buckets, self.pad_to_multiple_of = (
+            resolve_buckets(cfg.length_buckets),
+            cfg.pad_to_multiple_of,
+        )
         if compile_enabled(cfg.torch_compile, cfg.deepspeed):
             compile_layers(model.inner, strict=cfg.torch_compile == "on")  # each layer in place (`speed`)
         self.loss_kwargs = {
