@@ -30,6 +30,7 @@ from embedtune.speed import (
     compile_layers,
     encode_in_buckets,
     repeated_layers,
+    resolve_buckets,
     resolve_dtype,
     train_precision,
 )
@@ -134,6 +135,8 @@ def test_dtype_auto_is_fp32_on_cpu_and_train_refuses_fp16():
         resolve_dtype("half")
     assert compile_enabled("auto", "none", cuda=True) and not compile_enabled("auto", "zero3", cuda=True)
     assert not compile_enabled("auto", "none", cuda=False)
+    assert resolve_buckets(0, cuda=False) == 1 and resolve_buckets(0, cuda=True) == 2  # auto
+    assert resolve_buckets(3, cuda=False) == 3
 
 
 def test_master_weights_follow_the_fp32_adamw_trajectory_and_resume_exactly():
