@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from embedtune.batching import LengthGroupedSampler
 from embedtune.config import TrainConfig
 from embedtune.evaldata import EvalData
-from embedtune.losses import LOSSES, pack_negatives
+from embedtune.losses import LOSSES, matryoshka_loss, matryoshka_spec, pack_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.scoring import measure
 
@@ -32,7 +32,9 @@ from embedtune.scoring import measure
 class TrainModel(nn.Module):
     """What the Trainer trains: encodes a collated batch in one forward pass and returns `{"loss": ...}`.
 
-    The loss is picked by name from `LOSSES`; only the split of the encoded batch differs per loss.
+    The loss is picked by name from `LOSSES`; only the split of the encoded batch differs per loss
+    (`loss_from_outputs`). With `matryoshka_dims`, `losses.matryoshka_loss` wraps it: the same loss on each
+    truncated, re-normalized width of the one forward pass's embeddings, weighted mean.
     """
 
     accepts_loss_kwargs = False  # our loss is a per-batch mean: the Trainer divides it by accumulation steps
@@ -55,6 +57,9 @@ class TrainModel(nn.Module):
                 "min_group_size": cfg.listwise_min_group_size,
             },
         }.get(cfg.loss_type, {})
+        self.matryoshka_dims, self.matryoshka_weights = matryoshka_spec(
+            cfg.matryoshka_dims, cfg.matryoshka_weights
+        )
 
     def forward(
         self,
@@ -67,6 +72,20 @@ class TrainModel(nn.Module):
         return_loss=True,
     ):
         out = self.model(input_ids, attention_mask)  # embedder: (T, H) unit vectors; reranker: (T,) z
+        batch = {"neg_mask": neg_mask, "targets": targets, "group_sizes": group_sizes, "doc_keys": doc_keys}
+        if self.matryoshka_dims:  # Matryoshka: the loss at each truncated width, from this one forward pass
+            loss = matryoshka_loss(
+                lambda o: self.loss_from_outputs(o, **batch),
+                out,
+                self.matryoshka_dims,
+                self.matryoshka_weights,
+            )
+        else:
+            loss = self.loss_from_outputs(out, **batch)
+        return {"loss": loss}
+
+    def loss_from_outputs(self, out, neg_mask=None, targets=None, group_sizes=None, doc_keys=None):
+        """The loss of one batch from its encoded texts `out` (embeddings (T, H) or reranker scores (T,))."""
         loss_fn = LOSSES[self.loss_type]
         if self.loss_type == "infonce":
             b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]
@@ -90,7 +109,7 @@ class TrainModel(nn.Module):
         else:  # pair losses: out = [B queries, B responses]
             b = targets.shape[0]
             loss = loss_fn(out[:b], out[b:], targets, **self.loss_kwargs)
-        return {"loss": loss}
+        return loss
 
     def inner_weights(self, state: dict) -> dict:
         """The inner HF model's tensors out of a state dict of this module, keyed as its own

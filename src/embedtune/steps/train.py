@@ -56,7 +56,9 @@ from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import METRIC_NAMES, PRIMARY, EvalData, read_eval_data
 from embedtune.io import read_json, write_json
 from embedtune.launch import LAUNCHED, inside_torchrun, torchrun
+from embedtune.losses import matryoshka_spec
 from embedtune.modeling import Embedder, Reranker, add_lora
+from embedtune.overlap import train_fingerprint
 from embedtune.progress import rank, say
 from embedtune.rundir import (
     RESULT_FILE,
@@ -158,6 +160,8 @@ def run(cfg: TrainConfig) -> dict:
             "base_model": base_model_id(cfg.model),
             "train_type": cfg.train_type,
             "train_config": saved_config,
+            "matryoshka_dims": matryoshka_spec(cfg.matryoshka_dims)[0],  # [] when not trained for it
+            "train_fingerprint": train_fingerprint(train_rows),  # evaluate warns on eval texts found in it
         }
         model.save_pretrained(out, meta=meta, state_dict=trainer.model.inner_weights(state))
         check_saved_weights(out, model, cfg.train_type)
@@ -241,6 +245,12 @@ def check_knobs(cfg: TrainConfig) -> None:
         raise EmbedtuneError("set num_train_epochs > 0 or max_steps > 0")
     if cfg.loss_type == "infonce" and cfg.infonce_temperature <= 0:
         raise EmbedtuneError(f"infonce_temperature: {cfg.infonce_temperature} must be > 0")
+    try:
+        dims, _ = matryoshka_spec(cfg.matryoshka_dims, cfg.matryoshka_weights)
+    except ValueError as e:
+        raise EmbedtuneError(str(e)) from None
+    if dims and cfg.task_type != "embedding":
+        raise EmbedtuneError("matryoshka_dims: only for task_type embedding (a reranker has no embedding)")
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -306,6 +316,9 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
             negative_token=cfg.negative_token,
             trust_remote_code=cfg.trust_remote_code,
         )
+    dims, _ = matryoshka_spec(cfg.matryoshka_dims)
+    if dims and max(dims) > model.dim:
+        raise EmbedtuneError(f"matryoshka_dims: {max(dims)} is larger than the model's dimension {model.dim}")
     if cfg.train_type == "lora":
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
