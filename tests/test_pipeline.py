@@ -657,7 +657,7 @@ def test_tiny_preset_with_lora_merges_before_registering(tmp_path, minilm_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # one more model-encoding step than the other DAG tests
 def test_tiny_preset_with_mine_hard_negatives_trains_on_the_mined_rows(tmp_path, minilm_path, monkeypatch):
     """mine_hard_negatives=true: mine adds negatives to split's train rows, train reads them, the rest as usual."""
     import json
