@@ -11,6 +11,7 @@ same) and `--deepspeed none` on 1 process.
     .venv/bin/python bench/quality.py --task rerank-semeval  # SemEval-2016 CQA (MTEB shape): infonce with hard negatives
     .venv/bin/python bench/quality.py --task rerank-wikiqa   # WikiQA dev, split by query into train / eval
     .venv/bin/python bench/quality.py --task rerank-semeval --seeds 1,2,3 --skip-zero3   # means over seeds
+    .venv/bin/python bench/quality.py --task stsb --losses infonce --gradient-cache-batch 512 --gradient-cache-learning-rates 2e-5,1e-4
 
 With 16-64 optimizer steps per epoch, the data order moves a single run by up to ~0.01: compare means over seeds.
 
@@ -170,6 +171,16 @@ def train_all(
             "--per-device-train-batch-size", str(args.batch_size // 2),
         )  # fmt: skip
         runs.append(("embedtune (zero3, 2 ranks)", (seconds, out)))
+    for lr in cached_learning_rates(args) if loss == "infonce" else []:
+        # The gradient cache column(s): the same rows and recipe, a batch of `--gradient-cache-batch` rows on one
+        # process (all of them in-batch negatives of each other) at the activation memory of a chunk.
+        out = str(work / f"{loss}-cached-{lr:g}-{seed}")
+        seconds, _ = timed(
+            embedtune, "train", *common, "--output-dir", out, "--deepspeed", "none",
+            "--per-device-train-batch-size", str(args.gradient_cache_batch), "--learning-rate", str(lr),
+            "--gradient-cache-chunk-size", str(args.gradient_cache_chunk),
+        )  # fmt: skip
+        runs.append((cached_column(args, lr), (seconds, out)))
     out = str(work / f"{loss}-st-{seed}")
     spec = {
         "model": model, "train": str(files[loss]), "output": out, "loss": loss, "epochs": args.epochs,
@@ -180,6 +191,20 @@ def train_all(
     seconds, _ = timed(subprocess.run, cmd, check=True, capture_output=True)
     runs.append((ST, (seconds, out)))
     return runs
+
+
+def cached_learning_rates(args) -> list[float]:
+    """The gradient cache columns' learning rates (none without --gradient-cache-batch)."""
+    if not args.gradient_cache_batch:
+        return []
+    given = args.gradient_cache_learning_rates
+    return [float(x) for x in given.split(",")] if given else [args.learning_rate]
+
+
+def cached_column(args, lr: float) -> str:
+    return (
+        f"embedtune (cached, batch {args.gradient_cache_batch}, chunk {args.gradient_cache_chunk}, lr {lr:g})"
+    )
 
 
 def report(args, loss, primary, base, scores, times, seeds, temperature) -> None:
@@ -208,6 +233,17 @@ def report(args, loss, primary, base, scores, times, seeds, temperature) -> None
         f"embedtune - sentence-transformers = {statistics.fmean(diffs):+.4f}{spread}, "
         f"time ratio embedtune/ST = {statistics.fmean(times[OURS]) / statistics.fmean(times[ST]):.2f}"
     )
+    for lr in cached_learning_rates(args):
+        cached = cached_column(args, lr)
+        if cached not in scores:
+            continue
+        big = [s[primary] for s in scores[cached]]
+        print(
+            f"gradient cache, lr {lr:g}: batch {args.gradient_cache_batch} (cached) - batch {args.batch_size} = "
+            f"{statistics.fmean(big) - statistics.fmean(ours):+.4f} {primary} "
+            f"(per seed: {', '.join(f'{a - b:+.4f}' for a, b in zip(big, ours, strict=True))}), "
+            f"time ratio {statistics.fmean(times[cached]) / statistics.fmean(times[OURS]):.2f}"
+        )
 
 
 def reranker_smoke(files: dict[str, Path], work: Path, evaluate) -> None:
@@ -262,6 +298,19 @@ def main() -> None:
     )
     ap.add_argument("--skip-zero3", action="store_true", help="skip the 2-rank ZeRO-3 column")
     ap.add_argument("--losses", help="comma-separated subset of the task's losses (default: all)")
+    ap.add_argument(
+        "--gradient-cache-batch",
+        type=int,
+        default=0,
+        help="> 0: infonce also trained with this batch (1 process) and the gradient cache (a column)",
+    )
+    ap.add_argument(
+        "--gradient-cache-chunk", type=int, default=32, help="texts per forward pass of that column"
+    )
+    ap.add_argument(
+        "--gradient-cache-learning-rates",
+        help="comma-separated: one cached column per learning rate (default: --learning-rate)",
+    )
     ap.add_argument(
         "--skip-reranker-smoke",
         action="store_true",

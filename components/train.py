@@ -1,4 +1,5 @@
-"""train: fine-tune an embedder or a reranker, one process per GPU (DeepSpeed ZeRO-3, full or LoRA)."""
+"""train: fine-tune an embedder or a reranker, one process per GPU (DeepSpeed ZeRO-3, full or LoRA); with
+nodes > 1, on that many pods as a Kubeflow Trainer TrainJob (the step submits it and waits: embedtune.trainjob)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -19,7 +20,6 @@ from images.refs import STEP_IMAGES
     checkpoint_dir="Folder on a persistent volume for checkpoints (the pipeline mounts cluster.CHECKPOINT_PVC "
     "there); this run's checkpoint-N folders go in its run_id subfolder, so a retried or preempted pod resumes "
     "from the latest one. Empty: checkpoints stay in output_dir, local to the pod.",
-    run_id="Pipeline run id: names this run's subfolder of checkpoint_dir (the same on every retry).",
     gpus="GPUs this task got; training runs one process per GPU (nproc = gpus).",
     cpu_procs="Processes to run when gpus is 0 (CPU, gloo); nproc = cpu_procs.",
 )
@@ -31,6 +31,8 @@ def train(
     metrics: Output[Metrics],
     checkpoint_dir: str,
     run_id: str,
+    shared_dir: str,
+    nodes: int,
     gpus: int,
     cpu_procs: int,
     task_type: str,
@@ -50,6 +52,7 @@ def train(
     per_device_train_batch_size: int,
     per_device_eval_batch_size: int,
     gradient_accumulation_steps: int,
+    gradient_cache_chunk_size: int,
     learning_rate: float,
     weight_decay: float,
     warmup_ratio: float,
@@ -75,7 +78,8 @@ def train(
     matryoshka_dims: str,
     matryoshka_weights: str,
 ):
-    """Fine-tune `model` on the train rows; the step launches one torchrun process per GPU."""
+    """Fine-tune `model` on the train rows; the step launches one torchrun process per GPU, or with nodes > 1
+    submits a TrainJob of `nodes` pods running the same command and waits for it."""
     inputs = dict(locals())
     import os
 

@@ -32,6 +32,19 @@ cannot run), and KFP resolves `{{$.pipeline_job_uuid}}` only as a whole paramete
 takes the run id separately and joins the path itself. kfp.local ignores the mount: leave the hook unset
 for `make demo`.
 
+Multi-node training (pipeline parameter `nodes` > 1): the train task submits a Kubeflow Trainer TrainJob of
+`nodes` pods and waits for it (`embedtune.trainjob`). Each node pod copies the train task's own settings from
+here: image, CPU / memory, `gpus` accelerators (numProcPerNode = gpus), /dev/shm, PVC mounts, node
+selectors, tolerations, image pull secrets, and the rest of the step's timeout. The nodes meet on
+`SHARED_PVC`, an existing **ReadWriteMany** claim (NFS, CephFS, a cloud file store; ReadWriteOnce cannot be
+mounted by pods on several machines), mounted at `SHARED_PATH` on train and on every node: the rows, the
+checkpoints and the model go to `SHARED_PATH/<job name>/`, the model is copied back into train's output
+artifact, and the folder is removed. Unset (the default), `nodes` > 1 fails at once saying so. The pipeline's
+service account needs the Role in `pipelines/rbac/trainjob-launcher.yaml`. While the job runs, the train
+task's own pod still holds its `gpus` accelerators: KFP 2.17 cannot make a task's resources depend on a
+run-time parameter, and a second, GPU-less train task under `dsl.If` would need `dsl.OneOf` downstream,
+which kfp.local (`make demo`) cannot run.
+
 kfp.local ignores all of this (it prints which settings it skipped), so `make demo` runs the same DAG.
 """
 
@@ -82,6 +95,10 @@ MODEL_CACHE_STEPS = {"train", "merge", "evaluate", "register", "mine"}
 CHECKPOINT_PVC: str | None = None
 CHECKPOINT_PATH = "/checkpoints"
 CHECKPOINT_RETRIES = 3
+# A ReadWriteMany PVC name here mounts it at SHARED_PATH on train: where the nodes of a multi-node job
+# (pipeline parameter nodes > 1) read the data and write checkpoints and the model.
+SHARED_PVC: str | None = None
+SHARED_PATH = "/shared"
 # e.g. {"train": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}}
 NODE_SELECTORS: dict[str, dict[str, str]] = {}
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -98,6 +115,11 @@ def checkpoint_dir() -> str:
     return CHECKPOINT_PATH if CHECKPOINT_PVC else ""
 
 
+def shared_dir() -> str:
+    """train's `shared_dir`: the mounted ReadWriteMany volume, or "" (then nodes > 1 is refused)."""
+    return SHARED_PATH if SHARED_PVC else ""
+
+
 def configure(task, step: str, accelerator_type=None, accelerators=None):
     """Apply every cluster setting of `step` to `task`; `accelerators` is a pipeline parameter (count)."""
     task.set_display_name(step)
@@ -112,6 +134,8 @@ def configure(task, step: str, accelerator_type=None, accelerators=None):
     if CHECKPOINT_PVC and step == "train":
         kubernetes.mount_pvc(task, pvc_name=CHECKPOINT_PVC, mount_path=CHECKPOINT_PATH)
         task.set_retry(CHECKPOINT_RETRIES, **RETRY_BACKOFF)
+    if SHARED_PVC and step == "train":
+        kubernetes.mount_pvc(task, pvc_name=SHARED_PVC, mount_path=SHARED_PATH)
     kubernetes.set_timeout(task, TIMEOUT_S[step])
     if step in SHM_STEPS:
         kubernetes.empty_dir_mount(

@@ -133,7 +133,9 @@ def metrics_table(metrics_json: Path) -> str:
     from embedtune.report import metric_table
 
     result = json.loads(metrics_json.read_text())
-    table = metric_table(result["metrics"], result.get("baseline_metrics"), style="text")
+    table = metric_table(
+        result["metrics"], result.get("baseline_metrics"), result["primary_metric"], style="text"
+    )
     return f"{table}\nprimary: {result['primary_metric']} = {result['primary_value']:.4f}"
 
 

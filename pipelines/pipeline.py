@@ -22,6 +22,13 @@ hard negatives mined with the base model (`embedtune mine`), else it copies the 
 or the original rows, and kfp.local (`make demo`, the DAG tests) cannot run `dsl.OneOf` over artifacts. The
 cost of the pass-through is a pod that copies a file (on CPU unless `mine_gpus` is set).
 
+Multi-node training (`nodes` > 1) is no branch of this DAG: the one train task submits a Kubeflow Trainer
+TrainJob running the same `embedtune train` command on `nodes` pods and waits for it (`embedtune.trainjob`),
+so evaluate, merge and register take its output as they do for one node, and kfp.local runs the same DAG.
+A second train task under `dsl.If` would need `dsl.OneOf` to hand its model on (see below); and the launcher
+is Kubernetes client code, which belongs in the library, not in a component (`pipelines/cluster.py` says what
+the nodes get).
+
 Gates (`dsl.If`): nothing is registered unless the tuned model's primary metric is at least
 `min_primary_metric`; then merge runs only for `train_type == "lora"` (a full model needs no merging) and
 register takes the merged or the trained folder. Promotion to the `champion` alias is decided by register
@@ -82,6 +89,9 @@ NOT_IN_PIPELINE = {
     "train.checkpoint_dir": "a compile-time hook (cluster.CHECKPOINT_PVC): a volume cannot be mounted from a "
     "run-time value; the component adds the run id",
     "train.nproc": "derived: gpus (one process per GPU), or cpu_procs when gpus is 0",
+    "train.shared_dir": "a compile-time hook (cluster.SHARED_PVC, a ReadWriteMany claim): where the nodes of a "
+    "multi-node job meet",
+    "train.run_id": "the pipeline run id (names the TrainJob and the checkpoints' folder), filled in by Kubeflow",
     "evaluate.model": "an artifact: train's output",
     "evaluate.eval_data": "an artifact: split's eval rows",
     "evaluate.output": "an artifact: the metrics JSON, passed to register",
@@ -184,6 +194,7 @@ def embedtune_pipeline(
     per_device_train_batch_size: int = default("per_device_train_batch_size"),
     per_device_eval_batch_size: int = default("per_device_eval_batch_size"),
     gradient_accumulation_steps: int = default("gradient_accumulation_steps"),
+    gradient_cache_chunk_size: int = default("gradient_cache_chunk_size"),
     learning_rate: float = default("learning_rate"),
     weight_decay: float = default("weight_decay"),
     warmup_ratio: float = default("warmup_ratio"),
@@ -207,6 +218,7 @@ def embedtune_pipeline(
     dataloader_num_workers: int = default("dataloader_num_workers"),
     matryoshka_dims: str = default("matryoshka_dims"),
     matryoshka_weights: str = default("matryoshka_weights"),
+    nodes: int = default("nodes"),
     primary_metric: str = default("primary_metric"),
     tolerance: float = default("tolerance"),
     min_primary_metric: float = 0.0,
@@ -239,6 +251,7 @@ def embedtune_pipeline(
             train_data=mn.outputs["output"],
             eval_data=spl.outputs["eval_data"],
             checkpoint_dir=cluster.checkpoint_dir(),  # "" unless cluster.CHECKPOINT_PVC is set
+            shared_dir=cluster.shared_dir(),  # "" unless cluster.SHARED_PVC is set (nodes > 1 needs it)
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,  # the same on every retry of the task: its checkpoints' folder
         )
     )

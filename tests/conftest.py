@@ -57,7 +57,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # a loaded CI machine can take minutes to import mlflow
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:

@@ -30,10 +30,9 @@ from pipelines.pipeline import (
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT_TYPES = {f"system.{t}@0.0.1" for t in ("Dataset", "Model", "Metrics", "Markdown")}
-# Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc, and the
-# pipeline run id, which names the run's subfolder of TrainConfig.checkpoint_dir.
+# Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc;
 # mine's switch and GPU count, which become MineConfig.passthrough and .nproc.
-LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs", "run_id"}, "mine": {"mine_hard_negatives", "mine_gpus"}}
+LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs"}, "mine": {"mine_hard_negatives", "mine_gpus"}}
 # Config fields a component derives from its inputs instead of taking them as they are.
 DERIVED = {"train": {"checkpoint_dir"}}
 PARAM_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
@@ -443,6 +442,64 @@ def test_checkpoint_pvc_hook_mounts_a_volume_on_train_retries_it_and_scopes_chec
     assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "embedtune-checkpoints"
     assert train_task(spec)["retryPolicy"]["maxRetryCount"] == cluster.CHECKPOINT_RETRIES
     assert all("pvcMount" not in k8s[e] for e in k8s if e != "exec-train")
+
+
+def test_multi_node_training_is_the_nodes_parameter_of_the_one_train_task_with_its_shared_volume(
+    compiled, tmp_path, monkeypatch
+):
+    """nodes > 1 is no second branch of the DAG: the train task takes `nodes` (default 1: the run is what it
+    was) and, with cluster.SHARED_PVC, mounts the ReadWriteMany claim its TrainJob's nodes meet on."""
+    from kfp import dsl
+
+    from pipelines import cluster
+
+    def train_task(spec):
+        return spec["root"]["dag"]["tasks"]["train"]
+
+    spec, k8s = compiled_spec(compiled)
+    assert spec["root"]["inputDefinitions"]["parameters"]["nodes"]["defaultValue"] == 1
+    params = train_task(spec)["inputs"]["parameters"]
+    assert params["nodes"]["componentInputParameter"] == "nodes"
+    assert params["shared_dir"]["runtimeValue"]["constant"] == ""  # unset hook: nodes > 1 is refused at once
+    assert params["run_id"]["runtimeValue"]["constant"] == dsl.PIPELINE_JOB_ID_PLACEHOLDER  # the job's name
+    assert [t for t in spec["root"]["dag"]["tasks"] if t.startswith("train")] == ["train"]
+
+    monkeypatch.setattr(cluster, "SHARED_PVC", "embedtune-rwx")
+    rebuilt = dsl.pipeline(name="embedtune")(embedtune_pipeline.pipeline_func)
+    path = compile_pipeline(rebuilt, tmp_path / "multi-node.yaml")
+    assert validate(path) == []
+    spec, k8s = compiled_spec(path)
+    assert (
+        train_task(spec)["inputs"]["parameters"]["shared_dir"]["runtimeValue"]["constant"]
+        == cluster.SHARED_PATH
+    )
+    (mount,) = k8s["exec-train"]["pvcMount"]
+    assert mount["mountPath"] == cluster.SHARED_PATH
+    assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "embedtune-rwx"
+    # what each node pod copies from the train task's pod: GPUs, /dev/shm, tolerations, the timeout
+    assert spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+    assert k8s["exec-train"]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    assert k8s["exec-train"]["tolerations"] and k8s["exec-train"]["activeDeadlineSeconds"]
+
+
+def test_rbac_manifest_grants_the_launcher_exactly_the_calls_it_makes():
+    docs = list(yaml.safe_load_all((REPO / "pipelines" / "rbac" / "trainjob-launcher.yaml").read_text()))
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    rules = {
+        (g, r): set(rule["verbs"])
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert rules == {
+        ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "delete"},
+        ("", "pods"): {"get", "list"},
+        ("", "pods/log"): {"get"},
+        ("", "persistentvolumeclaims"): {"get"},
+        ("", "events"): {"list"},
+    }
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
 def test_validation_catches_a_literal_credential(compiled, tmp_path):

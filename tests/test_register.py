@@ -242,7 +242,7 @@ def test_secrets_from_env_never_reach_params_tags_or_output(
     seen = json.dumps([run.data.params, run.data.tags, mv.tags, mv.description, out, saved_meta])
     seen += str(capfd.readouterr()) + caplog.text
     assert secret not in seen and user not in seen
-    assert run.data.params["model"] == "https://user:***@models.example.com/minilm"
+    assert run.data.params["model"] == "https://***@models.example.com/minilm"  # user and password
 
 
 def test_bad_metrics_file_names_the_file_before_contacting_mlflow(embedder_dir, tmp_path):

@@ -214,11 +214,14 @@ def test_listwise_reranker_skips_small_groups_and_saves_a_scoring_folder(
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
 
 
+@pytest.mark.parametrize("chunk", [0, 3], ids=["uncached", "gradient-cache"])
 def test_resume_after_preemption_finishes_at_the_same_step_as_an_uninterrupted_run(
-    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch
+    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch, chunk
 ):
     data = fixtures_dir / "train" / "infonce.jsonl"
-    whole = train.run(tiny_cfg(tiny_qwen3_path, data, tmp_path / "whole", save_steps=2))
+    whole = train.run(
+        tiny_cfg(tiny_qwen3_path, data, tmp_path / "whole", save_steps=2, gradient_cache_chunk_size=chunk)
+    )
 
     class Preempted(Exception):
         pass
@@ -228,7 +231,7 @@ def test_resume_after_preemption_finishes_at_the_same_step_as_an_uninterrupted_r
             raise Preempted
 
     out = tmp_path / "out"
-    cfg = tiny_cfg(tiny_qwen3_path, data, out, save_steps=2)
+    cfg = tiny_cfg(tiny_qwen3_path, data, out, save_steps=2, gradient_cache_chunk_size=chunk)
     with monkeypatch.context() as m:
         m.setattr(StepLog, "on_save", die_after_first_checkpoint, raising=False)
         with pytest.raises(Preempted):
@@ -250,7 +253,11 @@ def test_resume_after_preemption_finishes_at_the_same_step_as_an_uninterrupted_r
 
     assert train.run(cfg) == result  # finished: nothing to do
     with pytest.raises(EmbedtuneError, match="learning_rate"):
-        train.run(tiny_cfg(tiny_qwen3_path, data, out, save_steps=2, learning_rate=1e-3))
+        train.run(
+            tiny_cfg(
+                tiny_qwen3_path, data, out, save_steps=2, gradient_cache_chunk_size=chunk, learning_rate=1e-3
+            )
+        )
 
 
 def test_restarted_pod_with_a_fresh_output_dir_resumes_from_the_persistent_checkpoint_dir(

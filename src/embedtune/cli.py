@@ -26,6 +26,7 @@ from embedtune import __version__
 from embedtune.config import STEP_CONFIGS, field_help, parse_bool
 from embedtune.errors import EmbedtuneError
 from embedtune.progress import error_line
+from embedtune.safety import mask_credentials
 
 
 def _bool_flag(raw: str) -> bool:
@@ -106,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(error_line(args.step, str(e)), file=sys.stderr)
         return 2
     if result is not None:
-        sys.stdout.write(
-            orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n"
-        )
+        text = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+        sys.stdout.write(mask_credentials(text) + "\n")
     return 0
 
 

@@ -113,12 +113,16 @@ class TrainConfig:
     lora_dropout: float = 0.05  # LoRA dropout
     lora_target: str = "all-linear"  # modules LoRA wraps: all-linear or a comma-separated list of module names
     deepspeed: str = "zero3"  # zero3 | zero2 | none (configs ship in the package; 'auto' values filled by the Trainer)
-    nproc: int = 1  # processes to launch with torchrun (one per GPU; 2 on CPU for tests)
+    nproc: int = 1  # processes to launch with torchrun (one per GPU; 2 on CPU for tests); with nodes > 1, per node
+    nodes: int = 1  # machines to train on, nproc processes each. Inside a multi-node job (torchrun's PET_* variables set, as Kubeflow Trainer sets them) the job's node count (must match when given). Elsewhere, > 1 submits this command as a Kubeflow Trainer TrainJob of `nodes` pods (needs shared_dir; see embedtune.trainjob)
+    shared_dir: str = ""  # nodes > 1: a folder on a ReadWriteMany volume this pod mounts; the job's data, checkpoints and model go to <shared_dir>/<job name>/ (every node mounts the same claim there)
+    run_id: str = ""  # the pipeline run id: names the TrainJob that nodes > 1 submits and its folder in shared_dir (a retry with the same id re-attaches to its job, never starts a second one)
     num_train_epochs: float = 1.0  # epochs over the train data
     max_steps: int = -1  # > 0 overrides num_train_epochs
     per_device_train_batch_size: int = 8  # rows per process per step (the global batch is this x nproc x accumulation)
     per_device_eval_batch_size: int = 16  # rows per process per eval step
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (never adds infonce negatives)
+    gradient_cache_chunk_size: int = 0  # > 0: gradient cache (GradCache), texts per forward pass: the batch is encoded chunk by chunk without a graph, then each chunk again with the cached gradient of the whole batch's loss; same loss and gradients (every in-batch negative of the global batch) at the activation memory of one chunk, ~1.33x compute; 0: off
     learning_rate: float = 2e-5  # peak learning rate (ms-swift uses 1e-4 for LoRA, 1e-5 for full)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.1  # fraction of steps spent warming the learning rate up linearly

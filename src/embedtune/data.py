@@ -5,8 +5,11 @@ embedding` works unchanged::
 
     {"query": "how do cats purr", "response": "Cats purr by ...", "rejected_response": ["Dogs bark ..."], "label": 1}
 
-- `query`, `response`: non-empty strings (length > 0; whitespace-only text is kept as given).
-- `rejected_response` (optional): a list of non-empty strings (hard negatives). Written only when non-empty.
+- `query`, `response`: strings that show something: a text made only of whitespace and invisible characters
+  (Unicode Zs spaces such as the no-break and ideographic space, Zl / Zp separators, Cc controls such as
+  newline, tab and NUL, Cf format characters such as the zero-width space, BOM and soft hyphen) is refused as
+  blank (`is_blank`). Visible text is kept exactly as given: a newline or tab inside it is not touched.
+- `rejected_response` (optional): a list of such strings (hard negatives). Written only when non-empty.
 - `label` (optional): a number (not a bool), finite, and within the range its loss expects:
 
   ====================  ===================  ==========================
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
+import unicodedata
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -87,15 +92,53 @@ def check_loss_type(loss_type: str) -> str:
     return loss_type
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlevel = 3  # a hostile row nested 10,000 deep prints as [[[...]]], not a RecursionError
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# Characters that show nothing: spaces and separators (Zs, Zl, Zp), controls (Cc: \n, \t, NUL, ...) and
+# format characters (Cf: zero-width space, BOM, soft hyphen, direction marks, ...).
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def is_blank(text: str) -> bool:
+    """True when every character of `text` is whitespace or invisible (`BLANK_CATEGORIES`); "" is blank.
+
+    Fast for real text: Python's `str.isprintable` is false exactly for Cc, Cf, Zl, Zp, Zs (but the ASCII
+    space), unassigned and private-use characters, so a printable first character that is not a space is
+    visible and decides at once. Only text that starts blank is scanned, in C-sized chunks (a hostile 50 MB
+    run of zero-width spaces costs seconds, not minutes).
+    """
+    c = text[:1]
+    if c and c != " " and c.isprintable():
+        return False
+    text = text.strip()  # str.isspace characters: all of Zs, Zl, Zp and the whitespace controls
+    category = unicodedata.category
+    for i in range(0, len(text), 4096):
+        if not BLANK_CATEGORIES.issuperset(map(category, text[i : i + 4096])):
+            return False
+    return True
+
+
 def check_text(value: Any, field: str) -> str | None:
-    """`"field: reason"` when `value` is not a non-empty string, else None."""
+    """`"field: reason"` when `value` is not a string that shows something (see `is_blank`), else None."""
     if isinstance(value, str):
-        return None if value else f"{field}: empty string"
+        if not value:
+            return f"{field}: empty string"
+        if is_blank(value):
+            return f"{field}: blank (only whitespace or invisible characters: {_short(value)})"
+        if not value.isascii():  # a JSON list read by Python's json module may hold "\ud800" escapes
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{field}: not valid Unicode (a lone surrogate at character {e.start})"
+        return None
     if value is None:
         return f"{field}: missing"
     return f"{field}: must be a string, got {type(value).__name__} {_short(value)}"
@@ -112,6 +155,8 @@ def check_label(value: Any, loss_type: str = "", field: str = "label") -> str | 
     """`"field: reason"` when `value` is not a valid label for `loss_type`, else None."""
     if not is_number(value):
         return f"{field}: must be a number, got {type(value).__name__} {_short(value)}"
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:  # what JSON writers (orjson) can write
+        return f"{field}: integer out of the 64-bit range, got {_short(value)}"
     if not math.isfinite(value):
         return f"{field}: must be finite, got {value}"
     rule = LOSS_RULES[loss_type].label

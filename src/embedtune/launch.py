@@ -4,6 +4,12 @@ Multi-process training (one process per GPU, or 2 CPU processes in tests) runs t
 
     python -m torch.distributed.run --nproc-per-node 2 --master-port 29517 -m embedtune train --model=... --deepspeed=zero3
 
+Inside a multi-node job (Kubeflow Trainer's torch runtime, or any launcher that sets torchrun's own
+`PET_NNODES`, `PET_NODE_RANK`, `PET_NPROC_PER_NODE`, `PET_MASTER_ADDR`, `PET_MASTER_PORT` in every node's
+environment), `job_topology()` reads them and the same launch joins the job: torchrun gets the job's node
+count, this node's rank and the job's rendezvous address instead of one node on 127.0.0.1 (flags equal to what
+torchrun would read from those variables itself, written out so the log shows them).
+
 Every field of the step's config but `nproc` is passed back as a flag (`--flag=value`, so values starting
 with `-` or holding newlines survive), with env-var knobs already resolved. The children see `WORLD_SIZE` (set by torchrun)
 and so do not launch again. Their output is streamed to our stderr line by line (our stdout stays free for the
@@ -37,6 +43,50 @@ def inside_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A multi-node job as torchrun's `PET_*` variables describe it (one value per node, rank aside)."""
+
+    nnodes: int
+    node_rank: int
+    nproc_per_node: str  # an int, or torchrun's "auto" / "gpu" / "cpu"
+    master_addr: str
+    master_port: int
+
+
+PET_VARS = ("PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+
+
+def job_topology(environ=None) -> Topology | None:
+    """The multi-node job this process is a node of, from the `PET_*` variables; None outside one.
+
+    Kubeflow Trainer's `torch-distributed` runtime sets all five in every node's pod (`PET_MASTER_ADDR` is
+    node 0's pod); a job of one node is no job (None). A partial or malformed set is an error naming the
+    variables, not a silent single-node run.
+    """
+    environ = os.environ if environ is None else environ
+    if "PET_NNODES" not in environ:
+        return None
+    missing = [v for v in PET_VARS if not environ.get(v)]
+    if missing:
+        raise EmbedtuneError(f"PET_NNODES is set but {', '.join(missing)} not: not a complete multi-node job")
+    try:
+        topo = Topology(
+            nnodes=int(environ["PET_NNODES"]),
+            node_rank=int(environ["PET_NODE_RANK"]),
+            nproc_per_node=environ["PET_NPROC_PER_NODE"],
+            master_addr=environ["PET_MASTER_ADDR"],
+            master_port=int(environ["PET_MASTER_PORT"]),
+        )
+    except ValueError as e:
+        raise EmbedtuneError(
+            f"PET_* variables: {e} (PET_NNODES, PET_NODE_RANK, PET_MASTER_PORT are integers)"
+        ) from None
+    if not 0 <= topo.node_rank < topo.nnodes:
+        raise EmbedtuneError(f"PET_NODE_RANK={topo.node_rank} is not in [0, PET_NNODES={topo.nnodes})")
+    return topo if topo.nnodes > 1 else None
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -57,18 +107,32 @@ def config_flags(cfg, exclude: tuple[str, ...] = ()) -> list[str]:
     return flags
 
 
-def torchrun(step: str, cfg, nproc: int) -> None:
-    """Run `embedtune <step>` in `nproc` processes with torchrun and wait; raise `EmbedtuneError` on failure."""
+def torchrun(step: str, cfg, nproc: int | str, topology: Topology | None = None) -> None:
+    """Run `embedtune <step>` in `nproc` processes with torchrun and wait; raise `EmbedtuneError` on failure.
+
+    With a `topology` (a multi-node job), these are this node's processes of the job: torchrun meets the other
+    nodes at the job's master address, and global ranks run across nodes (node r holds r * nproc ...).
+    """
+    if topology is None:
+        where = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    else:
+        where = [
+            "--nnodes",
+            str(topology.nnodes),
+            "--node-rank",
+            str(topology.node_rank),
+            "--master-addr",
+            topology.master_addr,
+            "--master-port",
+            str(topology.master_port),
+        ]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
         str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
+        *where,
         "-m",
         "embedtune",
         step,
@@ -78,8 +142,10 @@ def torchrun(step: str, cfg, nproc: int) -> None:
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHED: "1"}
     # torchrun pins OMP_NUM_THREADS=1 per process when unset: right for GPUs, 8x slower on a 16-core CPU box.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    say(step, f"launching {nproc} processes: {' '.join(cmd[:10])} ...")
+    per_node = int(nproc) if str(nproc).isdigit() else 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))
+    node = f" on node {topology.node_rank} of {topology.nnodes}" if topology else ""
+    say(step, f"launching {nproc} processes{node}: {' '.join(cmd[: cmd.index('-m', 2) + 3])} ...")
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     proc = subprocess.Popen(

@@ -36,6 +36,7 @@ from embedtune import __version__
 from embedtune.config import QWEN3_RERANKER_INSTRUCTION
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import read_json, write_json
+from embedtune.safety import check_model_folder
 
 META_FILE = "embedtune.json"
 TASK_TYPES = ("embedding", "reranker")
@@ -132,14 +133,29 @@ def _st_max_length(path: str) -> int | None:
     return json.loads(Path(f).read_text()).get("max_seq_length") if f else None
 
 
+def check_sources(path: str, trust_remote_code: bool) -> None:
+    """Before anything of `path` is read: refuse pickles that would run code and, unless trusted, a model's
+    own Python code (`embedtune.safety`), in the folder and, for an adapter, in its base model's folder."""
+    check_model_folder(path, trust_remote_code)
+    if is_adapter(path):
+        check_model_folder(adapter_base(path), trust_remote_code)
+
+
 def _load_backbone(path: str, auto_cls, trust_remote_code: bool, dtype):
     """Load full weights, or base + PEFT adapter when `path` is an adapter folder."""
-    if is_adapter(path):
-        from peft import PeftModel
+    import pickle
 
-        base = auto_cls.from_pretrained(adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype)
-        return PeftModel.from_pretrained(base, path, is_trainable=False)
-    return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        if is_adapter(path):
+            from peft import PeftModel
+
+            base = auto_cls.from_pretrained(
+                adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype
+            )
+            return PeftModel.from_pretrained(base, path, is_trainable=False)
+        return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    except pickle.UnpicklingError as e:  # a hub model's .bin refused by torch's weights-only loader
+        raise EmbedtuneError(f"{path}: refused: {str(e).strip().splitlines()[0][:300]}") from None
 
 
 def _hf_config(path: str, trust_remote_code: bool):
@@ -256,6 +272,7 @@ class Embedder(Wrapper):
         from transformers import AutoModel, AutoTokenizer
 
         path = str(path)
+        check_sources(path, trust_remote_code)
         meta = read_meta(path)
         config = _hf_config(path, trust_remote_code)
         if pooling == "auto":
@@ -439,6 +456,7 @@ class Reranker(Wrapper):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = str(path)
+        check_sources(path, trust_remote_code)
         meta = read_meta(path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         lm = _load_backbone(path, AutoModelForCausalLM, trust_remote_code, dtype)
@@ -541,7 +559,7 @@ def load_model(
     max_length: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
 ) -> Embedder | Reranker:
     """Load a model folder (or hub id) for inference: the one "load a folder by kind" of evaluate, merge,
     register and serving. In eval mode, on `device` (default: the GPU when there is one).
@@ -549,8 +567,11 @@ def load_model(
     `task_type`: how to load it (default: what its embedtune.json says, else embedding), so a reranker's
     base model loads as a reranker. `like`: another model's embedtune.json whose settings to use (pooling,
     query instruction, max length, reranker instruction and tokens), so a base model is measured the way its
-    fine-tuned model was trained. `max_length` > 0 overrides both.
+    fine-tuned model was trained. `max_length` > 0 overrides both. `trust_remote_code` None: what train saved
+    in the folder's embedtune.json (the user's own knob at training time), else off.
     """
+    if trust_remote_code is None:
+        trust_remote_code = bool((read_meta(path).get("train_config") or {}).get("trust_remote_code", False))
     like = like or {}
     task_type = task_type or task_type_of(path)
     kwargs = {

@@ -3,13 +3,15 @@
 stdout carries only a step's JSON result (the CLI prints it), so everything a person reads goes to stderr.
 Under torchrun every rank runs the same code: `say` prints from rank 0 only, so a line appears once.
 User errors use the same shape, `embedtune <step>: error: <message>` (`error_line`); the launcher picks them
-out of its children's output by that prefix.
+out of its children's output by that prefix. Credentials in URIs are masked (`safety.mask_credentials`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from embedtune.safety import mask_credentials
 
 
 def rank() -> int:
@@ -20,9 +22,13 @@ def rank() -> int:
 def say(step: str, message: str, all_ranks: bool = False) -> None:
     """Print `embedtune <step>: <message>` to stderr (rank 0 only unless `all_ranks`)."""
     if all_ranks or rank() == 0:
-        print(f"embedtune {step}: {message}", file=sys.stderr, flush=True)
+        print(mask_credentials(f"embedtune {step}: {message}"), file=sys.stderr, flush=True)
 
 
 def error_line(step: str, message: str = "") -> str:
     """`embedtune <step>: error: <message>`; with no message, the prefix the launcher looks for."""
-    return f"embedtune {step}: error: {message}".rstrip() if message else f"embedtune {step}: error:"
+    return (
+        mask_credentials(f"embedtune {step}: error: {message}".rstrip())
+        if message
+        else f"embedtune {step}: error:"
+    )

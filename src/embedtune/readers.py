@@ -128,6 +128,11 @@ def json_batches(path: Path):
                 try:
                     obj, end = decoder.raw_decode(buf, pos)
                     break
+                except RecursionError:
+                    raise DataError(
+                        f"{path}:{line}: invalid JSON: nested too deeply (the rest of a JSON list cannot be "
+                        "read past it)"
+                    ) from None
                 except json.JSONDecodeError as e:
                     bad_line = line + buf.count("\n", pos, e.pos)  # before `more()` moves the buffer
                     # The end of the buffer cut the item (a string runs past it, or the error sits in its

@@ -6,7 +6,8 @@
 
 A re-run of the same command on a finished folder returns `train_result.json` without training again (other
 knobs: an error, except bookkeeping ones that do not change the weights). An unfinished one resumes from the
-newest *complete* checkpoint (the Trainer writes `trainer_state.json` last, so one cut short is skipped).
+newest *whole* checkpoint: one cut short (a file missing or shorter than its format says) is skipped for the
+previous one, and one holding a pickle that would run code is refused (`checkpoint_problem`).
 After the final save, `check_saved_weights` proves the weights are whole (ZeRO-3 shards saved without
 gathering would be empty tensors).
 """
@@ -15,16 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
 import re
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 from embedtune.config import TrainConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.io import read_json
 from embedtune.modeling import Embedder, Reranker
-from embedtune.progress import say
+from embedtune.progress import rank, say
+from embedtune.safety import NEVER_LOADED, PICKLE_SUFFIXES, check_pickle
 
 RESULT_FILE = "train_result.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -38,6 +44,8 @@ BOOKKEEPING_KNOBS = {
     "save_steps",
     "save_total_limit",
     "dataloader_num_workers",
+    "shared_dir",  # where a multi-node job staged its files, and the job's name: not the weights
+    "run_id",
 }
 
 
@@ -54,11 +62,95 @@ def checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _safetensors_problem(f: Path) -> str | None:
+    """Why a .safetensors file is not whole (its header says how long the file must be), or None."""
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "cut short (no header)"
+        n = int.from_bytes(head, "little")
+        if n > f.stat().st_size - 8:
+            return "cut short (in its header)"
+        try:
+            header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "unreadable header"
+    size = f.stat().st_size
+    return None if size == 8 + n + end else f"{size} bytes, its header says {8 + n + end}"
+
+
+def _ranks(shards: list[Path], suffix: str) -> set:
+    """Ranks of DeepSpeed files ending in `suffix` (`zero_pp_rank_R_...`; None for one shared by all ranks)."""
+    found = set()
+    for f in shards:
+        if f.name.endswith(suffix):
+            m = re.search(r"zero_pp_rank_(\d+)_", f.name)
+            found.add(m.group(1) if m else None)
+    return found
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (a file cut short or missing), or None when it is whole.
+
+    The Trainer writes trainer_state.json last, so a checkpoint cut short by a preemption usually lacks it;
+    a checkpoint copied half, or written on a filesystem that reorders writes, can hold it and still miss
+    bytes elsewhere. So every file is checked against its own format: safetensors against the length its
+    header announces, torch pickles (optimizer, scheduler, RNG, DeepSpeed shards) as whole zip archives,
+    JSON files as parseable. A pickle that would run code is not "cut short": `safety.check_pickle` refuses
+    it (EmbedtuneError), and nothing is loaded.
+    """
+    try:
+        files = sorted(f for f in ckpt.rglob("*") if f.is_file())
+        for f in files:  # every file against its format; pickles first of all against running code
+            where = f.relative_to(ckpt)
+            if f.suffix == ".safetensors" and (why := _safetensors_problem(f)):
+                return f"{where}: {why}"
+            if f.suffix == ".json":
+                try:
+                    json.loads(f.read_bytes())
+                except ValueError:
+                    return f"{where}: not valid JSON (cut short)"
+            if f.suffix in PICKLE_SUFFIXES and f.name not in NEVER_LOADED:
+                if not zipfile.is_zipfile(f):
+                    return f"{where}: not a whole torch file (cut short)"
+                check_pickle(f)  # raises: refused, whatever else the checkpoint lacks
+        if not (ckpt / "trainer_state.json").is_file():
+            return "no trainer_state.json"
+        if not any(f.suffix == ".safetensors" for f in files):
+            return "no weights"
+        shards = [f for f in files if f.parent.name.startswith("global_step")]
+        if shards:  # DeepSpeed: its tag file, an optimizer state per rank, model states (ZeRO-3: per rank)
+            model = _ranks(shards, "model_states.pt")
+            optim = _ranks(shards, "optim_states.pt")
+            per_rank = model - {None}
+            if not (ckpt / "latest").is_file() or not model or not optim or (per_rank and per_rank != optim):
+                return (
+                    f"DeepSpeed states incomplete (model states of ranks {sorted(map(str, model))}, "
+                    f"optimizer states of ranks {sorted(map(str, optim))})"
+                )
+        else:  # the HF Trainer silently skips a missing optimizer: that would resume half
+            for name in ("optimizer.pt", "scheduler.pt"):
+                if not (ckpt / name).is_file():
+                    return f"no {name}"
+    except OSError as e:  # vanished while we looked (another rank set it aside)
+        return f"unreadable: {e}"
+    return None
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest *complete* checkpoint: the Trainer writes trainer_state.json last, so a checkpoint cut
-    short by a preemption is skipped."""
-    complete = [p for p in checkpoints(out) if (p / "trainer_state.json").is_file()]
-    return complete[-1] if complete else None
+    """The newest *whole* checkpoint of `out` (see `checkpoint_problem`). Newer ones that are cut short are
+    skipped, said so, and set aside by rank 0 as `incomplete-checkpoint-N` (a name the Trainer's checkpoint
+    rotation ignores; the run saves at that step again; `remove_checkpoints` deletes them with the rest)."""
+    for ckpt in reversed(checkpoints(out)):
+        why = checkpoint_problem(ckpt)
+        if why is None:
+            return ckpt
+        say("train", f"skipping {ckpt}: {why}")
+        if rank() == 0:
+            with contextlib.suppress(OSError):
+                ckpt.rename(ckpt.with_name(f"incomplete-{ckpt.name}"))
+    return None
 
 
 def resumed_step(checkpoint: Path | None) -> int:
@@ -69,11 +161,50 @@ def resumed_step(checkpoint: Path | None) -> int:
 def remove_checkpoints(ckpt_dir: Path, out: Path) -> None:
     """Delete the run's checkpoint-N folders once its final model is saved and verified (they hold optimizer
     states, several times the model's size); a separate `ckpt_dir` goes too when left empty."""
-    for ckpt in checkpoints(ckpt_dir):
+    for ckpt in [*checkpoints(ckpt_dir), *ckpt_dir.glob("incomplete-checkpoint-*")]:
         shutil.rmtree(ckpt, ignore_errors=True)
     if ckpt_dir != out:
         with contextlib.suppress(OSError):
             ckpt_dir.rmdir()  # only when empty: the run's own folder on a shared volume
+
+
+def check_shared(folders: list[Path], rank: int, world: int) -> None:
+    """Under a multi-node job, prove every node sees the same `folders` before any training.
+
+    Global rank 0 alone writes the checkpoints' shared files, the final model and `train_result.json`, every
+    rank its own ZeRO shards and RNG state into the same checkpoint folder, and every rank reads the newest
+    checkpoint back on resume: a folder that is local to each node would train for hours, then fail to
+    save, or resume nodes from different steps. Rank 0 writes a token file into each folder, every rank reads
+    it back, and all ranks fail together, naming the folder and the ranks that could not see it.
+    Collective: every rank must call it.
+    """
+    import secrets
+
+    import torch.distributed as dist
+
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token)
+    probes = [Path(f) / f".embedtune-shared-{token[0]}" for f in folders]
+    if rank == 0:
+        for probe in probes:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token[0])
+    dist.barrier()
+    seen = [probe.is_file() and probe.read_text() == token[0] for probe in probes]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, seen)
+    dist.barrier()  # every rank has looked before rank 0 removes the files
+    if rank == 0:
+        for probe in probes:
+            probe.unlink(missing_ok=True)
+    for i, folder in enumerate(folders):
+        blind = [r for r, s in enumerate(everyone) if not s[i]]
+        if blind:
+            raise EmbedtuneError(
+                f"{folder}: not shared between the nodes (ranks {blind} do not see what rank 0 wrote there); "
+                "a multi-node job needs its output and checkpoint folders on one volume every node mounts "
+                "(a ReadWriteMany claim)"
+            )
 
 
 def finished_result(out: Path, cfg: TrainConfig) -> dict | None:
@@ -119,3 +250,27 @@ def check_saved_weights(out: Path, model: Embedder | Reranker, train_type: str) 
     empty = [k for k, s in saved.items() if math.prod(s) == 0]
     if empty or sum(math.prod(s) for s in saved.values()) < sum(unique.values()):
         raise EmbedtuneError(f"{out}: saved weights are not whole (empty tensors: {empty[:3]})")
+
+
+def save_final(out: Path, write) -> None:
+    """`write(folder)` the final model into a staging folder beside `out`, then move its files into `out`.
+
+    A save that fails half-way (a full disk) leaves no partial model file in `out` (which may hold the
+    run's checkpoints and earlier files) and raises `EmbedtuneError` naming the folder; the moves are
+    renames within one filesystem, so they need no space.
+    """
+    from safetensors import SafetensorError
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    try:
+        write(tmp)
+        for entry in sorted(tmp.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    except (OSError, SafetensorError) as e:
+        raise EmbedtuneError(f"{out}: cannot save the model: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

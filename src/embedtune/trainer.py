@@ -1,9 +1,12 @@
 """The Hugging Face Trainer, fitted to embedding and reranker losses.
 
 - `TrainModel`: the module the Trainer trains. Its `forward(**batch)` encodes every text of a collated batch
-  (see `embedtune.batching`) in one pass and returns `{"loss": LOSSES[loss_type](...)}`.
-- `EmbedtuneTrainer`: length-grouped (and, for infonce, duplicate-free) training batches; every evaluation
-  also reports evaluate's own metrics for the eval file's shape, sharded across ranks (`gather_over_ranks`).
+  (see `embedtune.batching`) in one pass (`encode`) and returns `{"loss": loss_from_outputs(...)}`, the
+  loss picked by name from `LOSSES`.
+- `EmbedtuneTrainer`: length-grouped (and, for infonce, duplicate-free) training batches; with
+  `gradient_cache_chunk_size` a training step runs the gradient cache (`embedtune.gradcache`); every
+  evaluation also reports evaluate's own metrics for the eval file's shape, sharded across ranks
+  (`gather_over_ranks`).
 - `StepLog`: the progress bar and one line per logging step (step, loss, lr, samples/s).
 - `training_arguments(cfg, ...)`: `TrainingArguments` from the train knobs (same names), plus what embedtune
   always does (bf16 on GPUs that have it, gloo on CPU, DeepSpeed configs shipped in the package).
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from importlib import resources
@@ -18,23 +22,29 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from embedtune.batching import LengthGroupedSampler
 from embedtune.config import TrainConfig
 from embedtune.evaldata import EvalData
+from embedtune.gradcache import cached_backward, encode_without_graph
 from embedtune.losses import LOSSES, matryoshka_loss, matryoshka_spec, pack_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.scoring import measure
 
 
 class TrainModel(nn.Module):
-    """What the Trainer trains: encodes a collated batch in one forward pass and returns `{"loss": ...}`.
+    """What the Trainer trains: `encode` turns every text of a collated batch into outputs, in one forward
+    pass; `loss_from_outputs` turns those outputs into the loss, picked by name from `LOSSES` (only the
+    split of the outputs differs per loss). `forward(**batch)` is the two in a row, returning `{"loss": ...}`.
 
-    The loss is picked by name from `LOSSES`; only the split of the encoded batch differs per loss
-    (`loss_from_outputs`). With `matryoshka_dims`, `losses.matryoshka_loss` wraps it: the same loss on each
-    truncated, re-normalized width of the one forward pass's embeddings, weighted mean.
+    The two halves are separate so the gradient cache can run them apart: outputs chunk by chunk, then the
+    loss of the whole batch (`EmbedtuneTrainer.training_step`). With `matryoshka_dims`,
+    `losses.matryoshka_loss` wraps the loss inside `loss_from_outputs`: the same loss on each truncated,
+    re-normalized width of the one forward pass's embeddings, weighted mean; so it works with and without the
+    cache.
     """
 
     accepts_loss_kwargs = False  # our loss is a per-batch mean: the Trainer divides it by accumulation steps
@@ -44,6 +54,7 @@ class TrainModel(nn.Module):
         self.model = model
         self.config = model.inner.config  # DeepSpeed's 'auto' sizes read the hidden size from here
         self.loss_type = cfg.loss_type
+        self.chunk_size = cfg.gradient_cache_chunk_size
         self.loss_kwargs = {
             "infonce": {
                 "temperature": cfg.infonce_temperature,
@@ -61,38 +72,39 @@ class TrainModel(nn.Module):
             cfg.matryoshka_dims, cfg.matryoshka_weights
         )
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask,
-        neg_mask=None,
-        targets=None,
-        group_sizes=None,
-        doc_keys=None,
-        return_loss=True,
-    ):
-        out = self.model(input_ids, attention_mask)  # embedder: (T, H) unit vectors; reranker: (T,) z
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(T, L) ids + mask of every text of a batch -> (T, H) unit embeddings (embedder) or (T,) z (reranker).
+
+        Without a graph (the eval loss) and with a gradient cache chunk size, chunk by chunk: evaluation
+        then needs the memory of one chunk too, for the same outputs.
+        """
+        if self.chunk_size > 0 and not torch.is_grad_enabled():
+            return encode_without_graph(self.model, input_ids, attention_mask, self.chunk_size)[0]
+        return self.model(input_ids, attention_mask)
+
+    def loss_from_outputs(
+        self, out: torch.Tensor, neg_mask=None, targets=None, group_sizes=None, doc_keys=None
+    ) -> torch.Tensor:
+        """The loss of a batch from `encode`'s outputs of all its texts (in the collator's order)."""
         batch = {"neg_mask": neg_mask, "targets": targets, "group_sizes": group_sizes, "doc_keys": doc_keys}
-        if self.matryoshka_dims:  # Matryoshka: the loss at each truncated width, from this one forward pass
-            loss = matryoshka_loss(
-                lambda o: self.loss_from_outputs(o, **batch),
+        if self.matryoshka_dims:  # Matryoshka: the loss at each truncated width of these outputs
+            return matryoshka_loss(
+                lambda o: self.loss_at_one_width(o, **batch),
                 out,
                 self.matryoshka_dims,
                 self.matryoshka_weights,
             )
-        else:
-            loss = self.loss_from_outputs(out, **batch)
-        return {"loss": loss}
+        return self.loss_at_one_width(out, **batch)
 
-    def loss_from_outputs(self, out, neg_mask=None, targets=None, group_sizes=None, doc_keys=None):
-        """The loss of one batch from its encoded texts `out` (embeddings (T, H) or reranker scores (T,))."""
+    def loss_at_one_width(self, out, neg_mask=None, targets=None, group_sizes=None, doc_keys=None):
+        """The plain loss (no Matryoshka) of one batch from its encoded texts `out`."""
         loss_fn = LOSSES[self.loss_type]
         if self.loss_type == "infonce":
             b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             rank = dist.get_rank() if world > 1 else 0
             neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
-            loss = loss_fn(
+            return loss_fn(
                 out[:b],
                 out[b : 2 * b],
                 neg,
@@ -102,14 +114,28 @@ class TrainModel(nn.Module):
                 doc_keys=doc_keys,
                 **self.loss_kwargs,
             )
-        elif self.loss_type == "pointwise_reranker":
-            loss = loss_fn(out, targets)
-        elif self.loss_type == "listwise_reranker":
-            loss = loss_fn(out, group_sizes, **self.loss_kwargs)
-        else:  # pair losses: out = [B queries, B responses]
-            b = targets.shape[0]
-            loss = loss_fn(out[:b], out[b:], targets, **self.loss_kwargs)
-        return loss
+        if self.loss_type == "pointwise_reranker":
+            return loss_fn(out, targets)
+        if self.loss_type == "listwise_reranker":
+            return loss_fn(out, group_sizes, **self.loss_kwargs)
+        b = targets.shape[0]  # pair losses: out = [B queries, B responses]
+        return loss_fn(out[:b], out[b:], targets, **self.loss_kwargs)
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        neg_mask=None,
+        targets=None,
+        group_sizes=None,
+        doc_keys=None,
+        return_loss=True,
+        encode_only=False,
+    ):
+        if encode_only:  # one chunk of the gradient cache, called through the DDP / DeepSpeed wrapper
+            return {"outputs": self.model(input_ids, attention_mask)}
+        out = self.encode(input_ids, attention_mask)
+        return {"loss": self.loss_from_outputs(out, neg_mask, targets, group_sizes, doc_keys)}
 
     def inner_weights(self, state: dict) -> dict:
         """The inner HF model's tensors out of a state dict of this module, keyed as its own
@@ -161,6 +187,54 @@ class EmbedtuneTrainer(Trainer):
     distinct_texts: bool = False
     group_by_length: bool = True
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, or with `gradient_cache_chunk_size` > 0 the gradient cache: the same loss and
+        gradients at the activation memory of one chunk (`embedtune.gradcache`).
+
+        `model` is what the Trainer wraps (DDP or the DeepSpeed engine): each chunk goes through it, so ZeRO-3
+        gathers parameters and counts micro-steps as for any forward pass. To DeepSpeed the chunks are
+        micro-steps of one accumulation window: each chunk's backward is the engine's (gradients reduced
+        and accumulated, ZeRO-3 reduce-scatters included), and only the last chunk of the Trainer's last
+        micro-batch is the accumulation boundary, followed by the one optimizer step (what accelerate's
+        `backward` does for an uncached step). Under DDP, every chunk but the last runs in `no_sync`.
+        """
+        train_model = self.accelerator.unwrap_model(model)
+        if train_model.chunk_size <= 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as the Trainer does
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        inputs.pop("return_loss", None)
+        acc = self.accelerator
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        # TrainModel.accepts_loss_kwargs is False: like the uncached step, the loss is divided by the
+        # number of micro-batches of this optimizer step.
+        micro_batches = self.current_gradient_accumulation_steps
+
+        def encode(input_ids, attention_mask):
+            with self.compute_loss_context_manager():
+                return model(input_ids=input_ids, attention_mask=attention_mask, encode_only=True)["outputs"]
+
+        def backward(surrogate, last):
+            if deepspeed:
+                acc.deepspeed_engine_wrapped.backward(
+                    surrogate, sync_gradients=acc.sync_gradients and last, scale_wrt_gas=False
+                )
+            else:
+                acc.backward(surrogate)
+
+        return cached_backward(
+            encode,
+            lambda out: train_model.loss_from_outputs(out, **inputs) / micro_batches,
+            ids,
+            mask,
+            train_model.chunk_size,
+            backward,
+            no_sync=contextlib.nullcontext if deepspeed else (lambda: acc.no_sync(model)),
+        )
+
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
@@ -211,13 +285,29 @@ class EmbedtuneTrainer(Trainer):
 
 
 class StepLog(TrainerCallback):
-    """The progress bar, and one line per logging step on rank 0: step, loss, lr, samples/s."""
+    """The progress bar, and one line per logging step on rank 0: step, loss, lr, samples/s.
+
+    It also keeps the wall time of every optimizer step (`step_seconds`, end to end, so compilation and
+    evaluation show up where they happen): the first step's time and the median of the others say what a
+    compiled model costs up front and what it runs at (`timing()`).
+    """
 
     def __init__(self, global_batch: int, primary: str | None = None):
         self.global_batch = global_batch
         self.primary = primary  # evaluate's primary metric for the eval data's shape, logged as eval_<name>
         self.bar = None
         self.t, self.step = time.perf_counter(), 0
+        self.step_seconds: list[float] = []
+        self.last = time.perf_counter()
+
+    def timing(self) -> dict:
+        """`first_step_seconds` and `median_step_seconds` (the steady state: every step after the first)."""
+        steps = self.step_seconds
+        rest = sorted(steps[1:])
+        return {
+            "first_step_seconds": round(steps[0], 4) if steps else None,
+            "median_step_seconds": round(rest[len(rest) // 2], 4) if rest else None,
+        }
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -227,8 +317,12 @@ class StepLog(TrainerCallback):
                 total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True
             )
         self.t, self.step = time.perf_counter(), state.global_step
+        self.last = self.t
 
     def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.step_seconds.append(now - self.last)
+        self.last = now
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
@@ -245,6 +339,7 @@ class StepLog(TrainerCallback):
                 file=sys.stderr,
             )
         elif "eval_loss" in logs:
+            self.last = time.perf_counter()  # an evaluation is not part of the next step's time
             metric = f"eval_{self.primary}"
             self.bar.write(
                 f"step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}"

@@ -20,7 +20,7 @@ Sources: a local file, a folder (every JSONL / JSON / CSV / TSV / Parquet file b
                (ms-swift's `stsb:positive` = T 0.75: infonce positives)
     pairs      {"anchor", "positive", "negative"? | "negative_1".."negative_N"?}  -> query / response / rejected
 
-Every row is validated (texts non-empty strings, labels numbers in range for `--loss-type`). With
+Every row is validated (texts strings that are not blank, see `data.is_blank`; labels numbers in range for `--loss-type`). With
 `--on-error fail` the first `--max-errors` problems are listed as `FILE:LINE: field: reason` (Parquet and
 Hugging Face rows: `SOURCE:row N`) and nothing is written; with `--on-error skip` the good rows are written and
 each bad one goes to `<output>.rejected.jsonl` with its reasons. Outputs appear atomically (temp file, then
@@ -40,7 +40,9 @@ import contextlib
 import gc
 import hashlib
 import math
+import operator
 import queue
+import reprlib
 import threading
 import time
 from pathlib import Path
@@ -70,6 +72,7 @@ DISTINCT_CAP = 1 << 20  # exact distinct-query hashes kept before sampling start
 EXACT_CHARS = 4096  # text lengths below this are histogrammed exactly; above, in 1% log bins
 _NL = orjson.OPT_APPEND_NEWLINE
 _STR = {str}
+_first = operator.itemgetter(0)  # the first character of a (non-empty) text
 
 
 class _Stop(Exception):
@@ -331,32 +334,41 @@ class Converter:
             except (KeyError, TypeError, AttributeError):
                 self._slow(name, where, shape, n, row)
                 continue
+            # Every text at once (`texts`): a str, non-empty, with a first character that is printable and
+            # not a space, hence visible (see `data.is_blank`). A text that starts blank goes to `_slow`,
+            # which scans it. Five C-level calls per row, whatever its number of texts.
             if not (
-                type(q) is str
-                and q
-                and type(pos) is list
+                type(pos) is list
                 and pos
-                and all(pos)
-                and set(map(type, pos)) == _STR
                 and type(neg) is list
-                and (not neg or (all(neg) and set(map(type, neg)) == _STR))
+                and all(texts := [q, *pos, *neg])
+                and set(map(type, texts)) == _STR
+                and (f := "".join(map(_first, texts))).isprintable()
+                and " " not in f
             ):
                 self._slow(name, where, shape, n, row)
                 continue
-            h = hash(q)
-            if not h & mask:
-                add_q(h)
-            lq, nn, nl = len(q), len(neg), list(map(len, neg))
-            for p in pos:
-                parts.append(
-                    dumps({"query": q, "response": p, "rejected_response": neg}, option=_NL)
-                    if nn
-                    else dumps({"query": q, "response": p}, option=_NL)
-                )
-                qlens.append(lq)
-                rlens.append(len(p))
-                nnegs.append(nn)
-                nlens += nl
+            lq, nn, nl, k = len(q), len(neg), list(map(len, neg)), len(parts)
+            try:
+                for p in pos:
+                    parts.append(
+                        dumps({"query": q, "response": p, "rejected_response": neg}, option=_NL)
+                        if nn
+                        else dumps({"query": q, "response": p}, option=_NL)
+                    )
+                    qlens.append(lq)
+                    rlens.append(len(p))
+                    nnegs.append(nn)
+                    nlens += nl
+            except TypeError:  # a lone surrogate (JSON lists are read by Python's json): `_slow` rejects it
+                done = len(parts) - k  # positives already written for this row: take them back
+                del parts[k:], qlens[len(qlens) - done :], rlens[len(rlens) - done :]
+                del nnegs[len(nnegs) - done :], nlens[len(nlens) - done * nn :]
+                self._slow(name, where, shape, n, row)
+            else:
+                h = hash(q)
+                if not h & mask:
+                    add_q(h)
 
     def _canonical_batch(self, name, where, shape, numbers, rows):
         loss, required = self.cfg.loss_type, self.label_required
@@ -372,36 +384,35 @@ class Converter:
                 self._slow(name, where, shape, n, row)
                 continue
             if (
-                type(q) is str
-                and q
-                and type(r) is str
-                and r
-                and (
-                    neg is None
-                    or (type(neg) is list and (not neg or (all(neg) and set(map(type, neg)) == _STR)))
-                )
+                (neg is None or type(neg) is list)
+                and all(texts := [q, r, *neg] if neg else [q, r])
+                and set(map(type, texts)) == _STR
+                and (f := "".join(map(_first, texts))).isprintable()
+                and " " not in f
                 and (
                     (label is None and not required)
                     or (type(label) in (int, float) and check_label(label, loss) is None)
                 )
             ):
-                self._emit(q, r, neg or [], label)
+                try:
+                    self._emit(q, r, neg or [], label)
+                except TypeError:  # a lone surrogate: `_slow` rejects it
+                    self._slow(name, where, shape, n, row)
             else:
                 self._slow(name, where, shape, n, row)
 
     # -- output and bookkeeping -----------------------------------------------------------------------
     def _emit(self, q: str, r: str, neg: list, label) -> None:
+        """Append one output row; a TypeError (a lone surrogate: the fast loop's callers send the row to
+        `_slow`, whose `check_text` refuses it) leaves nothing behind."""
         row = {"query": q, "response": r}
         if neg:
             row["rejected_response"] = neg
         if label is not None:
             row["label"] = label
+        self.parts.append(orjson.dumps(row, option=_NL))
+        if label is not None:
             self.labels.append(label)
-        try:
-            line = orjson.dumps(row, option=_NL)
-        except TypeError as e:  # e.g. lone surrogates from a Hugging Face dataset
-            raise DataError(f"a row cannot be written as JSON: {e}") from None
-        self.parts.append(line)
         h = hash(q)
         if not h & self.qmask:
             self.queries.add(h)
@@ -421,9 +432,13 @@ class Converter:
         if len(self.problems) < self.cfg.max_errors:
             self.problems += lines
         raw = row.raw.decode("utf-8", "replace").rstrip("\n") if isinstance(row, Bad) else row
-        self.rejected.write(
-            orjson.dumps({"location": location, "problems": problems, "row": raw}, default=str, option=_NL)
-        )
+        record = {"location": location, "problems": problems, "row": raw}
+        try:
+            line = orjson.dumps(record, default=str, option=_NL)
+        except TypeError:  # nested past orjson's 255 levels, or lone surrogates: keep a readable summary
+            record["row"] = reprlib.repr(raw)
+            line = orjson.dumps(record, default=str, option=_NL | orjson.OPT_PASSTHROUGH_SUBCLASS)
+        self.rejected.write(line)
 
     def flush(self, final: bool = False) -> None:
         """Write the batch's output; fold the per-row statistics into the totals every FOLD_ROWS rows."""

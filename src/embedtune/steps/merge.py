@@ -46,7 +46,15 @@ from embedtune.config import MergeConfig
 from embedtune.data import read_rows
 from embedtune.errors import EmbedtuneError
 from embedtune.io import write_json
-from embedtune.modeling import META_FILE, Reranker, is_adapter, load_model, read_meta, task_type_of
+from embedtune.modeling import (
+    META_FILE,
+    Reranker,
+    check_sources,
+    is_adapter,
+    load_model,
+    read_meta,
+    task_type_of,
+)
 from embedtune.progress import say
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
@@ -135,6 +143,17 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
+def _write_errors(out: Path):
+    """A full disk (or any write error) while staging: one line naming the output, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise EmbedtuneError(f"{out}: cannot write the merged model: {e}") from None
+
+
+@contextlib.contextmanager
 def _staging(out: Path):
     """A temporary folder beside `out` (same filesystem: the final rename is atomic), removed on error."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +175,9 @@ def run(cfg: MergeConfig) -> dict:
     _check_output(out)
 
     if not is_adapter(src):
-        with _staging(out) as tmp:
+        trust = bool((read_meta(src).get("train_config") or {}).get("trust_remote_code", False))
+        check_sources(str(src), trust)  # passed on to register: no pickle that runs code, no unasked-for code
+        with _write_errors(out), _staging(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             _publish(tmp, out)
         say("merge", f"{src} holds full weights (no adapter): copied to {out} unchanged")
@@ -186,7 +207,7 @@ def run(cfg: MergeConfig) -> dict:
 
     meta = {k: v for k, v in read_meta(src).items() if k != "embedtune_version"}
     meta["merged_from_adapter"] = True
-    with _staging(out) as tmp:
+    with _write_errors(out), _staging(out) as tmp:
         model.save_pretrained(tmp, meta=meta)
         del model
         gc.collect()

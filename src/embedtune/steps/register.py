@@ -14,17 +14,22 @@ folder or a bad metrics file leaves no trace:
    unless the environment says otherwise we allow 3 retries, backoff factor 1, 30 s per request, then stop
    with an error naming the URI (credentials in the URI are masked).
 4. Idempotency: a version of NAME tagged `embedtune.pipeline_run_id == --run-id` is returned as it is; no
-   run, no version is created. (Without `--run-id` every call registers a new version.)
+   run, no version is created. (Without `--run-id` every call registers a new version.) What an earlier
+   call with this run id left half-done because the server went away mid-way (a version without that tag,
+   a run still RUNNING) is cleaned up first: the version is deleted (the champion alias goes back to the
+   version it had replaced), the run ends FAILED.
 5. One MLflow run: every training knob under its own name as a param (the `train_config` saved with the
    model), the evaluation metrics (`@` is not allowed by MLflow, so `ndcg@10` becomes `ndcg_at_10`),
    `baseline_<m>` / `delta_<m>` when evaluate measured a baseline, lineage tags (`embedtune.pipeline_run_id`,
    `embedtune.base_model`, `embedtune.dataset_fingerprint`, `embedtune.version`, `embedtune.image`) and the
    model, logged with the MLflow 3 API under `name="model"`.
-6. Register a version (its description is a Markdown metrics table), point alias `challenger` at it, and
-   move `champion` to it only when `primary > champion's primary + min_improvement` or there is no champion
-   (every metric embedtune reports is higher-is-better). The decision and both numbers are printed (stderr)
-   and tagged on the version and the run. A failure after the run started deletes the half-made version,
-   marks the run FAILED and raises `EmbedtuneError`.
+6. Register a version, then, holding a per-name lock (`champion_lock`: two registers racing for one name
+   take turns), point alias `challenger` at it, read the champion and move `champion` to the new version
+   only when `primary > champion's primary + min_improvement` or there is no champion (every metric
+   embedtune reports is higher-is-better). The decision and both numbers are printed (stderr) and tagged on
+   the version and the run; the run-id tag comes last. A failure after the run started deletes the
+   half-made version, marks the run FAILED and raises `EmbedtuneError` (when the server itself is gone,
+   the next call with the same run id does it, see 4).
 
 Credentials come only from the environment (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` +
 `MLFLOW_TRACKING_PASSWORD`, read by the MLflow client itself; never flags). Their values (and any
@@ -40,8 +45,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -55,9 +62,10 @@ from embedtune.data import is_number
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import read_json
 from embedtune.mlflow_models import LOGGERS, redacted_copy
-from embedtune.modeling import META_FILE, is_adapter, read_meta
+from embedtune.modeling import META_FILE, check_sources, is_adapter, read_meta
 from embedtune.progress import say
 from embedtune.report import metric_table
+from embedtune.safety import mask_credentials
 
 DEFAULT_HOME = "~/.embedtune"  # local store: mlflow.db + mlartifacts/ (used when no URI is given)
 RUN_ID_TAG = "embedtune.pipeline_run_id"  # the idempotency key, set on the version as its last step
@@ -95,7 +103,7 @@ class Redactor:
         self.secrets.sort(key=len, reverse=True)
 
     def __call__(self, text) -> str:
-        text = str(text)
+        text = mask_credentials(str(text))  # any other URI's user:password@ too
         for s in self.secrets:
             text = text.replace(s, "***")
         return text
@@ -103,7 +111,7 @@ class Redactor:
 
 def redact_uri(uri: str) -> str:
     """`https://user:pw@host/x` -> `https://***@host/x`."""
-    return re.sub(r"^([a-z][\w+.-]*://)[^/@]+@", r"\1***@", uri)
+    return mask_credentials(uri)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -116,7 +124,9 @@ def read_model_meta(model_dir: Path) -> dict:
             f"{model_dir}: is a LoRA adapter; run `embedtune merge --adapter {model_dir} --output DIR` "
             "and register the merged folder"
         )
-    return {"task_type": "embedding", "base_model": str(model_dir), **read_meta(model_dir)}
+    meta = {"task_type": "embedding", "base_model": str(model_dir), **read_meta(model_dir)}
+    check_sources(str(model_dir), bool((meta.get("train_config") or {}).get("trust_remote_code", False)))
+    return meta
 
 
 def metric_name(name: str) -> str:
@@ -344,6 +354,8 @@ def run(cfg: RegisterConfig) -> dict:
     uri, artifact_location = resolve_tracking_uri(cfg.tracking_uri)
     redact = Redactor(uri)
     shown_uri = redact_uri(uri)
+    if shown_uri != uri:  # MLflow prints "View run ... at: <the URI>" when a run ends, credentials and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     client = MlflowClient(tracking_uri=uri)
     check_reachable(client, shown_uri, redact)
 
@@ -355,16 +367,11 @@ def run(cfg: RegisterConfig) -> dict:
                 f"{cfg.name} v{existing.version} already registered for run id {cfg.run_id}; nothing created",
             )
             return _result(client, cfg, existing, created=False, shown_uri=shown_uri)
-        champ_version, champ_metric, champ_value = current_champion(client, cfg.name)
-        model_existed = champ_version is not None or bool(
-            client.search_registered_models(f"name = '{cfg.name}'")
-        )
+        clean_up_after(client, cfg.name, cfg.run_id)
+        model_existed = bool(client.search_registered_models(f"name = '{cfg.name}'"))
     except MlflowException as e:
         raise EmbedtuneError(f"MLflow at {shown_uri}: {redact(e.message)[:400]}") from None
 
-    promote, decision = champion_gate(
-        metrics["primary"], metrics["value"], champ_version, champ_metric, champ_value, cfg.min_improvement
-    )
     lineage = {
         RUN_ID_TAG: cfg.run_id,
         "embedtune.base_model": str(meta["base_model"]),
@@ -378,27 +385,13 @@ def run(cfg: RegisterConfig) -> dict:
         # MLflow would tag the run with MLFLOW_TRACKING_USERNAME; the OS user says who ran it without it.
         "mlflow.user": os.environ.get("USER") or "embedtune",
     }
-    decision_tags = {
-        "embedtune.primary_metric": metrics["primary"],
-        "embedtune.primary_value": repr(metrics["value"]),
-        "embedtune.champion_value_before": "" if champ_value is None else repr(champ_value),
-        "embedtune.champion_version_before": champ_version or "",
-        "embedtune.min_improvement": repr(cfg.min_improvement),
-        "embedtune.promoted": "true" if promote else "false",
-        "embedtune.decision": decision,
-    }
     lineage = {k: redact(v) for k, v in lineage.items() if v}
-    decision_tags = {k: redact(v) for k, v in decision_tags.items()}
     params = {k: redact(v)[:6000] for k, v in collect_params(meta, metrics, cfg).items()}
-    description = redact(describe(cfg, meta, metrics, decision))
 
     mlflow.set_tracking_uri(uri)
     version = None
     try:
-        exp = client.get_experiment_by_name(cfg.experiment_name)
-        exp_id = (
-            exp.experiment_id if exp else client.create_experiment(cfg.experiment_name, artifact_location)
-        )
+        exp_id = experiment_id(client, cfg.experiment_name, artifact_location)
         run_name = f"{cfg.name}-{cfg.run_id}" if cfg.run_id else cfg.name
         # The context manager ends the run FAILED when anything below raises.
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=lineage) as active:
@@ -418,12 +411,34 @@ def run(cfg: RegisterConfig) -> dict:
                 info.model_uri, cfg.name, tags={k: v for k, v in lineage.items() if k != RUN_ID_TAG}
             )
             version = mv.version
+            # Aliases move under a lock: two registers racing for one name each compare against the
+            # champion the other one may just have set (and MLflow's own alias upsert is not atomic).
+            with champion_lock(client, cfg.name):
+                client.set_registered_model_alias(cfg.name, "challenger", version)
+                champ_version, champ_metric, champ_value = current_champion(client, cfg.name)
+                promote, decision = champion_gate(
+                    metrics["primary"], metrics["value"], champ_version, champ_metric, champ_value,
+                    cfg.min_improvement,
+                )  # fmt: skip
+                decision_tags = {
+                    "embedtune.primary_metric": metrics["primary"],
+                    "embedtune.primary_value": repr(metrics["value"]),
+                    "embedtune.champion_value_before": "" if champ_value is None else repr(champ_value),
+                    "embedtune.champion_version_before": champ_version or "",
+                    "embedtune.min_improvement": repr(cfg.min_improvement),
+                    "embedtune.promoted": "true" if promote else "false",
+                    "embedtune.decision": decision,
+                }
+                decision_tags = {k: redact(v) for k, v in decision_tags.items()}
+                for (
+                    k,
+                    v,
+                ) in decision_tags.items():  # before the alias: a half-made version says what it replaced
+                    client.set_model_version_tag(cfg.name, version, k, v)
+                if promote:
+                    client.set_registered_model_alias(cfg.name, "champion", version)
+            description = redact(describe(cfg, meta, metrics, decision))
             client.update_model_version(cfg.name, version, description=description)
-            client.set_registered_model_alias(cfg.name, "challenger", version)
-            if promote:
-                client.set_registered_model_alias(cfg.name, "champion", version)
-            for k, v in decision_tags.items():
-                client.set_model_version_tag(cfg.name, version, k, v)
             mlflow.set_tags(decision_tags)
             mlflow.set_tag("embedtune.registered_version", f"{cfg.name}/{version}")
             if cfg.run_id:  # last: only a finished registration is found by the idempotency search
@@ -443,6 +458,79 @@ def run(cfg: RegisterConfig) -> dict:
     return _result(
         client, cfg, client.get_model_version(cfg.name, version), created=True, shown_uri=shown_uri
     )
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created when missing (two registers creating it at once: one wins, both use it)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+LOCK_SUFFIX = ".embedtune-champion-lock"
+LOCK_STALE_S = 120.0  # a lock older than this was left by a register that died while holding it
+
+
+@contextlib.contextmanager
+def champion_lock(client: MlflowClient, name: str, timeout_s: float = 600.0):
+    """A mutex per registered model, made of MLflow's own atomic create: creating the registered model
+    `<name>.embedtune-champion-lock` fails for every caller but one while it exists. Held for the few calls
+    that read the champion and move the alias; deleted on exit. A lock left by a process that died is
+    taken over after `LOCK_STALE_S`."""
+    lock = f"{name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, description="embedtune: a register is moving the champion")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        with contextlib.suppress(MlflowException):
+            held = client.get_registered_model(lock)
+            if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
+                say("register", f"taking over the lock {lock} (left {LOCK_STALE_S:.0f}+ s ago)")
+                client.delete_registered_model(lock)
+                continue
+        if time.monotonic() > deadline:
+            raise EmbedtuneError(f"{lock}: held by another register for over {timeout_s:.0f} s")
+        time.sleep(0.2 + random.random() * 0.3)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException, requests.RequestException, OSError):
+            client.delete_registered_model(lock)
+
+
+def clean_up_after(client: MlflowClient, name: str, run_id: str) -> None:
+    """Undo what an earlier call with this run id left half-done when it could not undo it itself (the
+    server was down): versions it registered but never finished (no run-id tag yet) are deleted, giving
+    the champion alias back to the version they had replaced, and its runs still RUNNING end FAILED."""
+    if not run_id:
+        return
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
+    )
+    ours = {r.info.run_id for r in runs}
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.run_id in ours and RUN_ID_TAG not in (mv.tags or {}):
+            aliases = client.get_model_version(name, mv.version).aliases or []
+            before = (mv.tags or {}).get("embedtune.champion_version_before")
+            client.delete_model_version(name, mv.version)
+            if "champion" in aliases and before:
+                with contextlib.suppress(MlflowException):
+                    client.set_registered_model_alias(name, "champion", before)
+            say("register", f"deleted {name} v{mv.version}, left half-registered by an earlier call")
+    for r in runs:
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, "FAILED")
 
 
 def _undo(client: MlflowClient, name: str, version, model_existed: bool) -> None:

@@ -4,12 +4,16 @@ Read top to bottom, like nanoGPT: `run(cfg)` is the whole step.
 
 1. Resolve the ms-swift env-var knobs (INFONCE_TEMPERATURE, ...; explicit flags win) and log them.
 2. Load the rows and check them for the loss (bad labels, missing negatives) *before* any model is loaded.
-3. `--nproc N` (or DeepSpeed) outside torchrun: relaunch this same command under torchrun
-   (`embedtune.launch`) and return the result rank 0 wrote.
+3. `--nodes N` outside a multi-node job: submit this same command as a Kubeflow Trainer TrainJob of N pods
+   (`embedtune.trainjob`), wait for it and return its result. `--nproc N` (or DeepSpeed), or a node of a
+   multi-node job (torchrun's `PET_*` variables set, as the Trainer's torch runtime sets them), outside
+   torchrun: relaunch this same command under torchrun (`embedtune.launch`) and return the result rank 0
+   wrote.
 4. Build the model (`Embedder` or `Reranker`, LoRA on its inner model when asked), tokenize every text once
    (`embedtune.batching`).
 5. Train with the HF Trainer (`embedtune.trainer`): length-grouped batches padded to their own longest text,
-   a wrapper module whose `forward(batch)` returns `{"loss": LOSSES[loss_type](...)}`, checkpoints every
+   a wrapper module whose `forward(batch)` returns `{"loss": LOSSES[loss_type](...)}` (with
+   `gradient_cache_chunk_size`, the batch is encoded chunk by chunk: `embedtune.gradcache`), checkpoints every
    `save_steps`, and automatic resume from the latest complete `checkpoint-*` in `checkpoint_dir` (default:
    `output_dir`, see `embedtune.rundir`). Every evaluation reports the eval loss and evaluate's metrics for
    the eval file's shape (see below).
@@ -25,6 +29,13 @@ states, several times the model's size). `train_result.json` is written last: it
 run, and re-running the same command on a finished folder returns it without training again. On Kubeflow the
 output folder is local to the pod, so a retried or preempted pod would start from zero: `checkpoint_dir` on a
 persistent volume is what lets it resume.
+
+Multi-node. A node of a job started with torchrun's `PET_*` variables (Kubeflow Trainer's torch runtime sets
+them in every node pod) relaunches itself as that node's torchrun processes of the job (`launch.job_topology`);
+global ranks, the data order, infonce's gathered negatives and the eval shards span every node, so N nodes of
+P processes train like one node of N x P. Before training, the nodes prove they share `output_dir` (and
+`checkpoint_dir`): rank 0 alone writes the model, `train_result.json` and the checkpoints' shared files, every
+rank its own ZeRO shards there, and every rank resumes from the same newest checkpoint (`rundir.check_shared`).
 
 Evaluation metrics during training. With `eval_data`, every evaluation (before the first step of a fresh run,
 every `eval_steps`, and at the end) logs, next to `eval_loss`, the metrics `embedtune evaluate` computes for
@@ -42,10 +53,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
 import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -55,7 +68,7 @@ from embedtune.data import EMBEDDING_LOSSES, RERANKER_LOSSES, check_loss_data, r
 from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import METRIC_NAMES, PRIMARY, EvalData, read_eval_data
 from embedtune.io import read_json, write_json
-from embedtune.launch import LAUNCHED, inside_torchrun, torchrun
+from embedtune.launch import LAUNCHED, Topology, inside_torchrun, job_topology, torchrun
 from embedtune.losses import matryoshka_spec
 from embedtune.modeling import Embedder, Reranker, add_lora
 from embedtune.overlap import train_fingerprint
@@ -64,12 +77,15 @@ from embedtune.rundir import (
     RESULT_FILE,
     base_model_id,
     check_saved_weights,
+    check_shared,
     finished_result,
     latest_checkpoint,
     remove_checkpoints,
     resumed_step,
+    save_final,
 )
 from embedtune.trainer import EmbedtuneTrainer, StepLog, TrainModel, training_arguments
+from embedtune.trainjob import check_submit, run_on_nodes
 
 # DeepSpeed calls torch.distributed functions that warn "deprecated" on every call, every rank.
 DEPRECATED_DIST_CALLS = r".*torch\.distributed\.\w+`? is deprecated"
@@ -80,7 +96,11 @@ def run(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------- 1. effective knobs
     warnings.filterwarnings("ignore", DEPRECATED_DIST_CALLS, FutureWarning)
     given, cfg = cfg, resolve_env_defaults(cfg)
+    topology = job_topology()  # this process is a node of a multi-node job (PET_* set), or None
+    cfg = joined(cfg, topology)
     check_knobs(cfg)
+    if cfg.nodes > 1 and topology is None:
+        check_submit(cfg)
     out = Path(cfg.output_dir)
     if not os.environ.get(LAUNCHED):  # a child of our own launch: the parent logged them
         log_env_knobs(given, cfg)
@@ -92,15 +112,19 @@ def run(cfg: TrainConfig) -> dict:
     if finished is not None:
         return finished
 
-    # ---------------------------------------------------------------- 3. several processes: relaunch
-    if (cfg.nproc > 1 or cfg.deepspeed != "none") and not inside_torchrun():
-        torchrun("train", cfg, cfg.nproc)
+    # ---------------------------------------------------------------- 3. several nodes or processes: relaunch
+    if cfg.nodes > 1 and topology is None:
+        return run_on_nodes(cfg)  # a TrainJob runs this same command on every node; its result
+    if (cfg.nproc > 1 or cfg.deepspeed != "none" or topology) and not inside_torchrun():
+        torchrun("train", cfg, topology.nproc_per_node if topology else cfg.nproc, topology)
         return read_json(out / RESULT_FILE)
 
     # ---------------------------------------------------------------- 4. model and tokens
     # TrainingArguments first: with ZeRO-3 it makes from_pretrained load the weights already sharded.
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = dataclasses.replace(cfg, nproc=world)  # under torchrun the processes are what they are
+    # Under torchrun the processes are what they are: per node, and nodes = world / per node.
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cfg = dataclasses.replace(cfg, nproc=per_node, nodes=world // per_node)
     ckpt_dir = Path(cfg.checkpoint_dir or cfg.output_dir)
     resume = latest_checkpoint(ckpt_dir)
     metric_data = metric_eval_data(cfg.eval_data, cfg.task_type) if eval_rows else None
@@ -109,6 +133,9 @@ def run(cfg: TrainConfig) -> dict:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=args.ddp_backend)  # adopts the process group accelerate made
+    if cfg.nodes > 1:
+        _ = args.device  # sets up the process group (accelerate), if DeepSpeed did not
+        check_shared(sorted({out, ckpt_dir}), rank(), world)  # before hours of training, not at the save
     model = build_model(cfg)
     t0 = time.perf_counter()
     train_set = tokenize_rows(model, train_rows)
@@ -136,7 +163,10 @@ def run(cfg: TrainConfig) -> dict:
     trainer.group_by_length = cfg.group_by_length
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
-    trainer.add_callback(StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None))
+    step_log = StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None)
+    trainer.add_callback(step_log)
+    if cfg.gradient_cache_chunk_size > 0:
+        say("train", f"gradient cache: {cfg.gradient_cache_chunk_size} texts per forward pass")
     say(
         "train", f"resuming from {resume} (step {resumed_step(resume)})" if resume else "starting from step 0"
     )
@@ -163,8 +193,14 @@ def run(cfg: TrainConfig) -> dict:
             "matryoshka_dims": matryoshka_spec(cfg.matryoshka_dims)[0],  # [] when not trained for it
             "train_fingerprint": train_fingerprint(train_rows),  # evaluate warns on eval texts found in it
         }
-        model.save_pretrained(out, meta=meta, state_dict=trainer.model.inner_weights(state))
-        check_saved_weights(out, model, cfg.train_type)
+        weights = trainer.model.inner_weights(state)
+        save_final(  # staged beside `out`, checked whole, then moved in: a full disk leaves no half model
+            out,
+            lambda tmp: (
+                model.save_pretrained(tmp, meta=meta, state_dict=weights),
+                check_saved_weights(tmp, model, cfg.train_type),
+            ),
+        )
         history = trainer.state.log_history
         names = METRIC_NAMES[metric_data.shape] if metric_data else ()
         result = {
@@ -178,7 +214,10 @@ def run(cfg: TrainConfig) -> dict:
             "train_runtime": train_out.metrics.get("train_runtime"),
             "train_samples_per_second": train_out.metrics.get("train_samples_per_second"),
             "tokenize_seconds": round(tokenize_s, 3),
+            **step_log.timing(),
+            "peak_memory_gb": peak_memory_gb(),
             "world_size": world,
+            "nodes": cfg.nodes,
             "global_batch_size": global_batch,
             "train_rows": len(train_set),
             "eval_rows": len(eval_set),
@@ -207,6 +246,27 @@ def run(cfg: TrainConfig) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- knobs
+def peak_memory_gb() -> float:
+    """Peak memory of this process: allocated GPU memory under CUDA, else the resident set size (rank 0)."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+
+
+def joined(cfg: TrainConfig, topology: Topology | None) -> TrainConfig:
+    """The knobs of a node of a multi-node job: the job's node count and processes per node (the runtime's
+    word: `PET_NPROC_PER_NODE` is what each pod was given), else `cfg` as it is."""
+    if topology is None:
+        return cfg
+    if cfg.nodes not in (1, topology.nnodes):
+        raise EmbedtuneError(f"nodes: {cfg.nodes}, but this job has PET_NNODES={topology.nnodes} nodes")
+    per_node = topology.nproc_per_node
+    nproc = int(per_node) if per_node.isdigit() else cfg.nproc
+    if nproc != cfg.nproc and not os.environ.get(LAUNCHED):
+        say("train", f"nproc = {nproc} per node (PET_NPROC_PER_NODE; --nproc {cfg.nproc} ignored)")
+    return dataclasses.replace(cfg, nodes=topology.nnodes, nproc=nproc)
+
+
 def log_env_knobs(given: TrainConfig, cfg: TrainConfig) -> None:
     """Log the effective value of each env-var knob the loss reads, and where it came from."""
     fields = [f for f in ENV_DEFAULTS if f.startswith("infonce_")] if cfg.loss_type == "infonce" else []
@@ -235,14 +295,18 @@ def check_knobs(cfg: TrainConfig) -> None:
         raise EmbedtuneError(f"train_type: {cfg.train_type!r} is not one of full, lora")
     if cfg.deepspeed not in ("zero3", "zero2", "none"):
         raise EmbedtuneError(f"deepspeed: {cfg.deepspeed!r} is not one of zero3, zero2, none")
-    if cfg.nproc < 1 or cfg.per_device_train_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+    if min(cfg.nproc, cfg.nodes, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) < 1:
         raise EmbedtuneError(
-            "nproc, per_device_train_batch_size and gradient_accumulation_steps must be >= 1"
+            "nproc, nodes, per_device_train_batch_size and gradient_accumulation_steps must be >= 1"
         )
     if not 0 <= cfg.warmup_ratio < 1:
         raise EmbedtuneError(f"warmup_ratio: {cfg.warmup_ratio} is not in [0, 1)")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise EmbedtuneError("set num_train_epochs > 0 or max_steps > 0")
+    if cfg.gradient_cache_chunk_size < 0:
+        raise EmbedtuneError(
+            f"gradient_cache_chunk_size: {cfg.gradient_cache_chunk_size} must be >= 0 (0: off)"
+        )
     if cfg.loss_type == "infonce" and cfg.infonce_temperature <= 0:
         raise EmbedtuneError(f"infonce_temperature: {cfg.infonce_temperature} must be > 0")
     try:
@@ -320,6 +384,9 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
     if dims and max(dims) > model.dim:
         raise EmbedtuneError(f"matryoshka_dims: {max(dims)} is larger than the model's dimension {model.dim}")
     if cfg.train_type == "lora":
+        torch.manual_seed(
+            cfg.seed
+        )  # LoRA's A matrices are random: same seed, same adapter, whatever ran before
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     say("train", f"{cfg.task_type} {cfg.train_type}: {n_train:,} trainable parameters")

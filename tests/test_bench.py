@@ -1,0 +1,40 @@
+"""The benchmarks still run: a smoke run of each one that has a `--smoke` mode (tiny model, synthetic data, CPU).
+
+No figure is asserted (timing belongs in the benchmarks' own output, not in tests); what is checked is that
+every part ran and reported the fields the benchmark promises.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_train_bench_smoke_runs_every_part_on_cpu(tmp_path):
+    out = tmp_path / "gpu_train.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_train.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for run in ("embedtune_none", "embedtune_zero3", "sentence_transformers"):
+        fields = result[run]
+        assert fields["exit_code"] == 0, run
+        assert {"rows_per_s", "real_tokens_per_s", "mfu", "peak_memory_gb", "median_step_seconds"} <= set(
+            fields
+        )
+        assert fields["rows_per_s"] > 0
+    assert set(result["encode_texts_per_s"]) == {"embedtune_float32", "sentence_transformers_float32"}
+    assert result["real_tokens"]["row"] > 0 and result["nonembedding_params"] > 0
+    assert "embedtune / sentence-transformers rows/s" in proc.stdout
