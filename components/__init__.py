@@ -10,6 +10,7 @@ pipeline reads them at compile time). Imports go inside the body because only th
 from components.convert import convert
 from components.evaluate import evaluate
 from components.merge import merge
+from components.mine import mine
 from components.register import register
 from components.split import split
 from components.train import train
@@ -17,10 +18,11 @@ from components.train import train
 COMPONENTS = {
     "convert": convert,
     "split": split,
+    "mine": mine,
     "train": train,
     "evaluate": evaluate,
     "merge": merge,
     "register": register,
 }
 
-__all__ = ["COMPONENTS", "convert", "evaluate", "merge", "register", "split", "train"]
+__all__ = ["COMPONENTS", "convert", "evaluate", "merge", "mine", "register", "split", "train"]

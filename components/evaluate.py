@@ -26,6 +26,7 @@ def evaluate(
     primary_metric: str,
     per_device_eval_batch_size: int,
     max_length: int,
+    matryoshka_dims: str,
     dtype: str,
 ) -> float:
     """Measure the model (and its base) and return the primary metric, which gates registration.

@@ -14,7 +14,7 @@ from images.refs import STEP_IMAGES
     dataset="Canonical JSONL rows from convert.",
     train_data="Train rows.",
     eval_data="Eval rows.",
-    metrics="Row and query counts of each side.",
+    metrics="Row and query counts of each side, and the train rows the leakage guard dropped.",
 )
 def split(
     dataset: Input[Dataset],
@@ -23,6 +23,8 @@ def split(
     metrics: Output[Metrics],
     split_dataset_ratio: float,
     seed: int,
+    exclude_data: str,
+    drop_eval_overlap: bool,
 ):
     """Split rows into train and eval so that no query text is in both."""
     inputs = dict(locals())

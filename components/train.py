@@ -12,7 +12,7 @@ from images.refs import STEP_IMAGES
 @dsl.component(base_image=STEP_IMAGES["train"], install_kfp_package=False)
 @documented(
     field_help(TrainConfig),
-    train_data="Canonical train rows from split.",
+    train_data="Canonical train rows from mine (split's train rows, with mined negatives when asked).",
     eval_data="Canonical eval rows from split, evaluated before the first step, every eval_steps and at the end "
     "of training: eval loss and evaluate's metrics for the data's shape.",
     output_dir="The trained model folder (a LoRA adapter when train_type is lora).",
@@ -75,6 +75,8 @@ def train(
     listwise_min_group_size: int,
     trust_remote_code: bool,
     dataloader_num_workers: int,
+    matryoshka_dims: str,
+    matryoshka_weights: str,
     dtype: str,
     optim: str,
     torch_compile: str,

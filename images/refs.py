@@ -31,6 +31,7 @@ STEP_IMAGES = {
     "train": GPU_IMAGE,
     "merge": GPU_IMAGE,
     "evaluate": GPU_IMAGE,
+    "mine": GPU_IMAGE,
 }
 
 if __name__ == "__main__":

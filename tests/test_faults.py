@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 
 from embedtune.config import ConvertConfig, MergeConfig, RegisterConfig, TrainConfig
 from embedtune.errors import EmbedtuneError
-from embedtune.io import write_jsonl
+from embedtune.io import read_jsonl, write_jsonl
 from embedtune.launch import free_port
 from embedtune.modeling import Embedder, add_lora
 from embedtune.rundir import checkpoint_problem, latest_checkpoint
@@ -61,8 +61,21 @@ def kill_tree(root: psutil.Process) -> list[int]:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=30)
+    # Never reap a child of this process: its owner (kfp.local's Popen) must see the -9 itself; a child reaped
+    # here reads as exit code 0 there (Popen's wait gets ECHILD), i.e. a killed task looks successful.
+    mine = {c.pid for c in psutil.Process().children()}
+    psutil.wait_procs([p for p in procs if p.pid not in mine], timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(gone_or_zombie(p) is False for p in procs if p.pid in mine):
+        time.sleep(0.1)
     return [p.pid for p in procs]
+
+
+def gone_or_zombie(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 # ------------------------------------------------------------------------------------- checkpoints cut short
@@ -209,7 +222,8 @@ def test_train_killed_inside_a_kfp_local_pipeline_resumes_on_retry_and_registers
 
     result = json.loads((out["run_dir"] / "train" / "output_dir" / "train_result.json").read_text())
     assert result["resumed_from_step"] >= 2
-    steps = -(-192 // arguments["per_device_train_batch_size"])  # 240 rows, 20% of queries to eval
+    train_rows = sum(1 for _ in read_jsonl(out["run_dir"] / "mine" / "output"))  # what train read
+    steps = -(-train_rows // arguments["per_device_train_batch_size"])
     assert (
         result["global_step"] in (steps - 1, steps, steps + 1)
         and result["loss_history"][-1][0] == result["global_step"]

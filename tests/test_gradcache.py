@@ -132,6 +132,20 @@ def test_cached_loss_and_every_gradient_equal_the_uncached_ones(tiny_qwen3_path,
     assert_same_grads(got, want)
 
 
+def test_matryoshka_cached_loss_and_gradients_equal_the_uncached_ones(tiny_qwen3_path):
+    model = make_model(tiny_qwen3_path, "infonce", chunk=3)
+    model.matryoshka_dims, model.matryoshka_weights = [model.model.dim, 16, 8], [1.0, 0.5, 0.25]
+    batch = batch_of(model, rows_for("infonce")[:8])
+    want_loss, want = uncached(model, batch)
+    plain = TrainModel.loss_at_one_width(model, model.encode(batch["input_ids"], batch["attention_mask"]),
+                                         batch["neg_mask"], doc_keys=batch.get("doc_keys")).item()  # fmt: skip
+    assert want_loss != pytest.approx(plain, rel=1e-3)  # the widths change the loss: Matryoshka is on
+    model.zero_grad(set_to_none=True)
+    got_loss, got = cached(model, batch, chunk=3)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert_same_grads(got, want)
+
+
 def test_lora_cached_gradients_equal_the_uncached_ones(tiny_qwen3_path):
     model = make_model(tiny_qwen3_path, "infonce", chunk=4, lora_dropout=0.0)
     batch = batch_of(model, rows_for("infonce")[:8])

@@ -314,6 +314,9 @@ SUFFIXES = [".jsonl", ".json", ".csv", ".tsv", ".jsonl.gz", ".json.gz", ".parque
          ".json", "skip")  # fmt: skip
 @example(b'[{"query": "a\\ud800b", "response": "r"}, {"query": "q", "response": "r"}]', ".json", "skip")
 @example(b"query,response,label\nq,r,1" + b"0" * 400 + b"\nq,r,1\n", ".csv", "skip")
+@example(
+    b'{"anchor":"a","positive":"p","negative":false,"negative_2":"n"}', ".jsonl", "skip"
+)  # found by the fuzzer
 @FUZZ
 def test_convert_fuzz_any_bytes_in_any_file_kind_exits_0_with_valid_rows_or_2_with_a_message(
     data, suffix, on_error

@@ -24,6 +24,8 @@ from embedtune.losses import (
     cosine_similarity_loss,
     infonce_loss,
     listwise_reranker_loss,
+    matryoshka_loss,
+    matryoshka_spec,
     online_contrastive_loss,
     pack_negatives,
     pad_negatives,
@@ -453,6 +455,124 @@ def test_infonce_two_ranks_match_one_rank_gradients(tmp_path):
     ref = reference_grads(False)
     assert (results["detached"] - ref).abs().max() > 1e-3
     torch.testing.assert_close(results["detached"] * 2, ref, rtol=0, atol=1e-5)
+
+
+# --- Matryoshka --------------------------------------------------------------------------------------------
+
+
+def test_matryoshka_with_only_the_full_dimension_is_the_plain_loss_exactly():
+    neg, mask = padded_negs(NEGS)
+    q, pos = vecs(Q), vecs(POS)
+    emb = torch.cat([q, pos, neg[mask]])  # (T, 2) as the model returns them: [queries, positives, negatives]
+
+    def infonce_of(out):
+        b = len(Q)
+        return infonce_loss(
+            out[:b], out[b : 2 * b], pack_negatives(out[2 * b :], mask), mask,
+            temperature=0.5, use_batch=True, mask_fake_negative=False,
+        )  # fmt: skip
+
+    plain = infonce_of(emb)
+    assert matryoshka_loss(infonce_of, emb, [2], [1.0]).item() == plain.item()
+    assert matryoshka_loss(infonce_of, emb, [2], [3.0]).item() == pytest.approx(plain.item(), rel=1e-15)
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    cos_of = lambda out: cosine_similarity_loss(out[:3], out[3:6], labels)  # noqa: E731
+    assert matryoshka_loss(cos_of, emb, [2], [1.0]).item() == cos_of(emb).item()
+
+
+def test_matryoshka_two_dims_match_hand_computed_value():
+    """a = (1, 0, 1, 0)/sqrt2, b = (0, 1, 1, 0)/sqrt2: cos 0.5 at width 4; truncated to 2 and re-normalized
+    they are (1, 0) and (0, 1): cos 0. Label 1, weights 1 (width 4) and 3 (width 2):
+    (1 * (0.5 - 1)^2 + 3 * (0 - 1)^2) / 4 = 0.8125."""
+    r = 1 / math.sqrt(2)
+    emb = torch.tensor([[r, 0, r, 0], [0, r, r, 0]], dtype=torch.float64, requires_grad=True)
+    loss = matryoshka_loss(
+        lambda out: cosine_similarity_loss(out[:1], out[1:], torch.tensor([1.0])), emb, [4, 2], [1.0, 3.0]
+    )
+    assert loss.item() == pytest.approx(0.8125, rel=1e-12)
+    loss.backward()
+    assert emb.grad.abs().sum() > 0
+
+    # infonce, 2 queries x 2 positives, in-batch only: each width's softmax by hand.
+    q = [[1, 0, 0, 1], [0, 1, 1, 0]]
+    p = [[1, 0, 1, 0], [0, 1, 0, 1]]
+    t, mask = 0.5, torch.zeros(2, 0, dtype=torch.bool)
+    emb = torch.tensor([[x / math.sqrt(2) for x in v] for v in q + p], dtype=torch.float64)
+
+    def infonce_of(out):
+        return infonce_loss(
+            out[:2], out[2:4], out.new_zeros(0, out.shape[1]), mask,
+            temperature=t, use_batch=True, mask_fake_negative=False,
+        )  # fmt: skip
+
+    def by_hand(qs, ps):
+        unit = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
+        qs, ps = [unit(v) for v in qs], [unit(v) for v in ps]
+        dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+        return sum(ce(dot(qs[i], ps[i]) / t, [dot(qs[i], ps[1 - i]) / t]) for i in range(2)) / 2
+
+    full = by_hand(q, p)  # width 4: cos(q0, p0) = 0.5, cos(q0, p1) = 0.5 ...
+    half = by_hand([v[:2] for v in q], [v[:2] for v in p])  # width 2: q0 = p0 = (1, 0), q1 = p1 = (0, 1)
+    got = matryoshka_loss(infonce_of, emb, [4, 2], [2.0, 1.0])
+    assert got.item() == pytest.approx((2 * full + half) / 3, rel=1e-12)
+    assert abs(full - half) > 0.1  # the two widths differ: the test sees each term
+
+
+def test_matryoshka_spec_parses_and_names_bad_values():
+    assert matryoshka_spec("") == ([], [])
+    assert matryoshka_spec("1024, 512,256") == ([1024, 512, 256], [1.0, 1.0, 1.0])
+    assert matryoshka_spec("8,4", "1,0.5") == ([8, 4], [1.0, 0.5])
+    for dims, weights, match in [
+        ("8,x", "", "matryoshka_dims: .* not a comma-separated list"),
+        ("8,8", "", "distinct positive"),
+        ("8,0", "", "distinct positive"),
+        ("8,4", "1", "must be 2 positive numbers"),
+        ("8,4", "1,-1", "must be 2 positive numbers"),
+        ("", "1", "without matryoshka_dims"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            matryoshka_spec(dims, weights)
+
+
+MRL_DIMS, MRL_WEIGHTS = [DIM, 4, 2], [1.0, 0.5, 0.25]
+
+
+def mrl_loss(q, pos, neg, mask, **kw):
+    """infonce under Matryoshka, from the concatenated embeddings as the train step holds them."""
+    b = len(q)
+    emb = torch.cat([q, pos, neg[mask]])
+
+    def loss_of(out):
+        return infonce_loss(
+            out[:b], out[b : 2 * b], pack_negatives(out[2 * b :], mask), mask,
+            temperature=TEMPERATURE, use_batch=True, mask_fake_negative=False, **kw,
+        )  # fmt: skip
+
+    return matryoshka_loss(loss_of, emb, MRL_DIMS, MRL_WEIGHTS)
+
+
+def _matryoshka_two_rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    encoder, qx, px, nx = make_problem()
+    rows = [0, 1, 2] if rank == 0 else [3, 4, 5]
+    q, pos, neg, mask = encode_rows(encoder, qx, px, nx, rows)
+    mrl_loss(q, pos, neg, mask, world_size=world, rank=rank).backward()
+    g = grads(encoder)
+    dist.all_reduce(g)
+    if rank == 0:
+        torch.save(g / world, out_path)  # what DDP / DeepSpeed apply: the mean over ranks
+    dist.destroy_process_group()
+
+
+def test_matryoshka_infonce_two_ranks_match_one_rank_gradients(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(_matryoshka_two_rank_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    encoder, qx, px, nx = make_problem()
+    q, pos, neg, mask = encode_rows(encoder, qx, px, nx, list(range(len(NEG_COUNTS))))
+    mrl_loss(q, pos, neg, mask).backward()
+    ref = grads(encoder)
+    assert (ref - reference_grads(False)).abs().max() > 1e-3  # the truncated widths change the gradient
+    torch.testing.assert_close(torch.load(out), ref, rtol=0, atol=1e-5)
 
 
 # --- data checks -----------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ from pipelines.pipeline import (
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT_TYPES = {f"system.{t}@0.0.1" for t in ("Dataset", "Model", "Metrics", "Markdown")}
-# Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc.
-LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs"}}
+# Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc;
+# mine's switch and GPU count, which become MineConfig.passthrough and .nproc.
+LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs"}, "mine": {"mine_hard_negatives", "mine_gpus"}}
 # Config fields a component derives from its inputs instead of taking them as they are.
 DERIVED = {"train": {"checkpoint_dir"}}
 PARAM_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
@@ -127,7 +128,7 @@ def test_component_body_passes_every_input_to_its_config_field(step, tmp_path, m
 
     def fake_run(cfg):
         seen.append(cfg)
-        if step == "convert":
+        if step in ("convert", "mine"):
             (tmp_path / "output.stats.json").write_text("{}")
         return {"rows": 7, **FAKE_RESULTS.get(step, {})}
 
@@ -143,6 +144,9 @@ def test_component_body_passes_every_input_to_its_config_field(step, tmp_path, m
             )
     if step == "train":
         assert cfg.nproc == 3 and cfg.checkpoint_dir == "v-checkpoint_dir/v-run_id"
+    if step == "mine":  # mine_hard_negatives=True, mine_gpus=3
+        assert cfg.nproc == 3 and cfg.passthrough is False
+        assert (tmp_path / "mine_stats").read_text() == "{}"
 
 
 @pytest.mark.parametrize("step", list(STEP_CONFIGS))
@@ -267,7 +271,7 @@ def test_every_pipeline_parameter_has_the_description_the_ui_shows(compiled):
     assert not [k for k, v in parameters.items() if not (v.get("description") or "").strip()]
     assert parameters["lora_rank"]["description"] == field_help(STEP_CONFIGS["train"])["lora_rank"]
     assert parameters["gpus"]["description"] == PIPELINE_ONLY["gpus"]
-    assert "read by split, train" in parameters["seed"]["description"]
+    assert "read by split, mine, train" in parameters["seed"]["description"]
     assert "env" not in parameters["infonce_temperature"]["description"]  # the pipeline passes it explicitly
     # the DAG's order, as the UI describes it: evaluate before merge
     description = spec["pipelineInfo"]["description"]
@@ -338,9 +342,19 @@ def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled
     walk(spec["root"]["dag"], [])
     good = "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= inputs.parameter_values['pipelinechannel--min_primary_metric']"
     lora = "inputs.parameter_values['pipelinechannel--train_type'] == 'lora'"
-    assert set(conditions) == {"convert", "split", "train", "evaluate", "merge", "register", "register-2"}
-    for name in ("convert", "split", "train", "evaluate"):
+    assert set(conditions) == {
+        "convert", "split", "mine", "train", "evaluate", "merge", "register", "register-2",
+    }  # fmt: skip
+    for name in ("convert", "split", "mine", "train", "evaluate"):
         assert conditions[name] == [], name
+    # mine always runs on split's train rows (a pass-through unless mine_hard_negatives), train takes its output
+    assert inputs["mine"]["artifacts"]["dataset"] == {
+        "taskOutputArtifact": {"outputArtifactKey": "train_data", "producerTask": "split"}
+    }
+    assert inputs["train"]["artifacts"]["train_data"] == {
+        "taskOutputArtifact": {"outputArtifactKey": "output", "producerTask": "mine"}
+    }
+    assert inputs["train"]["artifacts"]["eval_data"]["taskOutputArtifact"]["producerTask"] == "split"
     assert conditions["merge"] == conditions["register"] == [good, lora]
     assert conditions["register-2"] == [good, f"!({lora})"]
     # The LoRA branch registers merge's output, the full branch train's; evaluate measures train's output.
@@ -363,8 +377,12 @@ def test_cluster_settings_reach_the_compiled_tasks(compiled):
         "pipelinechannel--eval_gpus"
         in executors["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"]
     )
+    assert (
+        "pipelinechannel--mine_gpus"
+        in executors["exec-mine"]["container"]["resources"]["accelerator"]["resourceCount"]
+    )
     assert "accelerator" not in executors["exec-convert"]["container"]["resources"]
-    for step in ("train", "evaluate", "merge"):
+    for step in ("train", "evaluate", "merge", "mine"):
         (shm,) = k8s[f"exec-{step}"]["emptyDirMounts"]
         assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
     (secret,) = k8s["exec-register"]["secretAsEnv"]
@@ -664,6 +682,10 @@ def test_tiny_preset_runs_end_to_end_and_registers_a_champion(tmp_path, minilm_p
     tags = client.get_model_version("tiny-e2e", "1").tags
     assert tags["embedtune.dataset_fingerprint"] == json.loads(stats.read_text())["fingerprint"]
     assert STEP_IMAGES["train"] in tags["embedtune.image"]
+    # mine_hard_negatives is false by default: mine ran and passed split's train rows through unchanged.
+    mine_dir = out["run_dir"] / "mine"
+    assert json.loads((mine_dir / "mine_stats").read_text())["passthrough"] is True
+    assert (mine_dir / "output").read_bytes() == (out["run_dir"] / "split" / "train_data").read_bytes()
 
 
 @pytest.mark.slow
@@ -689,3 +711,34 @@ def test_tiny_preset_with_lora_merges_before_registering(tmp_path, minilm_path, 
         int(MlflowClient(out["tracking_uri"]).get_model_version_by_alias("tiny-lora", "champion").version)
         == 1
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # one more model-encoding step than the other DAG tests
+def test_tiny_preset_with_mine_hard_negatives_trains_on_the_mined_rows(tmp_path, minilm_path, monkeypatch):
+    """mine_hard_negatives=true: mine adds negatives to split's train rows, train reads them, the rest as usual."""
+    import json
+
+    from embedtune.io import read_jsonl
+    from pipelines.demo import run_local, tiny_arguments
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    arguments = tiny_arguments(
+        model=str(minilm_path), name="tiny-mine", mine_hard_negatives=True, num_negatives=2, range_max=20,
+        deepspeed="none", cpu_procs=1,
+    )  # fmt: skip
+    out = run_local(arguments, tmp_path)
+
+    run_dir = out["run_dir"]
+    stats = json.loads((run_dir / "mine" / "mine_stats").read_text())
+    assert stats["passthrough"] is False and stats["negatives_mined"] > 0 and stats["num_negatives"] == 2
+    original, mined = read_jsonl(run_dir / "split" / "train_data"), read_jsonl(run_dir / "mine" / "output")
+    assert [(r["query"], r["response"]) for r in mined] == [(r["query"], r["response"]) for r in original]
+    assert any(
+        r.get("rejected_response") != o.get("rejected_response") for r, o in zip(mined, original, strict=True)
+    )
+    assert all(r["response"] not in r.get("rejected_response", []) for r in mined)
+    assert json.loads((run_dir / "train" / "output_dir" / "train_result.json").read_text())[
+        "train_rows"
+    ] == len(mined)
+    assert out["registered"]

@@ -138,3 +138,52 @@ def test_cli_split_round_trip(tmp_path):
     bad = subprocess.run([*args, "--split-dataset-ratio", "1.5"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr == "embedtune split: error: split_dataset_ratio: must be in (0, 1), got 1.5\n"
+
+
+# ------------------------------------------------------------------------------------------ leakage guard
+def test_split_drops_train_rows_whose_query_or_positive_is_in_an_exclude_file_however_spelled(tmp_path):
+    rows = make_rows(40)
+    leaks = [
+        {"query": "What is  the BENCHMARK question?", "response": "fresh doc 1"},  # case + spacing
+        {"query": "fresh query 2", "response": "Ｂｅｎｃｈｍａｒｋ answer"},  # full-width letters (NFKC)
+        {"query": "fresh query 3", "response": "a line\tof the test set"},  # tab vs space
+    ]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows + leaks)
+    beir = write_jsonl(tmp_path / "queries.jsonl", [{"_id": "1", "text": "what is the benchmark question?"}])
+    test_rows = write_jsonl(tmp_path / "test.jsonl", [{"query": "other", "response": "benchmark answer"}])
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a line of the test set\n")
+    result, train, evals = split(
+        tmp_path, src, split_dataset_ratio=0.1, exclude_data=f"{beir}, {test_rows},{lines}"
+    )
+    in_eval = [r for r in leaks if r["query"] in queries(evals)]  # eval rows are never dropped
+    assert result["train_rows_dropped_excluded"] == len(leaks) - len(in_eval) > 0
+    assert not {r["query"] for r in leaks} & queries(train)
+    assert result["exclude_texts"] == 4 and result["train_rows"] == len(train)  # 1 + (query, response) + 1
+    assert len(train) + len(evals) + result["train_rows_dropped_excluded"] == len(rows) + len(leaks)
+
+
+def test_split_drops_train_rows_sharing_a_query_or_positive_with_eval_unless_told_not_to(tmp_path):
+    rows = [
+        {"query": f"q{i}", "response": f"doc {i % 10}"} for i in range(100)
+    ]  # each doc answers 10 queries
+    rows += [{"query": "Q3 ", "response": "unique answer"}]  # the query "q3" once more, in other case/space
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    result, train, evals = split(tmp_path, src, split_dataset_ratio=0.05)
+    eval_docs = {orjson.loads(line)["response"] for line in evals}
+    eval_queries = {q.lower().strip() for q in queries(evals)}
+    kept = [orjson.loads(line) for line in train]
+    assert not {r["response"] for r in kept} & eval_docs
+    assert not {r["query"].lower().strip() for r in kept} & eval_queries
+    assert result["train_rows_dropped_eval_overlap"] == len(rows) - len(evals) - len(train) > 0
+    result, train, _ = split(tmp_path, src, split_dataset_ratio=0.05, drop_eval_overlap=False)
+    assert result["train_rows_dropped_eval_overlap"] == 0 and len(train) == len(rows) - result["eval_rows"]
+
+
+def test_split_refuses_when_the_guard_leaves_no_train_row_and_writes_nothing(tmp_path):
+    src = write_jsonl(
+        tmp_path / "rows.jsonl", [{"query": f"q{i}", "response": "same doc"} for i in range(10)]
+    )
+    with pytest.raises(EmbedtuneError, match="dropped every train row"):
+        split(tmp_path, src, split_dataset_ratio=0.2)
+    assert not (tmp_path / "train.jsonl").exists() and not (tmp_path / "eval.jsonl").exists()

@@ -292,6 +292,58 @@ def test_restarted_pod_with_a_fresh_output_dir_resumes_from_the_persistent_check
     assert not ckpt.exists()  # checkpoints deleted after the verified save, then the run's empty folder
 
 
+def test_matryoshka_dims_are_trained_saved_usable_as_st_truncate_dim_and_evaluated_per_width(
+    minilm_path, fixtures_dir, tmp_path, capsys
+):
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.scoring import truncate_unit
+
+    data = fixtures_dir / "eval" / "pairs.jsonl"  # retrieval pairs: also the eval file, so training saw it
+    out = tmp_path / "out"
+    cfg = tiny_cfg(
+        minilm_path, data, out, max_steps=2, matryoshka_dims="384,128,32", matryoshka_weights="1,1,2"
+    )
+    train.run(cfg)
+    meta = read_meta(out)
+    assert meta["matryoshka_dims"] == [384, 128, 32] and meta["train_config"]["matryoshka_weights"] == "1,1,2"
+    ours = Embedder.from_pretrained(out).encode(TEXTS)
+    st = SentenceTransformer(str(out), device="cpu", truncate_dim=128).encode(
+        TEXTS, normalize_embeddings=True
+    )
+    assert st.shape == (3, 128)
+    np.testing.assert_allclose(st, truncate_unit(ours, 128), atol=1e-5)
+
+    result = evaluate.run(
+        EvaluateConfig(
+            model=str(out), eval_data=str(data), output=str(tmp_path / "m.json"), matryoshka_dims="384,32",
+            baseline_model=str(minilm_path),
+        )
+    )  # fmt: skip
+    m = result["metrics"]
+    assert m["ndcg_at_10_dim384"] == pytest.approx(m["ndcg_at_10"], abs=1e-6)  # full width: the same ranking
+    assert {"ndcg_at_10_dim32", "map_dim32", "margin_dim32"} <= set(m)
+    assert "delta_ndcg_at_10_dim32" in result["deltas"] and result["matryoshka_dims"] == [384, 32]
+    assert "ndcg_at_10_dim32" in (tmp_path / "m.json.md").read_text()
+    # The eval file is the training file: evaluate warns, exactly (a small training set is fingerprinted whole).
+    overlap = result["train_overlap"]
+    assert overlap["exact"] and overlap["found"] == overlap["compared"] == overlap["eval_texts"] > 0
+    assert "were training texts of this model" in capsys.readouterr().err
+
+
+def test_matryoshka_dims_larger_than_the_model_or_on_a_reranker_are_refused(
+    minilm_path, tiny_qwen3_path, fixtures_dir, tmp_path
+):
+    data = fixtures_dir / "train" / "infonce.jsonl"
+    with pytest.raises(EmbedtuneError, match="larger than the model's dimension 384"):
+        train.run(tiny_cfg(minilm_path, data, tmp_path / "a", matryoshka_dims="512,128"))
+    with pytest.raises(EmbedtuneError, match="only for task_type embedding"):
+        train.run(
+            tiny_cfg(tiny_qwen3_path, fixtures_dir / "train" / "reranker.jsonl", tmp_path / "b",
+                     task_type="reranker", loss_type="pointwise_reranker", matryoshka_dims="8")
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ 2 ranks
 @pytest.mark.slow
 def test_zero3_two_ranks_full_infonce_reports_evaluate_metrics_and_loads_in_sentence_transformers(

@@ -76,7 +76,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedtune",
-        description="Fine-tune embedding models and rerankers: convert -> split -> train -> evaluate -> merge -> "
+        description="Fine-tune embedding models and rerankers: convert -> split -> [mine] -> train -> evaluate -> merge -> "
         "register. The Kubeflow pipeline is submitted from the repository: make submit (pipelines/client.py).",
     )
     parser.add_argument("--version", action="version", version=f"embedtune {__version__}")

@@ -63,6 +63,34 @@ class SplitConfig:
     eval_data: str  # eval JSONL to write
     split_dataset_ratio: float = 0.05  # fraction of distinct queries that go to eval, in (0, 1)
     seed: int = 42  # seed of the query shuffle; same seed + same data -> same split
+    exclude_data: str = ""  # leakage guard: comma-separated files (canonical rows, BEIR queries/corpus JSONL, or one text per line; .gz ok); train rows whose normalized query or positive is one of their texts are dropped and counted
+    drop_eval_overlap: bool = True  # leakage guard: drop train rows whose normalized query or positive (NFKC, casefold, collapsed whitespace) is a query or positive of the eval split
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """mine: add hard negatives to canonical rows, mined from a corpus with the base model."""
+
+    dataset: str  # canonical JSONL rows to mine negatives for (in the pipeline: split's train rows)
+    model: str  # embedder that scores the candidates (usually the base model train starts from)
+    output: str  # canonical JSONL to write (rejected_response = mined negatives); its stats JSON goes beside it (`<output>.stats.json`)
+    corpus: str = ""  # extra candidate files, comma-separated: canonical rows (responses + negatives), BEIR corpus.jsonl (title + text) or one text per line (.gz ok); every response and rejected_response of the rows is always a candidate
+    num_negatives: int = 7  # negatives mined per row (fewer when the rank window holds fewer that pass the filters)
+    range_min: int = 0  # rank window start: skip the N most similar candidates (ranks count after the query's own positives are removed)
+    range_max: int = 100  # rank window end (exclusive): candidates ranked beyond are never taken
+    relative_margin: float = 0.05  # drop likely false negatives: candidates scoring above positive_score * (1 - relative_margin) (NV-Retriever's TopK-PercPos; 0: only those above the positive)
+    max_score: float = 1.0  # also drop candidates whose cosine to the query is above this absolute cap (1.0: no cap)
+    sampling: str = "top"  # top: the hardest candidates that pass the filters | random: a seeded random pick among them
+    keep_original_negatives: bool = False  # keep the row's own rejected_response first, then add the mined ones
+    seed: int = 42  # seed of the random sampling
+    pooling: str = "auto"  # pooling of the model (auto: as train would pick it)
+    query_instruction: str = ""  # prefix before every query; empty: the model's own query prompt (as train uses it)
+    max_length: int = 0  # tokens per text; 0: the model's own
+    dtype: str = "auto"  # weights while encoding: auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32 | autocast (fp32 weights, bf16 autocast)
+    per_device_eval_batch_size: int = 32  # texts per forward pass when encoding queries and corpus
+    trust_remote_code: bool = False  # allow the model's own Python code from the hub
+    nproc: int = 1  # processes to launch with torchrun (one per GPU): the corpus is encoded in shards, one per process
+    passthrough: bool = False  # copy the rows unchanged and mine nothing (what the pipeline runs when mine_hard_negatives is false)
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,8 @@ class TrainConfig:
     listwise_min_group_size: int = 2  # listwise_reranker: groups (1 positive + negatives) smaller than this are skipped and reported
     trust_remote_code: bool = False  # allow the model's own Python code from the hub (off unless asked)
     dataloader_num_workers: int = 0  # DataLoader worker processes per rank
+    matryoshka_dims: str = ""  # embedding: comma-separated dimensions (e.g. 1024,512,256,128): the loss is the weighted mean of the loss on each truncated, re-normalized embedding (Matryoshka); saved with the model
+    matryoshka_weights: str = ""  # weights of matryoshka_dims, comma-separated, same count; empty: equal weights
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 (bf16 weights and activations; fp32 master weights and Adam states in the optimizer, or DeepSpeed's bf16 mode) | autocast (fp32 weights, bf16 matmuls under torch.autocast) | fp32
     optim: str = "adamw_torch_fused"  # HF optimizer name: adamw_torch_fused (one fused kernel per step) | adamw_torch | any TrainingArguments optim; with dtype bf16 and deepspeed none, adamw_torch or adamw_torch_fused on the fp32 master weights
     torch_compile: str = "auto"  # regional torch.compile (each layer of the backbone, dynamic shapes): auto (on for CUDA, except with deepspeed zero3; a layer that fails to compile runs eager) | on (compile errors fail the run) | off
@@ -137,6 +167,7 @@ class EvaluateConfig:
     per_device_eval_batch_size: int = 32  # texts per forward pass
     max_length: int = 0  # tokens per text; 0: the value saved with the model
     report: str = ""  # Markdown report path; default `<output>.md`
+    matryoshka_dims: str = ""  # embedders: also report every metric at these truncated dimensions, as <metric>_dim<d> (comma-separated)
     dtype: str = "auto"  # weights and activations while encoding: auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32 | autocast (fp32 weights, bf16 autocast)
 
 
@@ -168,6 +199,7 @@ class RegisterConfig:
 STEP_CONFIGS = {
     "convert": ConvertConfig,
     "split": SplitConfig,
+    "mine": MineConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "merge": MergeConfig,

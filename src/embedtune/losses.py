@@ -18,6 +18,9 @@ Reranker losses take ``z = logit(yes) - logit(no)`` at the last position (sigmoi
 - ``pointwise_reranker``: binary cross-entropy, label 1 for a positive, 0 for a negative.
 - ``listwise_reranker``: per query, softmax cross-entropy over [positive, negatives...] / temperature.
 
+``matryoshka_loss`` wraps any embedding loss: the weighted mean of the loss on each truncated, re-normalized width
+of one forward pass's embeddings (Matryoshka Representation Learning; ``--matryoshka-dims``).
+
 Example::
 
     import torch.nn.functional as F
@@ -352,6 +355,65 @@ def listwise_reranker_loss(
     scores = z.new_full((len(sizes), int(sizes.max())), float("-inf")).index_put((group, slot), z)
     scores = scores[keep]
     return F.cross_entropy(scores, scores.new_zeros(len(scores), dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Matryoshka (MRL): any embedding loss at several truncated widths, from one forward pass
+
+
+def matryoshka_spec(dims: str, weights: str = "") -> tuple[list[int], list[float]]:
+    """Parse ``--matryoshka-dims 1024,512,256`` and ``--matryoshka-weights``: (dims, weights), or ([], []) for
+    an empty ``dims``. Dims are distinct positive ints; weights are positive, one per dim (default all 1).
+    Raises ``ValueError`` naming the knob."""
+    if not dims.strip():
+        if weights.strip():
+            raise ValueError("matryoshka_weights: given without matryoshka_dims")
+        return [], []
+    try:
+        d = [int(x) for x in dims.split(",")]
+    except ValueError:
+        raise ValueError(f"matryoshka_dims: {dims!r} is not a comma-separated list of integers") from None
+    if any(x < 1 for x in d) or len(set(d)) != len(d):
+        raise ValueError(f"matryoshka_dims: {dims!r} must be distinct positive integers")
+    if not weights.strip():
+        return d, [1.0] * len(d)
+    try:
+        w = [float(x) for x in weights.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"matryoshka_weights: {weights!r} is not a comma-separated list of numbers"
+        ) from None
+    if len(w) != len(d) or any(not x > 0 for x in w):
+        raise ValueError(
+            f"matryoshka_weights: {weights!r} must be {len(d)} positive numbers (one per matryoshka_dims entry)"
+        )
+    return d, w
+
+
+def truncate(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """The first ``dim`` components of unit vectors ``(..., H)``, re-normalized (unchanged when dim >= H)."""
+    return emb if dim >= emb.shape[-1] else F.normalize(emb[..., :dim], p=2, dim=-1)
+
+
+def matryoshka_loss(
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    emb: torch.Tensor,
+    dims: Sequence[int],
+    weights: Sequence[float],
+) -> torch.Tensor:
+    """``sum_i w_i * loss_of(truncate(emb, d_i)) / sum_i w_i``: Matryoshka Representation Learning.
+
+    ``emb``: the ``(T, H)`` unit-norm embeddings of one forward pass (every text of the batch); ``loss_of``
+    maps such a tensor to the scalar loss (the split into queries / positives / negatives and the loss
+    itself, e.g. infonce with its cross-rank gather). Each width re-runs only the loss on the truncated
+    vectors, so the encoder runs once and its gradient is the weighted mean of every width's. A width equal
+    to H uses ``emb`` as it is, so ``dims=[H]`` gives exactly the plain loss. Exact across ranks whenever
+    ``loss_of`` is (each width's infonce gathers its own truncated documents with gradients).
+    (sentence-transformers' MatryoshkaLoss sums the weighted losses; the mean keeps the loss scale, and so
+    the learning rate, independent of how many widths are trained.)
+    """
+    total = sum(w * loss_of(truncate(emb, d)) for d, w in zip(dims, weights, strict=True))
+    return total / float(sum(weights))
 
 
 # --------------------------------------------------------------------------------------------------------

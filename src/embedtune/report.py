@@ -102,6 +102,20 @@ def _bar_figure(metrics: dict, base: dict | None):
     return fig
 
 
+def full_width(metrics: dict) -> dict:
+    """The metrics without the Matryoshka `<name>_dim<d>` copies (the bar chart shows the full width)."""
+    return {k: v for k, v in metrics.items() if "_dim" not in k}
+
+
+def overlap_text(overlap: dict) -> str:
+    """One sentence on eval texts found in the model's training data (`overlap.fingerprint_overlap`)."""
+    how = "" if overlap["exact"] else f" (estimated from {overlap['compared']} comparable texts)"
+    return (
+        f"{overlap['found']} of {overlap['compared']} eval queries/positives checked were training texts of this "
+        f"model ({overlap['fraction']:.1%}){how}: metrics on them measure memory, not generalization"
+    )
+
+
 def render_report(result: dict, plot: dict, base_plot: dict | None) -> str:
     """Markdown: headline, metrics table (base | tuned | delta), plots as embedded PNGs."""
     metrics, base = result["metrics"], result.get("baseline_metrics")
@@ -123,6 +137,9 @@ def render_report(result: dict, plot: dict, base_plot: dict | None) -> str:
     ]
     if base:
         lines.append(f"- baseline: `{result['baseline_model']}`")
+    overlap = result.get("train_overlap")
+    if overlap and overlap["found"]:
+        lines.append(f"- **warning: {overlap_text(overlap)}**")
     lines += ["", metric_table(metrics, base, primary)]
     panels = ([("base", base_plot)] if base_plot else []) + [("tuned", plot)]
     kind = "score distribution, positives vs negatives" if "relevant" in plot else "predicted vs gold"
@@ -131,7 +148,7 @@ def render_report(result: dict, plot: dict, base_plot: dict | None) -> str:
         "",
         "## metrics",
         "",
-        f"![metrics](data:image/png;base64,{_png(_bar_figure(metrics, base))})",
+        f"![metrics](data:image/png;base64,{_png(_bar_figure(full_width(metrics), base))})",
         "",
     ]
     return "\n".join(lines)

@@ -97,7 +97,7 @@ def encode_unique(
 
 
 def measure(
-    model, data: EvalData, batch_size: int, show_progress: bool = True, shard=whole
+    model, data: EvalData, batch_size: int, show_progress: bool = True, shard=whole, dims=()
 ) -> tuple[dict, dict, dict]:
     """Score every pair once, then compute the metrics. Returns (metrics, plot data, seconds).
 
@@ -105,6 +105,8 @@ def measure(
     `shard(compute, n)` decides who runs the forward passes: `compute(idx)` returns the (len(idx), ...)
     outputs of items `idx` (texts or pairs) and `shard` returns all n of them. The default, `whole`, computes
     everything here; under torchrun, train passes one that splits the items across ranks and all-gathers.
+    `dims` (embedders): Matryoshka widths; every metric is also computed on the first d components of each
+    embedding, re-normalized, and returned as `<metric>_dim<d>` (one encode for all widths).
     """
     t0 = time.perf_counter()
     if isinstance(model, Reranker):
@@ -133,21 +135,49 @@ def measure(
             model, data.queries, data.docs, batch_size, show_progress, shard
         )  # (Q, H), (D, H)
         t1 = time.perf_counter()
-        if data.shape == "sts":
-            metrics = sts_metrics(q[data.qi], d[data.di], data.labels)
-            plot = {"scores": row_dots(q, d, data.qi, data.di), "labels": data.labels, "label": "cosine"}
-        elif data.shape == "retrieval":
-            metrics = retrieval_metrics(q, d, data.qi, data.di)  # unit vectors: dot == cosine
-            plot = retrieval_plot(q, d, data)
-        else:
-            scores = row_dots(q, d, data.qi, data.di)  # unit vectors: dot == cosine
-            metrics = {
-                **ranking_metrics(scores, data.relevant, data.qi),
-                **margin_metrics(scores, data.relevant, data.qi),
-            }
-            plot = {"scores": scores, "relevant": data.relevant, "label": "cosine similarity"}
+        metrics, plot = embedding_metrics(q, d, data)
+        for dim in dims:  # Matryoshka widths: the same metrics on truncated, re-normalized embeddings
+            if dim > q.shape[1]:
+                raise EmbedtuneError(
+                    f"matryoshka_dims: {dim} is larger than the model's dimension {q.shape[1]}"
+                )
+            at_dim, _ = embedding_metrics(truncate_unit(q, dim), truncate_unit(d, dim), data, plot=False)
+            metrics.update({f"{k}_dim{dim}": at_dim[k] for k in METRIC_NAMES[data.shape]})
     t2 = time.perf_counter()
-    return {k: metrics[k] for k in METRIC_NAMES[data.shape]}, plot, {"encode": t1 - t0, "metrics": t2 - t1}
+    names = metric_names(data.shape, dims)
+    return {k: metrics[k] for k in names}, plot, {"encode": t1 - t0, "metrics": t2 - t1}
+
+
+def metric_names(shape: str, dims=()) -> list[str]:
+    """The metrics `measure` returns for a data shape: METRIC_NAMES, then each again as `<name>_dim<d>`."""
+    base = list(METRIC_NAMES[shape])
+    return base + [f"{k}_dim{d}" for d in dims for k in base]
+
+
+def truncate_unit(x: np.ndarray, dim: int) -> np.ndarray:
+    """(N, H) unit vectors -> their first `dim` components, re-normalized (what a Matryoshka model serves)."""
+    t = x[:, :dim]
+    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+
+
+def embedding_metrics(q: np.ndarray, d: np.ndarray, data: EvalData, plot: bool = True) -> tuple[dict, dict]:
+    """Metrics of an embedder from its unique query and document embeddings (unit vectors), and plot data."""
+    if data.shape == "sts":
+        metrics = sts_metrics(q[data.qi], d[data.di], data.labels)
+        return metrics, (
+            {"scores": row_dots(q, d, data.qi, data.di), "labels": data.labels, "label": "cosine"}
+            if plot
+            else {}
+        )
+    if data.shape == "retrieval":
+        metrics = retrieval_metrics(q, d, data.qi, data.di)  # unit vectors: dot == cosine
+        return metrics, (retrieval_plot(q, d, data) if plot else {})
+    scores = row_dots(q, d, data.qi, data.di)  # unit vectors: dot == cosine
+    metrics = {
+        **ranking_metrics(scores, data.relevant, data.qi),
+        **margin_metrics(scores, data.relevant, data.qi),
+    }
+    return metrics, {"scores": scores, "relevant": data.relevant, "label": "cosine similarity"}
 
 
 def retrieval_plot(q: np.ndarray, d: np.ndarray, data: EvalData) -> dict:

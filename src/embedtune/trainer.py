@@ -31,7 +31,7 @@ from embedtune.batching import LengthGroupedSampler
 from embedtune.config import TrainConfig
 from embedtune.evaldata import EvalData
 from embedtune.gradcache import cached_backward, encode_without_graph
-from embedtune.losses import LOSSES, pack_negatives
+from embedtune.losses import LOSSES, matryoshka_loss, matryoshka_spec, pack_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.scoring import measure
 from embedtune.speed import (
@@ -50,8 +50,10 @@ class TrainModel(nn.Module):
     split of the outputs differs per loss). `forward(**batch)` is the two in a row, returning `{"loss": ...}`.
 
     The two halves are separate so the gradient cache can run them apart: outputs chunk by chunk, then the
-    loss of the whole batch (`EmbedtuneTrainer.training_step`); a wrapper around the loss (Matryoshka
-    dimensions, say) plugs into `loss_from_outputs` and works with and without the cache.
+    loss of the whole batch (`EmbedtuneTrainer.training_step`). With `matryoshka_dims`,
+    `losses.matryoshka_loss` wraps the loss inside `loss_from_outputs`: the same loss on each truncated,
+    re-normalized width of the one forward pass's embeddings, weighted mean; so it works with and without the
+    cache.
     """
 
     accepts_loss_kwargs = False  # our loss is a per-batch mean: the Trainer divides it by accumulation steps
@@ -81,6 +83,9 @@ class TrainModel(nn.Module):
                 "min_group_size": cfg.listwise_min_group_size,
             },
         }.get(cfg.loss_type, {})
+        self.matryoshka_dims, self.matryoshka_weights = matryoshka_spec(
+            cfg.matryoshka_dims, cfg.matryoshka_weights
+        )
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(T, L) ids + mask of every text of a batch -> (T, H) unit embeddings (embedder) or (T,) z (reranker).
@@ -99,6 +104,18 @@ class TrainModel(nn.Module):
         self, out: torch.Tensor, neg_mask=None, targets=None, group_sizes=None, doc_keys=None
     ) -> torch.Tensor:
         """The loss of a batch from `encode`'s outputs of all its texts (in the collator's order)."""
+        batch = {"neg_mask": neg_mask, "targets": targets, "group_sizes": group_sizes, "doc_keys": doc_keys}
+        if self.matryoshka_dims:  # Matryoshka: the loss at each truncated width of these outputs
+            return matryoshka_loss(
+                lambda o: self.loss_at_one_width(o, **batch),
+                out,
+                self.matryoshka_dims,
+                self.matryoshka_weights,
+            )
+        return self.loss_at_one_width(out, **batch)
+
+    def loss_at_one_width(self, out, neg_mask=None, targets=None, group_sizes=None, doc_keys=None):
+        """The plain loss (no Matryoshka) of one batch from its encoded texts `out`."""
         loss_fn = LOSSES[self.loss_type]
         if self.loss_type == "infonce":
             b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]

@@ -142,15 +142,20 @@ def _from_pairs(row: dict, cfg: ConvertConfig):
     numbered = sorted(
         (k for k in row if k.startswith("negative_") and k[9:].isdigit()), key=lambda k: int(k[9:])
     )
+    more = []  # negative_1, negative_2, ...: kept apart until `negative` is known to be a list of texts
     for k in numbered:
         if row[k] is not None:
             if p := check_text(row[k], k):
                 problems.append(p)
             else:
-                negatives = [*negatives, row[k]]
+                more.append(row[k])
     if problems:
         return [], problems, 0
-    return [{"query": row["anchor"], "response": row["positive"], "rejected_response": negatives}], [], 0
+    return (
+        [{"query": row["anchor"], "response": row["positive"], "rejected_response": [*negatives, *more]}],
+        [],
+        0,
+    )
 
 
 SHAPES = {"canonical": _from_canonical, "mteb": _from_mteb, "sts": _from_sts, "pairs": _from_pairs}

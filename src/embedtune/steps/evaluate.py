@@ -17,6 +17,12 @@ Read top to bottom, `run(cfg)` is the whole step:
 4. Write the JSON at `--output` (also what `run` returns; the pipeline logs its `metrics` items) and a
    Markdown report (`--report`, default `<output>.md`, `embedtune.report`): a base/tuned/delta table and
    PNG plots (score histograms of positives vs negatives, or predicted vs gold for STS, and a bar chart).
+
+`--matryoshka-dims 512,256`: every metric is also reported on the embeddings truncated to d dimensions and
+re-normalized, as `<metric>_dim<d>` (e.g. `ndcg_at_10_dim256`), for the model and its baseline, from one
+encode. Leakage check: when the model's embedtune.json holds a training fingerprint (train records one,
+`embedtune.overlap`), the eval queries and positives are checked against it; overlap is warned about on
+stderr and in the report, and counted in `train_overlap`.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import time
 
 from embedtune.config import EvaluateConfig
 from embedtune.errors import EmbedtuneError
-from embedtune.evaldata import METRIC_NAMES, PRIMARY, read_eval_data
+from embedtune.evaldata import PRIMARY, read_eval_data
 from embedtune.io import atomic_write, write_json
+from embedtune.losses import matryoshka_spec
 from embedtune.modeling import read_meta, task_type_of
+from embedtune.overlap import fingerprint_overlap
 from embedtune.progress import say
-from embedtune.report import render_report
-from embedtune.scoring import measure, scoring_model
+from embedtune.report import overlap_text, render_report
+from embedtune.scoring import measure, metric_names, scoring_model
 from embedtune.speed import resolve_dtype
 
 
@@ -42,10 +50,20 @@ def _same_model(a: str | None, b: str) -> bool:
     return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b))
 
 
+def eval_texts(data) -> list[str]:
+    """The eval texts a training fingerprint is checked against: every query and every positive document."""
+    positives = data.di if data.relevant is None else data.di[data.relevant]
+    return [*data.queries, *(data.docs[i] for i in set(positives.tolist()))]
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Measure `cfg.model` (and `cfg.baseline_model`) on `cfg.eval_data`; write the JSON and the report."""
     data = read_eval_data(cfg.eval_data)
-    names = METRIC_NAMES[data.shape]
+    try:
+        dims, _ = matryoshka_spec(cfg.matryoshka_dims)
+    except ValueError as e:
+        raise EmbedtuneError(str(e)) from None
+    names = metric_names(data.shape, dims)
     primary = cfg.primary_metric or PRIMARY[data.shape]
     if primary not in names:
         raise EmbedtuneError(
@@ -63,13 +81,18 @@ def run(cfg: EvaluateConfig) -> dict:
             f"({len(data.queries)} x {len(data.docs)}); evaluate it on rows with rejected_response (ranking), "
             "or evaluate an embedder on this file"
         )
+    if task_type == "reranker" and dims:
+        raise EmbedtuneError(f"{cfg.model} is a reranker: matryoshka_dims applies to embedders only")
+    overlap = fingerprint_overlap(read_meta(cfg.model).get("train_fingerprint"), eval_texts(data))
+    if overlap and overlap["found"]:
+        say("evaluate", f"warning: {overlap_text(overlap)}")
     seconds: dict[str, float] = {}
     dtype = resolve_dtype(cfg.dtype)  # auto: bf16 on GPUs that have it, else fp32 (`embedtune.speed`)
 
     t = time.perf_counter()
     with scoring_model(cfg.model, task_type, dtype, max_length=cfg.max_length) as model:
         seconds["load"] = time.perf_counter() - t
-        metrics, plot, timing = measure(model, data, cfg.per_device_eval_batch_size)
+        metrics, plot, timing = measure(model, data, cfg.per_device_eval_batch_size, dims=dims)
     seconds.update(timing)
     del model
 
@@ -80,7 +103,7 @@ def run(cfg: EvaluateConfig) -> dict:
         with scoring_model(
             cfg.baseline_model, task_type, dtype, like=like, max_length=cfg.max_length
         ) as base:
-            base_metrics, base_plot, timing = measure(base, data, cfg.per_device_eval_batch_size)
+            base_metrics, base_plot, timing = measure(base, data, cfg.per_device_eval_batch_size, dims=dims)
         seconds["baseline_encode"], seconds["baseline_metrics"] = timing["encode"], timing["metrics"]
         del base
 
@@ -100,6 +123,8 @@ def run(cfg: EvaluateConfig) -> dict:
         n_docs=len(data.docs),
         n_texts=len(data.queries) + len(data.docs),
         n_queries_skipped=data.n_queries_skipped,
+        matryoshka_dims=dims,
+        train_overlap=overlap,
         data_shape=data.shape,
         task_type=task_type,
         dtype=dtype,

@@ -380,6 +380,8 @@ def run(cfg: RegisterConfig) -> dict:
         "embedtune.image": cfg.image,
         "embedtune.task_type": meta["task_type"],
         "embedtune.train_type": str(meta.get("train_type", "")),
+        # Matryoshka widths the model was trained for (serve truncated to one of them, re-normalized).
+        "embedtune.matryoshka_dims": ",".join(map(str, meta.get("matryoshka_dims") or ())),
         # MLflow would tag the run with MLFLOW_TRACKING_USERNAME; the OS user says who ran it without it.
         "mlflow.user": os.environ.get("USER") or "embedtune",
     }

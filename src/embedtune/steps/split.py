@@ -11,7 +11,16 @@ queries: eval gets `round(ratio * distinct queries)` of them, whatever their row
 Which queries go to eval is decided by a seeded 64-bit hash of the query text (blake2b keyed by the seed):
 the queries with the smallest hashes win. That is a uniform random sample for a given seed, deterministic,
 and independent of row order (shuffling the input file gives the same split). Rows are copied byte for
-byte, in input order. Two passes over the file; memory is 8 bytes per row plus one hash per distinct query.
+byte, in input order. Two passes over the file; memory is 24 bytes per row plus one hash per distinct query.
+
+Leakage guard (`embedtune.overlap`): a train row is dropped, and counted, when its normalized query or
+positive (NFKC, casefold, collapsed whitespace) is
+  - a text of an `--exclude-data` file (a benchmark's test rows, BEIR queries, or one text per line):
+    `train_rows_dropped_excluded`;
+  - a query or positive of the eval split (`--drop-eval-overlap`, on by default): a near-duplicate query
+    ("What is X?" / "what is x ?") lands on the other side of a split by exact text, and a positive shared
+    by a train and an eval query lets eval reward memorizing it: `train_rows_dropped_eval_overlap`.
+Eval rows are never dropped. Both checks compare 64-bit keys of the normalized texts.
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ from embedtune.config import SplitConfig
 from embedtune.data import MAX_ERRORS, check_row, format_problems
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import atomic_write
+from embedtune.overlap import exclusion_keys, split_paths, text_key
+from embedtune.progress import say
+
+TRAIN, EVAL = 1, 2
 
 
 def query_key(query: str, seed: int) -> int:
@@ -47,12 +60,18 @@ def run(cfg: SplitConfig) -> dict:
     if Path(cfg.train_data).resolve() == Path(cfg.eval_data).resolve():
         raise EmbedtuneError(f"train_data and eval_data are the same file: {cfg.train_data}")
 
-    # Pass 1: one key per row (0 marks a blank line) and the set of distinct query keys.
+    excluded, n_excluded_texts = exclusion_keys(split_paths(cfg.exclude_data))
+
+    # Pass 1: one key per row (0 marks a blank line), the set of distinct query keys, and the normalized
+    # text keys of each row's query and positive (for the leakage guard).
     row_keys, keys, problems = array("Q"), set(), []
+    query_texts, positive_texts = array("Q"), array("Q")
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 row_keys.append(0)
+                query_texts.append(0)
+                positive_texts.append(0)
                 continue
             try:
                 row = orjson.loads(line)
@@ -64,10 +83,14 @@ def run(cfg: SplitConfig) -> dict:
                 if len(problems) >= MAX_ERRORS:
                     break
                 row_keys.append(0)
+                query_texts.append(0)
+                positive_texts.append(0)
                 continue
             key = query_key(row["query"], cfg.seed) or 1  # 0 is reserved for blank lines
             row_keys.append(key)
             keys.add(key)
+            query_texts.append(text_key(row["query"]))
+            positive_texts.append(text_key(row["response"]))
     if problems:
         hint = "split reads canonical rows; run `embedtune convert` on other shapes"
         raise DataError(
@@ -88,30 +111,61 @@ def run(cfg: SplitConfig) -> dict:
             f"rounds to all {n} (use a smaller ratio or more data)"
         )
     eval_keys = set(heapq.nsmallest(n_eval, keys))
+    eval_texts: set[int] = set()
+    if cfg.drop_eval_overlap:
+        for key, q, p in zip(row_keys, query_texts, positive_texts, strict=True):
+            if key in eval_keys:
+                eval_texts.update((q, p))
+
+    # Each row's side (0: blank or dropped, 1: train, 2: eval), decided before anything is written.
+    counts = {"train": 0, "eval": 0, "excluded": 0, "eval_overlap": 0}
+    sides, train_queries = bytearray(len(row_keys)), set()
+    for i, (key, q, p) in enumerate(zip(row_keys, query_texts, positive_texts, strict=True)):
+        if not key:
+            continue
+        if key in eval_keys:
+            sides[i], counts["eval"] = EVAL, counts["eval"] + 1
+        elif q in excluded or p in excluded:
+            counts["excluded"] += 1
+        elif q in eval_texts or p in eval_texts:
+            counts["eval_overlap"] += 1
+        else:
+            sides[i], counts["train"] = TRAIN, counts["train"] + 1
+            train_queries.add(key)
+    if counts["excluded"] or counts["eval_overlap"]:
+        say(
+            "split",
+            f"leakage guard dropped {counts['excluded']} train rows found in exclude_data and "
+            f"{counts['eval_overlap']} whose query or positive is in the eval split",
+        )
+    if not counts["train"]:
+        raise EmbedtuneError(
+            f"{cfg.dataset}: the leakage guard dropped every train row ({counts['excluded']} in exclude_data, "
+            f"{counts['eval_overlap']} overlapping eval); nothing is left to train on"
+        )
 
     # Pass 2: copy each row, unchanged, to its side.
-    counts = {"train": 0, "eval": 0}
     try:
         with (
             atomic_write(cfg.train_data) as train,
             atomic_write(cfg.eval_data) as evalf,
             open(path, "rb") as f,
         ):
-            for key, line in zip(row_keys, f, strict=False):
-                if not key:
-                    continue
-                side = "eval" if key in eval_keys else "train"
-                (evalf if side == "eval" else train).write(line if line.endswith(b"\n") else line + b"\n")
-                counts[side] += 1
+            for side, line in zip(sides, f, strict=False):
+                if side:
+                    (evalf if side == EVAL else train).write(line if line.endswith(b"\n") else line + b"\n")
     except OSError as e:
         raise EmbedtuneError(f"cannot write {cfg.train_data} / {cfg.eval_data}: {e}") from None
     return {
         "train_data": str(cfg.train_data),
         "eval_data": str(cfg.eval_data),
         "train_rows": counts["train"],
-        "train_queries": n - n_eval,
+        "train_queries": len(train_queries),
         "eval_rows": counts["eval"],
         "eval_queries": n_eval,
+        "train_rows_dropped_excluded": counts["excluded"],
+        "train_rows_dropped_eval_overlap": counts["eval_overlap"],
+        "exclude_texts": n_excluded_texts,
         "split_dataset_ratio": ratio,
         "seed": cfg.seed,
     }

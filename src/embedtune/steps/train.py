@@ -69,7 +69,9 @@ from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import METRIC_NAMES, PRIMARY, EvalData, read_eval_data
 from embedtune.io import read_json, write_json
 from embedtune.launch import LAUNCHED, Topology, inside_torchrun, job_topology, torchrun
+from embedtune.losses import matryoshka_spec
 from embedtune.modeling import Embedder, Reranker, add_lora
+from embedtune.overlap import train_fingerprint
 from embedtune.progress import rank, say
 from embedtune.rundir import (
     RESULT_FILE,
@@ -194,6 +196,8 @@ def run(cfg: TrainConfig) -> dict:
             "base_model": base_model_id(cfg.model),
             "train_type": cfg.train_type,
             "train_config": saved_config,
+            "matryoshka_dims": matryoshka_spec(cfg.matryoshka_dims)[0],  # [] when not trained for it
+            "train_fingerprint": train_fingerprint(train_rows),  # evaluate warns on eval texts found in it
         }
         weights = trainer.model.inner_weights(state)
         save_final(  # staged beside `out`, checked whole, then moved in: a full disk leaves no half model
@@ -311,6 +315,12 @@ def check_knobs(cfg: TrainConfig) -> None:
         )
     if cfg.loss_type == "infonce" and cfg.infonce_temperature <= 0:
         raise EmbedtuneError(f"infonce_temperature: {cfg.infonce_temperature} must be > 0")
+    try:
+        dims, _ = matryoshka_spec(cfg.matryoshka_dims, cfg.matryoshka_weights)
+    except ValueError as e:
+        raise EmbedtuneError(str(e)) from None
+    if dims and cfg.task_type != "embedding":
+        raise EmbedtuneError("matryoshka_dims: only for task_type embedding (a reranker has no embedding)")
     check_train_knobs(cfg)  # dtype, optim, torch_compile, length_buckets, pad_to_multiple_of
 
 
@@ -380,6 +390,9 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
         )
+    dims, _ = matryoshka_spec(cfg.matryoshka_dims)
+    if dims and max(dims) > model.dim:
+        raise EmbedtuneError(f"matryoshka_dims: {max(dims)} is larger than the model's dimension {model.dim}")
     if cfg.train_type == "lora":
         torch.manual_seed(
             cfg.seed

@@ -1,0 +1,207 @@
+"""mine: add hard negatives to canonical rows, mined from a corpus with the base model.
+
+    embedtune mine --dataset work/train.jsonl --model Qwen/Qwen3-Embedding-0.6B --output work/train_mined.jsonl \\
+        [--corpus corpus.jsonl,more.txt] [--num-negatives 7] [--range-min 0] [--range-max 100] \\
+        [--relative-margin 0.05] [--max-score 1.0] [--sampling top|random] [--nproc 8]
+
+Read top to bottom, `run(cfg)` is the whole step (the search and the filters are in `embedtune.mining`):
+
+1. Check the knobs. `--passthrough`: copy the rows unchanged and stop (the pipeline always runs this step
+   and passes `passthrough = not mine_hard_negatives`: kfp.local cannot pick train's input out of If/Else
+   branches, so the DAG keeps one shape).
+2. Read the rows (validated canonical rows) and build the corpus: every response and rejected_response, plus
+   the `--corpus` files.
+3. `--nproc N` outside torchrun: relaunch under torchrun (`embedtune.launch`), one process per GPU, and
+   return the stats rank 0 wrote.
+4. Load the model for inference (`modeling.load_model`, with train's pooling and query instruction) and
+   encode each distinct query (with the query instruction) and corpus text once
+   (`scoring.encode_unique`); under torchrun the texts are split across ranks and all-gathered
+   (`trainer.gather_over_ranks`), so every GPU encodes a shard.
+5. Search: each distinct query's top-k documents, in blocks (never the Q x D matrix); under torchrun the
+   queries are split across ranks too.
+6. Select per row (own positives out, rank window, false-negative filters, top or random), write the rows
+   and `<output>.stats.json`: counts, candidates dropped as likely false negatives, score percentiles of
+   the positives and of the kept negatives, seconds and rows/s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from embedtune.config import MineConfig
+from embedtune.data import read_rows
+from embedtune.errors import EmbedtuneError
+from embedtune.io import atomic_write, read_json, write_json, write_jsonl
+from embedtune.launch import inside_torchrun, torchrun
+from embedtune.mining import SAMPLINGS, build_corpus, distinct_queries, search_depth, select_negatives, top_k
+from embedtune.overlap import split_paths, text_key
+from embedtune.progress import rank, say
+from embedtune.scoring import encode_unique, row_dots, scoring_model
+from embedtune.trainer import gather_over_ranks
+
+
+def run(cfg: MineConfig) -> dict:
+    """Mine negatives for `cfg.dataset` into `cfg.output`; returns the stats (also written beside it)."""
+    # ---------------------------------------------------------------- 1. knobs, pass-through
+    check_knobs(cfg)
+    stats_path = Path(f"{cfg.output}.stats.json")
+    if cfg.passthrough:
+        return passthrough(cfg, stats_path)
+
+    # ---------------------------------------------------------------- 2. rows and corpus
+    t0 = time.perf_counter()
+    rows = read_rows(cfg.dataset)
+    files = split_paths(cfg.corpus)
+    for path in files:
+        if not Path(path).is_file():
+            raise EmbedtuneError(f"corpus: {path}: file not found")
+
+    # ---------------------------------------------------------------- 3. several processes: relaunch
+    if cfg.nproc > 1 and not inside_torchrun():
+        torchrun("mine", cfg, cfg.nproc)
+        return read_json(stats_path)
+    world, device = init_ranks()
+    corpus = build_corpus(rows, files)
+    queries, row_query, skip = distinct_queries(rows)
+    say("mine", f"{len(rows)} rows, {len(queries)} queries, {len(corpus)} candidate texts")
+
+    # ---------------------------------------------------------------- 4. encode
+    t1 = time.perf_counter()
+    like = {
+        "pooling": None if cfg.pooling == "auto" else cfg.pooling,
+        "query_instruction": cfg.query_instruction or None,
+    }
+    with scoring_model(
+        cfg.model, "embedding", cfg.dtype, like=like, max_length=cfg.max_length, device=device,
+        trust_remote_code=cfg.trust_remote_code,
+    ) as model:  # fmt: skip
+        q, d = encode_unique(
+            model,
+            queries,
+            corpus,
+            cfg.per_device_eval_batch_size,
+            show_progress=rank() == 0,
+            shard=gather_over_ranks,
+        )  # (Q, H), (D, H) unit vectors
+    del model
+
+    # ---------------------------------------------------------------- 5. search
+    t2 = time.perf_counter()
+    doc_keys = np.fromiter((text_key(t) for t in corpus), dtype=np.uint64, count=len(corpus))
+    k = search_depth(doc_keys, skip, cfg.range_max)
+
+    def search(idx: np.ndarray) -> np.ndarray:
+        scores, indices = top_k(q[idx], d, k, device=device)
+        return np.concatenate(
+            [scores.astype(np.float64), indices.astype(np.float64)], 1
+        )  # (n, 2k), exact ints
+
+    found = gather_over_ranks(search, len(queries))
+    scores, indices = found[:, :k].astype(np.float32), found[:, k:].astype(np.int64)
+
+    # ---------------------------------------------------------------- 6. select, write
+    t3 = time.perf_counter()
+    result = None
+    if rank() == 0:
+        where = {t: i for i, t in enumerate(corpus)}
+        positive_scores = row_dots(q, d, row_query, np.array([where[r["response"]] for r in rows]))
+        out_rows, counts = select_negatives(
+            rows, row_query, skip, corpus, doc_keys, scores, indices, positive_scores, cfg
+        )
+        write_jsonl(cfg.output, out_rows)
+        t4 = time.perf_counter()
+        result = {
+            "dataset": cfg.dataset,
+            "output": cfg.output,
+            "passthrough": False,
+            "rows": len(rows),
+            "queries": len(queries),
+            "corpus_texts": len(corpus),
+            "corpus_files": files,
+            "model": cfg.model,
+            "processes": world,
+            **{f: getattr(cfg, f) for f in KNOBS},
+            "search_depth": k,
+            **counts,
+            "seconds": {
+                "read": round(t1 - t0, 3),
+                "encode": round(t2 - t1, 3),
+                "search": round(t3 - t2, 3),
+                "select_write": round(t4 - t3, 3),
+                "total": round(t4 - t0, 3),
+            },
+            "rows_per_second": round(len(rows) / max(t4 - t0, 1e-9), 2),
+        }
+        write_json(stats_path, result)
+        say(
+            "mine",
+            f"{counts['negatives_mined']} negatives for {len(rows)} rows in {t4 - t0:.1f}s; "
+            f"{counts['dropped_false_negatives']} candidates dropped as likely false negatives; "
+            f"positive p50 {counts['positive_scores'].get('p50')}, "
+            f"negative p50 {counts['negative_scores'].get('p50')}",
+        )
+    if world > 1:
+        dist.barrier()
+        result = result if result is not None else read_json(stats_path)
+        dist.destroy_process_group()
+    return result
+
+
+KNOBS = ("num_negatives", "range_min", "range_max", "relative_margin", "max_score", "sampling",
+         "keep_original_negatives", "seed")  # fmt: skip
+
+
+def check_knobs(cfg: MineConfig) -> None:
+    """Reject knob values that cannot work, before anything is read or loaded."""
+    if cfg.num_negatives < 1:
+        raise EmbedtuneError(f"num_negatives: {cfg.num_negatives} must be >= 1")
+    if not 0 <= cfg.range_min < cfg.range_max:
+        raise EmbedtuneError(
+            f"range_min, range_max: need 0 <= range_min < range_max, got {cfg.range_min}, {cfg.range_max}"
+        )
+    if not 0 <= cfg.relative_margin < 1:
+        raise EmbedtuneError(f"relative_margin: {cfg.relative_margin} is not in [0, 1)")
+    if cfg.sampling not in SAMPLINGS:
+        raise EmbedtuneError(f"sampling: {cfg.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+    if cfg.nproc < 1 or cfg.per_device_eval_batch_size < 1:
+        raise EmbedtuneError("nproc and per_device_eval_batch_size must be >= 1")
+    if Path(cfg.output).resolve() == Path(cfg.dataset).resolve():
+        raise EmbedtuneError(f"output is the dataset itself: {cfg.output}")
+
+
+def passthrough(cfg: MineConfig, stats_path: Path) -> dict:
+    """Copy the rows unchanged (byte for byte) and write stats saying so."""
+    src = Path(cfg.dataset)
+    if not src.is_file():
+        raise EmbedtuneError(f"{src}: file not found")
+    with open(src, "rb") as f, atomic_write(cfg.output) as out:
+        shutil.copyfileobj(f, out)
+    with open(src, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    result = {"dataset": cfg.dataset, "output": cfg.output, "passthrough": True, "rows": n}
+    write_json(stats_path, result)
+    say("mine", f"passthrough: {n} rows copied unchanged (no negatives mined)")
+    return result
+
+
+def init_ranks() -> tuple[int, str]:
+    """(world size, device) of this process: under torchrun, a process group (nccl on GPUs, else gloo) and
+    this rank's GPU; outside it, (1, the GPU if there is one, else the CPU)."""
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if not inside_torchrun():
+        return 1, device
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_world_size(), device
