@@ -310,9 +310,7 @@ def check_knobs(cfg: TrainConfig) -> None:
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise EmbedtuneError("set num_train_epochs > 0 or max_steps > 0")
     if cfg.gradient_cache_chunk_size < 0:
-        raise EmbedtuneError(
-            f"gradient_cache_chunk_size: {cfg.gradient_cache_chunk_size} must be >= 0 (0: off)"
-        )
+        raise EmbedtuneError(f"gradient_cache_chunk_size: {cfg.gradient_cache_chunk_size} must be >= 0")
     if cfg.loss_type == "infonce" and cfg.infonce_temperature <= 0:
         raise EmbedtuneError(f"infonce_temperature: {cfg.infonce_temperature} must be > 0")
     try:
@@ -394,9 +392,7 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
     if dims and max(dims) > model.dim:
         raise EmbedtuneError(f"matryoshka_dims: {max(dims)} is larger than the model's dimension {model.dim}")
     if cfg.train_type == "lora":
-        torch.manual_seed(
-            cfg.seed
-        )  # LoRA's A matrices are random: same seed, same adapter, whatever ran before
+        torch.manual_seed(cfg.seed)  # LoRA's A is random: same seed, same adapter, whatever ran before
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     say("train", f"{cfg.task_type} {cfg.train_type}: {n_train:,} trainable parameters")
