@@ -141,7 +141,7 @@ def train(files: dict, condition: str, seed: int, work: Path, model: str, args) 
     out = work / f"{condition}-{seed}"
     cmd = [
         "train", "--model", model, "--train-data", str(files[condition]), "--output-dir", str(out),
-        "--loss-type", "infonce", "--deepspeed", "none", "--num-train-epochs", "1",
+        "--loss-type", "infonce", "--deepspeed", "none", "--num-train-epochs", str(args.epochs),
         "--per-device-train-batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
         "--warmup-ratio", "0.1", "--max-length", str(args.max_length), "--seed", str(seed),
         "--infonce-temperature", str(args.temperature), "--save-steps", "0", "--logging-steps", "50",
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--num-negatives", type=int, default=7)
     ap.add_argument("--hard-negatives", type=int, default=3, help="negatives each row sees per step")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--learning-rate", type=float, default=2e-5)
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--max-length", type=int, default=256)
@@ -207,7 +208,7 @@ def main() -> None:
     base = done[("base", 0)]
     print(
         f"\n== SciFact dev ({len(score.queries)} claims), nDCG@10, mean over seeds {args.seeds} "
-        f"(all-MiniLM-L6-v2, 1 epoch, batch {args.batch_size}, lr {args.learning_rate}, "
+        f"(all-MiniLM-L6-v2, {args.epochs:g} epoch(s), batch {args.batch_size}, lr {args.learning_rate}, "
         f"temperature {args.temperature}, {args.hard_negatives} of {args.num_negatives} negatives per row) =="
     )
     print("metric | base | " + " | ".join(CONDITIONS))
