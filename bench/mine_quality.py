@@ -84,6 +84,8 @@ def mine(files: dict, work: Path, model: str, args) -> dict:
         "mine", "--dataset", str(files["in-batch"]), "--model", model, "--output", str(files["mined"]),
         "--corpus", str(files["corpus_file"]), "--num-negatives", str(args.num_negatives),
         "--max-length", str(args.max_length), "--per-device-eval-batch-size", "64",
+        "--range-min", str(args.range_min), "--range-max", str(args.range_max),
+        "--relative-margin", str(args.relative_margin), "--sampling", args.sampling,
     )  # fmt: skip
 
 
@@ -159,6 +161,13 @@ def main() -> None:
     ap.add_argument("--work", default="", help="work folder (default: a new temporary one)")
     ap.add_argument("--results", default="", help="JSONL of per-run results (default: <work>/results.jsonl)")
     ap.add_argument("--num-negatives", type=int, default=7)
+    ap.add_argument("--range-min", type=int, default=0, help="mine: first rank of the window")
+    ap.add_argument("--range-max", type=int, default=100, help="mine: rank past the window's end")
+    ap.add_argument("--relative-margin", type=float, default=0.05, help="mine: false-negative margin")
+    ap.add_argument(
+        "--sampling", default="top", choices=("top", "random"), help="mine: top or random in window"
+    )
+    ap.add_argument("--conditions", default=",".join(CONDITIONS), help="which training sets to run")
     ap.add_argument("--hard-negatives", type=int, default=3, help="negatives each row sees per step")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -196,8 +205,9 @@ def main() -> None:
     if ("base", 0) not in done:
         record({"condition": "base", "seed": 0, **score(model)})
     seeds = [int(s) for s in args.seeds.split(",")]
+    conditions = [c for c in CONDITIONS if c in args.conditions.split(",")]
     for seed in seeds:
-        for condition in CONDITIONS:
+        for condition in conditions:
             if (condition, seed) in done:
                 continue
             t = time.perf_counter()
@@ -211,10 +221,12 @@ def main() -> None:
         f"(all-MiniLM-L6-v2, {args.epochs:g} epoch(s), batch {args.batch_size}, lr {args.learning_rate}, "
         f"temperature {args.temperature}, {args.hard_negatives} of {args.num_negatives} negatives per row) =="
     )
-    print("metric | base | " + " | ".join(CONDITIONS))
+    print("metric | base | " + " | ".join(conditions))
     for metric in ("ndcg_at_10", "map", "mrr_at_10", "ndcg_at_10_devcorpus"):
-        means = [statistics.fmean(done[(c, s)][metric] for s in seeds) for c in CONDITIONS]
+        means = [statistics.fmean(done[(c, s)][metric] for s in seeds) for c in conditions]
         print(f"{metric} | {base[metric]:.4f} | " + " | ".join(f"{m:.4f}" for m in means))
+    if not {"mined", "in-batch"} <= set(conditions):
+        return
     diffs = [done[("mined", s)]["ndcg_at_10"] - done[("in-batch", s)]["ndcg_at_10"] for s in seeds]
     print(
         f"mined - in-batch, ndcg_at_10: {statistics.fmean(diffs):+.4f} "

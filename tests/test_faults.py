@@ -305,7 +305,7 @@ def metrics(tmp_path: Path, value: float) -> Path:
 
 @pytest.mark.parametrize("where", ["model upload", "alias"])
 def test_mlflow_server_stopped_mid_register_leaves_nothing_half_registered_and_a_rerun_registers_once(
-    own_server, embedder_dir, tmp_path, monkeypatch, where
+    own_server, embedder_dir, tmp_path, monkeypatch, where, capsys
 ):
     from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
@@ -342,7 +342,10 @@ def test_mlflow_server_stopped_mid_register_leaves_nothing_half_registered_and_a
     assert all("embedtune.pipeline_run_id" not in v.tags for v in left)  # never found as registered
     assert all(not client.get_model_version(name, v.version).aliases for v in left)
 
+    capsys.readouterr()
     result = register.run(cfg)  # the same run id, the server back
+    if where == "alias":  # the dead try held the champion lock: its retry takes it over without waiting
+        assert "taking over the lock" in capsys.readouterr().err
     versions = client.search_model_versions(f"name = '{name}'")
     assert [str(v.version) for v in versions] == [result["version"]] and result["created"]
     assert sorted(client.get_registered_model(name).aliases) == ["challenger", "champion"]

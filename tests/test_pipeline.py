@@ -689,47 +689,28 @@ def test_tiny_preset_runs_end_to_end_and_registers_a_champion(tmp_path, minilm_p
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_tiny_preset_with_lora_merges_before_registering(tmp_path, minilm_path, monkeypatch):
-    """The other branch of the DAG: train_type=lora runs merge, and register takes the merged folder."""
-    from mlflow import MlflowClient
-
-    from pipelines.demo import run_local, tiny_arguments
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    arguments = tiny_arguments(
-        model=str(minilm_path), name="tiny-lora", train_type="lora", learning_rate=2e-4
-    )
-    out = run_local(arguments, tmp_path)
-
-    assert (out["run_dir"] / "train" / "output_dir" / "adapter_config.json").is_file()
-    merged = out["run_dir"] / "merge" / "output"
-    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
-    assert (out["run_dir"] / "register").is_dir() and not (out["run_dir"] / "register-2").exists()
-    assert out["registered"] and out["model_uri"] == "models:/tiny-lora@champion"
-    assert (
-        int(MlflowClient(out["tracking_uri"]).get_model_version_by_alias("tiny-lora", "champion").version)
-        == 1
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # one more model-encoding step than the other DAG tests
-def test_tiny_preset_with_mine_hard_negatives_trains_on_the_mined_rows(tmp_path, minilm_path, monkeypatch):
-    """mine_hard_negatives=true: mine adds negatives to split's train rows, train reads them, the rest as usual."""
+@pytest.mark.timeout(1800)
+def test_tiny_preset_with_lora_and_mined_negatives_merges_before_registering(
+    tmp_path, minilm_path, monkeypatch
+):
+    """The other branches of the DAG in one run: mine_hard_negatives=true (mine adds negatives to split's train
+    rows and train reads them) and train_type=lora (merge runs, register takes the merged folder). One
+    process without DeepSpeed: the first DAG test runs ZeRO-3, test_train runs LoRA under ZeRO-3."""
     import json
+
+    from mlflow import MlflowClient
 
     from embedtune.io import read_jsonl
     from pipelines.demo import run_local, tiny_arguments
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     arguments = tiny_arguments(
-        model=str(minilm_path), name="tiny-mine", mine_hard_negatives=True, num_negatives=2, range_max=20,
-        deepspeed="none", cpu_procs=1,
+        model=str(minilm_path), name="tiny-lora", train_type="lora", learning_rate=2e-4,
+        mine_hard_negatives=True, num_negatives=2, range_max=20, deepspeed="none", cpu_procs=1,
     )  # fmt: skip
     out = run_local(arguments, tmp_path)
-
     run_dir = out["run_dir"]
+
     stats = json.loads((run_dir / "mine" / "mine_stats").read_text())
     assert stats["passthrough"] is False and stats["negatives_mined"] > 0 and stats["num_negatives"] == 2
     original, mined = read_jsonl(run_dir / "split" / "train_data"), read_jsonl(run_dir / "mine" / "output")
@@ -741,4 +722,13 @@ def test_tiny_preset_with_mine_hard_negatives_trains_on_the_mined_rows(tmp_path,
     assert json.loads((run_dir / "train" / "output_dir" / "train_result.json").read_text())[
         "train_rows"
     ] == len(mined)
-    assert out["registered"]
+
+    assert (run_dir / "train" / "output_dir" / "adapter_config.json").is_file()
+    merged = run_dir / "merge" / "output"
+    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
+    assert (run_dir / "register").is_dir() and not (run_dir / "register-2").exists()
+    assert out["registered"] and out["model_uri"] == "models:/tiny-lora@champion"
+    assert (
+        int(MlflowClient(out["tracking_uri"]).get_model_version_by_alias("tiny-lora", "champion").version)
+        == 1
+    )

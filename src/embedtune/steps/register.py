@@ -24,10 +24,11 @@ folder or a bad metrics file leaves no trace:
    `embedtune.base_model`, `embedtune.dataset_fingerprint`, `embedtune.version`, `embedtune.image`) and the
    model, logged with the MLflow 3 API under `name="model"`.
 6. Register a version, then, holding a per-name lock (`champion_lock`: two registers racing for one name
-   take turns), point alias `challenger` at it, read the champion and move `champion` to the new version
-   only when `primary > champion's primary + min_improvement` or there is no champion (every metric
-   embedtune reports is higher-is-better). The decision and both numbers are printed (stderr) and tagged on
-   the version and the run; the run-id tag comes last. A failure after the run started deletes the
+   take turns; a lock that a dead earlier try of the same run id left is taken over at once), point alias
+   `challenger` at it, read the champion and move `champion` to the new version only when
+   `primary > champion's primary + min_improvement` or there is no champion (every metric embedtune
+   reports is higher-is-better). The decision and both numbers are printed (stderr) and tagged on the
+   version and the run; the run-id tag comes last. A failure after the run started deletes the
    half-made version, marks the run FAILED and raises `EmbedtuneError` (when the server itself is gone,
    the next call with the same run id does it, see 4).
 
@@ -413,7 +414,7 @@ def run(cfg: RegisterConfig) -> dict:
             version = mv.version
             # Aliases move under a lock: two registers racing for one name each compare against the
             # champion the other one may just have set (and MLflow's own alias upsert is not atomic).
-            with champion_lock(client, cfg.name):
+            with champion_lock(client, cfg.name, redact(cfg.run_id)):
                 client.set_registered_model_alias(cfg.name, "challenger", version)
                 champ_version, champ_metric, champ_value = current_champion(client, cfg.name)
                 promote, decision = champion_gate(
@@ -475,27 +476,35 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
 
 LOCK_SUFFIX = ".embedtune-champion-lock"
 LOCK_STALE_S = 120.0  # a lock older than this was left by a register that died while holding it
+LOCK_HOLDER_TAG = "embedtune.lock_holder"  # the pipeline run id of the register holding the lock
 
 
 @contextlib.contextmanager
-def champion_lock(client: MlflowClient, name: str, timeout_s: float = 600.0):
+def champion_lock(client: MlflowClient, name: str, run_id: str = "", timeout_s: float = 600.0):
     """A mutex per registered model, made of MLflow's own atomic create: creating the registered model
     `<name>.embedtune-champion-lock` fails for every caller but one while it exists. Held for the few calls
     that read the champion and move the alias; deleted on exit. A lock left by a process that died is
-    taken over after `LOCK_STALE_S`."""
+    taken over after `LOCK_STALE_S`, or at once by a retry of the same pipeline run (`run_id`, recorded on
+    the lock): retries of one run are sequential, so the holder that left it is dead."""
     lock = f"{name}{LOCK_SUFFIX}"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            client.create_registered_model(lock, description="embedtune: a register is moving the champion")
+            client.create_registered_model(
+                lock,
+                tags={LOCK_HOLDER_TAG: run_id},
+                description="embedtune: a register is moving the champion",
+            )
             break
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         with contextlib.suppress(MlflowException):
             held = client.get_registered_model(lock)
-            if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
-                say("register", f"taking over the lock {lock} (left {LOCK_STALE_S:.0f}+ s ago)")
+            mine = bool(run_id) and held.tags.get(LOCK_HOLDER_TAG) == run_id
+            if mine or time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
+                why = "left by an earlier try of this run" if mine else f"left {LOCK_STALE_S:.0f}+ s ago"
+                say("register", f"taking over the lock {lock} ({why})")
                 client.delete_registered_model(lock)
                 continue
         if time.monotonic() > deadline:
