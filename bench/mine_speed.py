@@ -78,24 +78,25 @@ def run_st(spec: dict) -> dict:
 
 
 def child(cmd: list[str]) -> tuple[float, dict, float]:
-    """(wall seconds, the JSON the command printed, peak RSS MiB of that process, sampled every 0.1 s)."""
+    """(wall seconds, the JSON the command printed, peak RSS MiB of that process, sampled every 0.1 s).
+
+    Its output goes to files, not pipes: nobody reads a pipe while we poll, and a child whose progress lines
+    fill the pipe's 64 KiB buffer would block on its next write forever."""
     import psutil
 
-    t = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    watched, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            peak = max(peak, watched.memory_info().rss)
-        time.sleep(0.1)
-    seconds = time.perf_counter() - t
-    stdout, stderr = proc.communicate()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+        watched, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, watched.memory_info().rss)
+            time.sleep(0.1)
+        seconds = time.perf_counter() - t
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd[:4])} ...\n{stderr[-3000:]}")
     return seconds, json.loads(stdout[stdout.index("{") :]), peak / 2**20

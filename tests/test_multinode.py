@@ -6,11 +6,13 @@ negatives gathered from both), same weights; a job stopped after a checkpoint re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,15 +79,24 @@ def run_nodes(cfg: TrainConfig, nnodes: int = 2, env: dict | None = None) -> lis
             "PET_MASTER_ADDR": "127.0.0.1",
             "PET_MASTER_PORT": str(port),
         }
-        cmd = [sys.executable, "-m", "embedtune", "train", *config_flags(cfg)]
-        procs.append(
-            subprocess.Popen(cmd, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    out = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=1500)
-        out.append((proc.returncode, stdout, stderr))
-    return out
+        procs.append(([sys.executable, "-m", "embedtune", "train", *config_flags(cfg)], node_env))
+    return run_together(procs)
+
+
+def run_together(commands: list[tuple[list[str], dict]], timeout: float = 1500) -> list[tuple[int, str, str]]:
+    """Start every (command, env) at once, wait for all; (exit code, stdout, stderr) each. Output goes to
+    files: with pipes, waiting on one node while another fills its pipe's 64 KiB would deadlock both."""
+    with contextlib.ExitStack() as files:
+        running = []
+        for cmd, env in commands:
+            out, err = (files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            running.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True), out, err))
+        results = []
+        for proc, out, err in running:
+            proc.wait(timeout=timeout)
+            out.seek(0), err.seek(0)
+            results.append((proc.returncode, out.read(), err.read()))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +184,9 @@ def test_a_node_that_does_not_see_the_shared_output_folder_fails_every_node_befo
         node_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / f"node-{rank}" / "out"))
         env = {**os.environ, "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": "1",
                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}  # fmt: skip
-        cmd = [sys.executable, "-m", "embedtune", "train", *config_flags(node_cfg)]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=1500)
-        assert proc.returncode != 0
+        procs.append(([sys.executable, "-m", "embedtune", "train", *config_flags(node_cfg)], env))
+    for returncode, _, stderr in run_together(procs):
+        assert returncode != 0
         assert "not shared between the nodes (ranks [1]" in stderr, stderr[-3000:]
     assert not list((tmp_path / "node-0" / "out").glob("checkpoint-*"))
 
