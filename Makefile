@@ -3,6 +3,8 @@ PY := .venv/bin/python
 VENV := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PRESET ?= tiny
 CRON ?= 0 0 3 * * 0
+# pytest-xdist workers for `make test`; each takes whole test files, so module fixtures are built once
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -18,7 +20,7 @@ $(VENV): pyproject.toml
 setup: $(VENV) ## Create .venv and install the package with its dev/train extras (CPU torch 2.13.0)
 
 test: $(VENV) ## Set up, then run the whole test suite (includes 2-rank DeepSpeed and the kfp.local DAG)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV) ## ruff format check + ruff check + hadolint on both Dockerfiles
 	$(PY) -m ruff format --check . && $(PY) -m ruff check . && .venv/bin/hadolint images/cpu/Dockerfile images/gpu/Dockerfile
