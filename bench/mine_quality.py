@@ -19,7 +19,8 @@ WHOLE SciFact corpus (5183 abstracts, BEIR style); `ndcg_at_10_devcorpus` ranks 
 abstracts only (what `embedtune evaluate` does with retrieval rows), for reference.
 
 Results are appended to `--results` (JSONL) as each run finishes; a rerun skips what is there, so the bench
-can be stopped and resumed (use a new `--work` per recipe). `--conditions in-batch,mined` runs a subset. The table at the end is the mean over the seeds given.
+can be stopped and resumed (use a new `--work` per recipe). `--conditions in-batch,mined` runs a subset. The
+table at the end is the mean over the seeds given.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from run_cli import embedtune
 
 from embedtune.io import read_jsonl, write_jsonl
+from embedtune.mining import SAMPLINGS
 
 REPO = Path(__file__).resolve().parents[1]
 CONDITIONS = ("in-batch", "mined", "random")
@@ -154,9 +156,7 @@ def main() -> None:
     ap.add_argument("--range-min", type=int, default=0, help="mine: first rank of the window")
     ap.add_argument("--range-max", type=int, default=100, help="mine: rank past the window's end")
     ap.add_argument("--relative-margin", type=float, default=0.05, help="mine: false-negative margin")
-    ap.add_argument(
-        "--sampling", default="top", choices=("top", "random"), help="mine: top or random in window"
-    )
+    ap.add_argument("--sampling", default="top", choices=SAMPLINGS, help="mine: top or random in window")
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help="which training sets to run")
     ap.add_argument("--hard-negatives", type=int, default=3, help="negatives each row sees per step")
     ap.add_argument("--batch-size", type=int, default=32)
