@@ -16,6 +16,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The files whose tests compare floats (losses, gradients, embeddings, metrics): marked `numeric`, so
+# `make test-kernels` (and CI) runs them again under the CPU kernels other machines run (see the Makefile).
+NUMERIC_FILES = {
+    "test_losses.py", "test_metrics.py", "test_speed.py", "test_gradcache.py", "test_evaluate.py",
+    "test_modeling.py", "test_merge.py", "test_mine.py",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in NUMERIC_FILES:
+            item.add_marker(pytest.mark.numeric)
+
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
