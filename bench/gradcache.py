@@ -58,7 +58,8 @@ def setup(spec: dict):
     from embedtune.batching import Collator, tokenize_rows
     from embedtune.config import TrainConfig, resolve_env_defaults
     from embedtune.modeling import Embedder
-    from embedtune.trainer import TrainModel
+    from embedtune.objectives import objective
+    from embedtune.steps.train import train_module
 
     torch.manual_seed(0)
     if spec["threads"]:
@@ -69,13 +70,13 @@ def setup(spec: dict):
         TrainConfig(model=spec["model"], train_data="-", output_dir="-", infonce_temperature=0.05)
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = TrainModel(emb, cfg).train().to(device)
+    model = train_module(emb, cfg).train().to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     rng = random.Random(0)
     text = lambda: " ".join(rng.choice(WORDS) for _ in range(3 * spec["max_length"]))  # noqa: E731
     size, n = spec["batch"], spec["steps"]
     feats = tokenize_rows(emb, [{"query": text(), "response": text()} for _ in range(size * n)])
-    collate = Collator("infonce", emb.tokenizer.pad_token_id)
+    collate = Collator(objective("infonce"), emb.tokenizer.pad_token_id)
     return model, opt, device, [collate(feats[i * size : (i + 1) * size]) for i in range(n)]
 
 
@@ -83,14 +84,15 @@ def step(model, opt, device, batch: dict, chunk: int) -> float:
     """One optimizer step: uncached (chunk 0) or with the gradient cache, as the Trainer runs it."""
     from embedtune.gradcache import cached_backward
 
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items() if k != "features"} | {
+        "features": {k: v.to(device) for k, v in batch["features"].items()}
+    }
     if chunk > 0:
-        ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
+        features = batch.pop("features")
         loss = cached_backward(
-            lambda i, m: model(i, m, encode_only=True)["outputs"],
+            lambda f: model(f, encode_only=True)["outputs"],
             lambda out: model.loss_from_outputs(out, **batch),
-            ids,
-            mask,
+            features,
             chunk,
         )
     else:

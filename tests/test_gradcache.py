@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 
 from embedtune.batching import Collator, tokenize_rows
 from embedtune.config import TrainConfig, resolve_env_defaults
-from embedtune.gradcache import RngState, cached_backward, plan, trim
+from embedtune.features import count, take, trim
+from embedtune.gradcache import RngState, cached_backward, plan
 from embedtune.io import read_jsonl
 from embedtune.launch import free_port
 from embedtune.modeling import Embedder, Reranker, add_lora
@@ -68,12 +69,12 @@ def make_model(path, loss_type: str, chunk: int, lora_dropout: float | None = No
         for name, p in inner.named_parameters():  # B starts at 0, which would leave A without gradient
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05, generator=gen)
-    return TrainModel(inner, cfg).train()
+    return train.train_module(inner, cfg).train()
 
 
 def batch_of(model: TrainModel, rows: list[dict]) -> dict:
     feats = tokenize_rows(model.model, rows)
-    return Collator(model.loss_type, model.model.tokenizer.pad_token_id)(feats)
+    return Collator(model.objective, model.model.tokenizer.pad_token_id)(feats)
 
 
 def uncached(model: TrainModel, batch: dict) -> tuple[float, dict]:
@@ -84,12 +85,11 @@ def uncached(model: TrainModel, batch: dict) -> tuple[float, dict]:
 
 def cached(model: TrainModel, batch: dict, chunk: int) -> tuple[float, dict]:
     batch = dict(batch)
-    ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    features = batch.pop("features")
     loss = cached_backward(
-        lambda i, m: model(i, m, encode_only=True)["outputs"],
+        lambda f: model(f, encode_only=True)["outputs"],
         lambda out: model.loss_from_outputs(out, **batch),
-        ids,
-        mask,
+        features,
         chunk,
     )
     return loss.item(), grads(model)
@@ -124,7 +124,7 @@ def test_cached_loss_and_every_gradient_equal_the_uncached_ones(tiny_qwen3_path,
     rows = rows_for(loss_type)[:8]
     model = make_model(tiny_qwen3_path, loss_type, chunk=3)
     batch = batch_of(model, rows)
-    assert batch["input_ids"].shape[0] > 6  # several chunks, the last one partial
+    assert count(batch["features"]) > 6  # several chunks, the last one partial
     want_loss, want = uncached(model, batch)
     model.zero_grad(set_to_none=True)
     got_loss, got = cached(model, batch, chunk=3)
@@ -137,8 +137,8 @@ def test_matryoshka_cached_loss_and_gradients_equal_the_uncached_ones(tiny_qwen3
     model.matryoshka_dims, model.matryoshka_weights = [model.model.dim, 16, 8], [1.0, 0.5, 0.25]
     batch = batch_of(model, rows_for("infonce")[:8])
     want_loss, want = uncached(model, batch)
-    plain = TrainModel.loss_at_one_width(model, model.encode(batch["input_ids"], batch["attention_mask"]),
-                                         batch["neg_mask"], doc_keys=batch.get("doc_keys")).item()  # fmt: skip
+    plain = TrainModel.loss_at_one_width(model, model.encode(batch["features"]), neg_mask=batch["neg_mask"],
+                                         doc_keys=batch.get("doc_keys")).item()  # fmt: skip
     assert want_loss != pytest.approx(plain, rel=1e-3)  # the widths change the loss: Matryoshka is on
     model.zero_grad(set_to_none=True)
     got_loss, got = cached(model, batch, chunk=3)
@@ -174,12 +174,12 @@ def test_dropout_draws_the_same_masks_in_both_passes(tiny_qwen3_path, monkeypatc
     masks: encode chunk by chunk *with* a graph from the same generator state, one backward."""
     model = make_model(tiny_qwen3_path, "infonce", chunk=4, lora_dropout=0.3)
     batch = batch_of(model, rows_for("infonce")[:8])
-    extras = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extras = {k: v for k, v in batch.items() if k != "features"}
+    features = batch["features"]
 
     torch.manual_seed(7)
-    chunks = [trim(ids[c.rows], mask[c.rows]) for c in plan(len(ids), 4)]
-    out = torch.cat([model(*chunk, encode_only=True)["outputs"] for chunk in chunks])
+    chunks = [trim(take(features, c.rows)) for c in plan(count(features), 4)]
+    out = torch.cat([model(chunk, encode_only=True)["outputs"] for chunk in chunks])
     loss = model.loss_from_outputs(out, **extras)
     loss.backward()
     want = grads(model)
@@ -218,8 +218,8 @@ def _two_rank_worker(rank: int, world: int, port: int, path: str, out_path: str)
         losses = [torch.zeros(1) for _ in range(world)]
         dist.all_gather(losses, torch.tensor([loss]))
         texts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(texts, torch.tensor([len(batch["input_ids"])]))
-        chunks = len(plan(len(batch["input_ids"]), chunk))
+        dist.all_gather(texts, torch.tensor([count(batch["features"])]))
+        chunks = len(plan(count(batch["features"]), chunk))
         results[chunk] = {"grads": g, "loss": float(sum(losses)) / world, "texts": texts, "chunks": chunks}
     if rank == 0:
         torch.save(results, out_path)

@@ -15,11 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from embedtune.data import EMBEDDING_LOSSES, LOSS_TYPES, RERANKER_LOSSES, check_loss_data
+from embedtune import losses
+from embedtune.data import check_loss_data
 from embedtune.errors import DataError
 from embedtune.launch import free_port
 from embedtune.losses import (
-    LOSSES,
     contrastive_loss,
     cosine_similarity_loss,
     infonce_loss,
@@ -67,8 +67,14 @@ NEGS = [[1.0], [2.5, 0.9], []]
 
 
 def test_registry_names_every_loss_once():
-    assert set(LOSSES) == EMBEDDING_LOSSES | RERANKER_LOSSES == set(LOSS_TYPES)  # one function per data rule
-    assert not EMBEDDING_LOSSES & RERANKER_LOSSES
+    from embedtune.batching import LAYOUTS
+    from embedtune.objectives import LOSS_TYPES, OBJECTIVES, TASKS, losses_for
+
+    embedding, reranker = set(losses_for("embedding")), set(losses_for("reranker"))
+    assert embedding | reranker == set(LOSS_TYPES) == set(OBJECTIVES)  # one entry per loss, each for one task
+    assert not embedding & reranker and {o.task_type for o in OBJECTIVES.values()} == set(TASKS)
+    for obj in OBJECTIVES.values():  # each entry names a pure function of losses.py and a batch layout
+        assert obj.function is getattr(losses, obj.loss) and callable(obj.function) and obj.layout in LAYOUTS
 
 
 def test_infonce_use_batch_matches_hand_computed_value():
@@ -578,9 +584,7 @@ def test_matryoshka_infonce_two_ranks_match_one_rank_gradients(tmp_path):
 # --- data checks -----------------------------------------------------------------------------------------
 
 
-class Params:
-    infonce_use_batch = False
-    listwise_min_group_size = 2
+PARAMS = {"use_batch": False, "min_group_size": 2}  # the loss knobs check_loss_data reads (resolve_knobs)
 
 
 def test_check_loss_data_names_problem_rows():
@@ -590,7 +594,7 @@ def test_check_loss_data_names_problem_rows():
         {"_line": 7, "query": "q", "response": "r", "rejected_response": []},
     ]
     with pytest.raises(DataError, match=r"train.jsonl lines 3, 7: rejected_response: infonce needs"):
-        check_loss_data("infonce", rows, Params(), source="train.jsonl")
+        check_loss_data("infonce", rows, PARAMS, source="train.jsonl")
     check_loss_data("infonce", rows, None, source="train.jsonl")  # use_batch (default): fine
 
     labelled = [{"query": "q", "response": "r", "label": y} for y in (1, 0.5, 0, None, "1")]
@@ -600,7 +604,5 @@ def test_check_loss_data_names_problem_rows():
     with pytest.raises(DataError, match=r"rows 4, 5: label: cosine_similarity needs a numeric label"):
         check_loss_data("cosine_similarity", labelled)
     with pytest.raises(DataError, match=r"listwise_reranker needs rows with at least 1 negative"):
-        check_loss_data("listwise_reranker", [rows[0], rows[2]], Params())
-    check_loss_data(
-        "listwise_reranker", rows, Params()
-    )  # some groups too small: skipped, reported by the loss
+        check_loss_data("listwise_reranker", [rows[0], rows[2]], PARAMS)
+    check_loss_data("listwise_reranker", rows, PARAMS)  # some groups too small: skipped, reported by the loss

@@ -23,9 +23,11 @@ from embedtune.batching import Collator, tokenize_rows
 from embedtune.config import EvaluateConfig, TrainConfig, resolve_env_defaults
 from embedtune.errors import EmbedtuneError
 from embedtune.io import read_jsonl
-from embedtune.modeling import Embedder, Reranker
+from embedtune.modeling import Embedder
+from embedtune.objectives import objective
 from embedtune.speed import (
     MasterWeightAdamW,
+    Precision,
     bucket_cuts,
     compile_enabled,
     compile_layers,
@@ -33,7 +35,6 @@ from embedtune.speed import (
     repeated_layers,
     resolve_buckets,
     resolve_dtype,
-    train_precision,
 )
 from embedtune.steps import evaluate, train
 from embedtune.trainer import TrainModel
@@ -42,17 +43,16 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def train_model(path, loss_type: str = "infonce", **knobs) -> TrainModel:
+    """The module train trains, built as the train step builds it (compiled when `torch_compile` says so)."""
     task = "reranker" if loss_type.endswith("reranker") else "embedding"
     cfg = resolve_env_defaults(
         TrainConfig(model=str(path), train_data="-", output_dir="-", task_type=task, loss_type=loss_type,
-                    infonce_temperature=0.05, **knobs)
+                    infonce_temperature=0.05, reranker_instruction="rank",
+                    max_length=48 if task == "embedding" else 128, **knobs)
     )  # fmt: skip
     torch.manual_seed(0)
-    if task == "embedding":
-        inner = Embedder.from_pretrained(path, max_length=48)
-    else:
-        inner = Reranker.from_pretrained(path, instruction="rank", max_length=128)
-    return TrainModel(inner, cfg).train()
+    inner = train.build_model(cfg, Precision.resolve(cfg.dtype, cfg.deepspeed))
+    return train.train_module(inner, cfg).train()
 
 
 def rows(fixtures_dir, loss_type: str) -> list[dict]:
@@ -102,8 +102,10 @@ def test_length_buckets_give_the_loss_and_gradients_of_one_padded_pass(
     one = train_model(tiny_qwen3_path, loss_type, length_buckets=1)
     bucketed = train_model(tiny_qwen3_path, loss_type, length_buckets=buckets, pad_to_multiple_of=multiple)
     feats = tokenize_rows(one.model, rows(fixtures_dir, loss_type))
-    batch = Collator(loss_type, one.model.tokenizer.pad_token_id, pad_to_multiple_of=multiple)(feats)
-    lengths = batch["attention_mask"].sum(1)
+    batch = Collator(objective(loss_type), one.model.tokenizer.pad_token_id, pad_to_multiple_of=multiple)(
+        feats
+    )
+    lengths = batch["features"]["attention_mask"].sum(1)
     assert lengths.max() > lengths.min()  # something to save: texts of different lengths
     assert_same(loss_and_grads(bucketed, batch), loss_and_grads(one, batch), TOL)
 
@@ -111,13 +113,12 @@ def test_length_buckets_give_the_loss_and_gradients_of_one_padded_pass(
 def test_fewer_texts_than_buckets_still_run_every_pass_with_the_same_outputs():
     calls = []
 
-    def forward(ids, mask):
-        calls.append(ids.shape)
-        return ids.float().sum(1, keepdim=True) * 2
+    def forward(features):
+        calls.append(features["input_ids"].shape)
+        return features["input_ids"].float().sum(1, keepdim=True) * 2
 
     ids = torch.tensor([[3, 4, 0], [5, 0, 0]])
-    mask = (ids > 0).long()
-    out = encode_in_buckets(forward, ids, mask, k=4)
+    out = encode_in_buckets(forward, {"input_ids": ids, "attention_mask": (ids > 0).long()}, k=4)
     assert len(calls) == 4  # 2 real groups + 2 stand-ins: ZeRO-3 needs the same count on every rank
     torch.testing.assert_close(out, torch.tensor([[14.0], [10.0]]))
 
@@ -125,13 +126,15 @@ def test_fewer_texts_than_buckets_still_run_every_pass_with_the_same_outputs():
 # ------------------------------------------------------------------------------------------------ dtype
 def test_dtype_auto_is_fp32_on_cpu_and_train_refuses_fp16():
     assert resolve_dtype("auto", cuda=False) == "fp32"
-    assert train_precision("bf16", "none", cuda=False) == {
-        "dtype": "bf16", "load": torch.bfloat16, "trainer_bf16": False, "master": True
-    }  # fmt: skip
-    assert train_precision("bf16", "zero3")["master"] is False  # DeepSpeed's bf16 mode keeps the masters
-    assert train_precision("autocast", "none")["trainer_bf16"] is True
+    assert Precision.resolve("bf16", "none", cuda=False) == Precision(
+        dtype="bf16", load=torch.bfloat16, trainer_bf16=False, master_weights=True
+    )
+    assert (
+        Precision.resolve("bf16", "zero3").master_weights is False
+    )  # DeepSpeed's bf16 mode keeps the masters
+    assert Precision.resolve("autocast", "none").trainer_bf16 is True
     with pytest.raises(EmbedtuneError, match="fp16"):
-        train_precision("fp16", "none")
+        Precision.resolve("fp16", "none")
     with pytest.raises(EmbedtuneError, match="dtype"):
         resolve_dtype("half")
     assert compile_enabled("auto", "none", cuda=True) and not compile_enabled("auto", "zero3", cuda=True)
@@ -213,7 +216,7 @@ def test_regional_compile_gives_the_eager_loss_and_gradients(tiny_qwen3_path, fi
     assert keys == set(eager.state_dict())  # compiled in place: checkpoints and saves keep their keys
     assert compile_layers(Embedder.from_pretrained(tiny_qwen3_path).inner) == 2
     feats = tokenize_rows(eager.model, rows(fixtures_dir, "infonce"))
-    collate = Collator("infonce", eager.model.tokenizer.pad_token_id)
+    collate = Collator(objective("infonce"), eager.model.tokenizer.pad_token_id)
     for batch in (collate(feats[:4]), collate(feats[4:])):  # two shapes: dynamic, no recompile per length
         assert_same(
             loss_and_grads(compiled, batch), loss_and_grads(eager, batch), {"rtol": 1e-4, "atol": 1e-4}

@@ -15,6 +15,7 @@ from embedtune.batching import Collator, LengthGroupedSampler, text_key, tokeniz
 from embedtune.config import EvaluateConfig, TrainConfig
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.modeling import Embedder, Reranker, read_meta
+from embedtune.objectives import objective
 from embedtune.steps import evaluate, train
 from embedtune.trainer import StepLog
 
@@ -140,9 +141,11 @@ def test_collator_keys_mark_same_query_rows_and_texts_equal_after_truncation(min
     feats = tokenize_rows(model, rows)
     assert feats[1]["text_keys"][1] == feats[2]["text_keys"][1]  # equal after truncation
     assert feats[0]["text_keys"][0] == feats[1]["text_keys"][0] != feats[2]["text_keys"][0]
-    batch = Collator("infonce", model.tokenizer.pad_token_id, hard_negatives=2, seed=1)(feats)
+    batch = Collator(objective("infonce"), model.tokenizer.pad_token_id, seed=1, knobs={"hard_negatives": 2})(
+        feats
+    )
     k = int(batch["neg_mask"].sum())  # row 0: 1 + 1 resampled, row 1: first 2, row 2: none
-    assert k == 4 and batch["input_ids"].shape[0] == 3 + 3 + k
+    assert k == 4 and batch["features"]["input_ids"].shape[0] == 3 + 3 + k
     assert batch["doc_keys"][:3, 1].tolist() == [f["text_keys"][0] for f in feats]  # the rows' query keys
     docs = batch["doc_keys"].tolist()
     assert docs[:3] == [[f["text_keys"][1], f["text_keys"][0]] for f in feats]  # positives: (text, query)

@@ -4,21 +4,23 @@
    text is tokenized once), plus a `length` per row and, for embedders, a stable key per text (`text_key`).
 2. `LengthGroupedSampler`: a random order in which each batch holds rows of similar length (so padding to
    the batch's longest text is cheap), optionally duplicate-free (no text twice in one global batch).
-3. `Collator(loss_type, pad_id)`: the features of B rows -> one padded batch holding every text the loss
-   needs, encoded in one forward pass (`pad`: right padding to the batch's own longest text).
+3. `Collator(objective, pad_id)`: the features of B rows -> one batch: `{"features": <model inputs of every
+   text the loss needs, encoded in one forward pass>, <the loss's extra tensors>}` (`embedtune.features`:
+   right padding to the batch's own longest text).
 
-What a batch holds per loss (T texts, padded to L tokens):
+The objective's `layout` (`LAYOUTS`) says which texts a batch encodes, in which order, and how their encoded
+outputs (T texts -> (T, H) embeddings or (T,) reranker scores) are handed to the loss function:
 
-====================  =====================================================  ==============================
-loss_type             texts, in order                                        extra tensors
-====================  =====================================================  ==============================
-infonce               B queries, B positives, K real hard negatives          neg_mask (B, N), doc_keys
-                      (row-major; ragged rows padded by `pad_negatives`)     (B + K, 2)
-cosine_similarity,    B queries, B responses                                 targets (B,) labels
-(online_)contrastive
-pointwise_reranker    one prompt per (query, document): positive first       targets (T,) 1/label or 0
-listwise_reranker     per row the group [positive, negatives...]             group_sizes (B,)
-====================  =====================================================  ==============================
+=============  ==================================================  ===================================
+layout         texts, in order                                     extra tensors -> loss arguments
+=============  ==================================================  ===================================
+query_docs     B queries, B positives, K real hard negatives        neg_mask (B, N), doc_keys (B + K, 2)
+               (row-major; ragged rows padded by `pad_negatives`)   -> (q, pos, neg, neg_mask, doc_keys=,
+                                                                    world_size=, rank=)
+text_pairs     B queries, B responses                               targets (B,) labels -> (a, b, labels)
+prompts        one prompt per (query, document): positive first     targets (T,) 1/label or 0 -> (z, labels)
+prompt_groups  per row the group [positive, negatives...]           group_sizes (B,) -> (z, group_sizes)
+=============  ==================================================  ===================================
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from embedtune.data import RERANKER_LOSSES
-from embedtune.losses import pad_negatives
+from embedtune.distributed import world_and_rank
+from embedtune.features import pad
+from embedtune.losses import pack_negatives, pad_negatives
 from embedtune.modeling import Embedder, Reranker
+from embedtune.objectives import Objective
 
 
 def text_key(ids: np.ndarray) -> int:
@@ -103,64 +108,89 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
     return feats
 
 
-def pad(seqs: list[np.ndarray], pad_id: int, multiple: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T,) ragged id arrays -> (T, L) ids and mask, L = the longest of *this* batch (right padding),
-    rounded up to a multiple of `multiple` when > 1 (fewer distinct shapes for compiled kernels)."""
-    longest = max(len(s) for s in seqs)
-    if multiple > 1:
-        longest = -(-longest // multiple) * multiple
-    ids = np.full((len(seqs), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), longest), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+# ------------------------------------------------------------------------------------------------ layouts
+# collate(feats, **collate knobs) -> (texts to encode, extra tensors); loss(fn, out, **extras, **loss knobs).
+
+
+def _query_docs_collate(feats: list[dict], seed: int, hard_negatives: int | None = None):
+    # Resampling (hard_negatives > row's count) is seeded by the batch's rows: the same batch draws the same
+    # negatives, also after a resume.
+    rng = random.Random(f"{seed}:{[f['idx'] for f in feats]}")
+    rows = [list(zip(f["negatives"], f["text_keys"][2:], strict=True)) for f in feats]
+    negs, neg_mask = pad_negatives(rows, hard_negatives or None, rng)
+    real = [t for row in negs for t in row if t is not None]  # row-major, as pack_negatives expects
+    texts = (
+        [f["query"] for f in feats] + [f["response"] for f in feats] + [ids for ids, _ in real]
+    )  # B + B + K
+    # per document (B positives, K negatives): its text key, and its row's query key if a positive
+    doc_keys = [(f["text_keys"][1], f["text_keys"][0]) for f in feats] + [(k, -1) for _, k in real]
+    return texts, {"neg_mask": neg_mask, "doc_keys": torch.tensor(doc_keys, dtype=torch.long).reshape(-1, 2)}
+
+
+def _query_docs_loss(fn, out, *, neg_mask, doc_keys, **knobs):
+    b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]
+    world, rank = world_and_rank()
+    neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
+    return fn(out[:b], out[b : 2 * b], neg, neg_mask, world_size=world, rank=rank, doc_keys=doc_keys, **knobs)
+
+
+def _text_pairs_collate(feats: list[dict], seed: int):
+    texts = [f["query"] for f in feats] + [f["response"] for f in feats]  # B queries then B responses
+    return texts, {"targets": torch.tensor([f["label"] for f in feats], dtype=torch.float32)}
+
+
+def _text_pairs_loss(fn, out, *, targets, **knobs):
+    b = targets.shape[0]
+    return fn(out[:b], out[b:], targets, **knobs)
+
+
+def _prompts_collate(feats: list[dict], seed: int):
+    texts = [p for f in feats for p in f["pairs"]]  # sum of group sizes
+    return texts, {"targets": torch.tensor([t for f in feats for t in f["targets"]], dtype=torch.float32)}
+
+
+def _prompts_loss(fn, out, *, targets, **knobs):
+    return fn(out, targets, **knobs)
+
+
+def _prompt_groups_collate(feats: list[dict], seed: int):
+    texts = [p for f in feats for p in f["pairs"]]
+    return texts, {"group_sizes": torch.tensor([len(f["pairs"]) for f in feats], dtype=torch.long)}
+
+
+def _prompt_groups_loss(fn, out, *, group_sizes, **knobs):
+    return fn(out, group_sizes, **knobs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    collate: Callable  # (row features, seed, **collate knobs) -> (texts' token ids, extra tensors)
+    loss: Callable  # (loss function, outputs (T, ...), **extra tensors, **loss knobs) -> scalar
+
+
+LAYOUTS = {
+    "query_docs": Layout(_query_docs_collate, _query_docs_loss),
+    "text_pairs": Layout(_text_pairs_collate, _text_pairs_loss),
+    "prompts": Layout(_prompts_collate, _prompts_loss),
+    "prompt_groups": Layout(_prompt_groups_collate, _prompt_groups_loss),
+}
 
 
 @dataclasses.dataclass
 class Collator:
-    """Features of B rows -> one padded tensor batch holding every text of the batch (one forward pass)."""
+    """Features of B rows -> one batch: `{"features": padded model inputs of every text, **extra tensors}`
+    (one forward pass), laid out as the objective's `layout` says. `knobs`: the layout's
+    (`objectives.resolve_knobs(objective, cfg, collate=True)`)."""
 
-    loss_type: str
+    objective: Objective
     pad_id: int
-    hard_negatives: int | None = None
     seed: int = 42
     pad_to_multiple_of: int = 0
+    knobs: dict = dataclasses.field(default_factory=dict)
 
     def __call__(self, feats: list[dict]) -> dict:
-        if self.loss_type == "infonce":
-            # Resampling (hard_negatives > row's count) is seeded by the batch's rows: the same batch draws
-            # the same negatives, also after a resume.
-            rng = random.Random(f"{self.seed}:{[f['idx'] for f in feats]}")
-            rows = [list(zip(f["negatives"], f["text_keys"][2:], strict=True)) for f in feats]
-            negs, neg_mask = pad_negatives(rows, self.hard_negatives or None, rng)
-            real = [t for row in negs for t in row if t is not None]  # row-major, as pack_negatives expects
-            texts = [f["query"] for f in feats] + [f["response"] for f in feats] + [ids for ids, _ in real]
-            ids, mask = pad(texts, self.pad_id, self.pad_to_multiple_of)
-            # per document (B positives, K negatives): its text key, and its row's query key if a positive
-            doc_keys = [(f["text_keys"][1], f["text_keys"][0]) for f in feats] + [(k, -1) for _, k in real]
-            return {
-                "input_ids": ids,  # texts: B + B + K
-                "attention_mask": mask,
-                "neg_mask": neg_mask,
-                "doc_keys": torch.tensor(doc_keys, dtype=torch.long).reshape(-1, 2),
-            }
-        if self.loss_type in RERANKER_LOSSES:
-            ids, mask = pad(
-                [p for f in feats for p in f["pairs"]], self.pad_id, self.pad_to_multiple_of
-            )  # texts: sum of group sizes
-            batch = {"input_ids": ids, "attention_mask": mask}
-            if self.loss_type == "pointwise_reranker":
-                batch["targets"] = torch.tensor([t for f in feats for t in f["targets"]], dtype=torch.float32)
-            else:
-                batch["group_sizes"] = torch.tensor([len(f["pairs"]) for f in feats], dtype=torch.long)
-            return batch
-        # pair losses: B queries then B responses, a float label per pair
-        ids, mask = pad(
-            [f["query"] for f in feats] + [f["response"] for f in feats], self.pad_id, self.pad_to_multiple_of
-        )
-        targets = torch.tensor([f["label"] for f in feats], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+        texts, extras = LAYOUTS[self.objective.layout].collate(feats, self.seed, **self.knobs)
+        return {"features": pad(texts, self.pad_id, self.pad_to_multiple_of), **extras}
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

@@ -10,19 +10,22 @@ embedding` works unchanged::
   newline, tab and NUL, Cf format characters such as the zero-width space, BOM and soft hyphen) is refused as
   blank (`is_blank`). Visible text is kept exactly as given: a newline or tab inside it is not touched.
 - `rejected_response` (optional): a list of such strings (hard negatives). Written only when non-empty.
-- `label` (optional): a number (not a bool), finite, and within the range its loss expects:
+- `label` (optional): a number (not a bool), finite, and within the range its loss expects (the label rule
+  of its entry in `embedtune.objectives.OBJECTIVES`): infonce and listwise_reranker any finite value
+  (unused), cosine_similarity [-1, 1] (required), contrastive / online_contrastive 0 or 1 (required),
+  pointwise_reranker [0, 1] (the positive's BCE target); data that names no loss (`""`): any finite value.
 
-  ====================  ===================  ==========================
-  loss_type             label                required
-  ====================  ===================  ==========================
-  infonce               any finite (unused)  no
-  cosine_similarity     [-1, 1]              yes (the regression target)
-  contrastive           0 or 1               yes
-  online_contrastive    0 or 1               yes
-  pointwise_reranker    [0, 1]               no (BCE target when given)
-  listwise_reranker     any finite (unused)  no
-  ""  (not declared)    any finite           no
-  ====================  ===================  ==========================
+Optional fields (`OPTIONAL_FIELDS`), kept end to end by convert, split, mine and train, read by the
+objectives that declare them (`Objective.fields`) and ignored by the others:
+
+- `teacher_scores`: finite numbers, one for `response` then one per `rejected_response` (a teacher's scores,
+  for distillation).
+- `images`: strings (local paths, URIs or data URIs), one per `<image>` tag in the row's texts, matched in
+  order: the query's tags first, then the response's, then each rejected response's (ms-swift's format).
+- `source`: which input file or dataset the row came from (a visible string).
+- `instruction`: the row's own query instruction (a string).
+
+A count that does not match the texts (teacher scores, images) is refused like any other bad value.
 
 Use `check_row(row, loss_type)` to get the problems of one row as `"field: reason"` strings, and
 `read_rows(path, loss_type)` to load a canonical JSONL file, raising `DataError` with `FILE:LINE: field:
@@ -39,36 +42,16 @@ import os
 import reprlib
 import unicodedata
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import iter_jsonl
+from embedtune.objectives import LOSS_TYPES, objective, resolve_knobs
 
-CANONICAL_FIELDS = ("query", "response", "rejected_response", "label")
+OPTIONAL_FIELDS = ("teacher_scores", "images", "source", "instruction")
+CANONICAL_FIELDS = ("query", "response", "rejected_response", "label", *OPTIONAL_FIELDS)
+IMAGE_TAG = "<image>"
 MAX_ERRORS = 20  # problems listed before a reader stops (every reader of canonical rows uses this cap)
-
-
-class LossRule(NamedTuple):
-    task_type: str  # what the loss trains: embedding | reranker ("" for data that names no loss)
-    label: tuple  # ("finite",) | ("binary",) | ("range", lo, hi) with inclusive bounds
-    label_required: bool  # every row needs a label (the loss regresses or classifies it)
-
-
-# The one table of loss names: which task each trains and what its labels must be. `losses.LOSSES` holds a
-# function for each key (a test ties the two), `train` checks task_type against it, convert and split read
-# labels by it.
-LOSS_RULES: dict[str, LossRule] = {
-    "": LossRule("", ("finite",), False),
-    "infonce": LossRule("embedding", ("finite",), False),
-    "cosine_similarity": LossRule("embedding", ("range", -1.0, 1.0), True),
-    "contrastive": LossRule("embedding", ("binary",), True),
-    "online_contrastive": LossRule("embedding", ("binary",), True),
-    "pointwise_reranker": LossRule("reranker", ("range", 0.0, 1.0), False),
-    "listwise_reranker": LossRule("reranker", ("finite",), False),
-}
-LOSS_TYPES = tuple(k for k in LOSS_RULES if k)
-EMBEDDING_LOSSES = frozenset(k for k, r in LOSS_RULES.items() if r.task_type == "embedding")
-RERANKER_LOSSES = frozenset(k for k, r in LOSS_RULES.items() if r.task_type == "reranker")
 
 
 def label_rule_text(rule: tuple) -> str:
@@ -87,8 +70,7 @@ def is_number(value: Any) -> bool:
 
 def check_loss_type(loss_type: str) -> str:
     """Return `loss_type` if known (or empty), else raise `EmbedtuneError` naming the valid ones."""
-    if loss_type not in LOSS_RULES:
-        raise EmbedtuneError(f"loss_type: unknown {loss_type!r} (expected one of {', '.join(LOSS_TYPES)})")
+    objective(loss_type)
     return loss_type
 
 
@@ -159,7 +141,7 @@ def check_label(value: Any, loss_type: str = "", field: str = "label") -> str | 
         return f"{field}: integer out of the 64-bit range, got {_short(value)}"
     if not math.isfinite(value):
         return f"{field}: must be finite, got {value}"
-    rule = LOSS_RULES[loss_type].label
+    rule = objective(loss_type).label
     if rule[0] == "binary" and value not in (0, 1):
         return f"{field}: must be 0 or 1 for loss_type {loss_type}, got {value}"
     if rule[0] == "range" and not rule[1] <= value <= rule[2]:
@@ -170,8 +152,9 @@ def check_label(value: Any, loss_type: str = "", field: str = "label") -> str | 
 def check_row(row: Any, loss_type: str = "") -> list[str]:
     """All problems of one canonical row as `"field: reason"` strings; an empty list means valid.
 
-    `loss_type` must be known (see `LOSS_RULES`); it decides the label's range and whether it is required.
-    Unknown extra keys are allowed (they are ignored by every step).
+    `loss_type` must be known (`objectives.objective`); it decides the label's range and whether it is
+    required. The optional fields are checked when present (`check_optional`); unknown extra keys are
+    allowed (they are ignored by every step).
     """
     if not isinstance(row, dict):
         return [f"row: must be a JSON object, got {type(row).__name__}"]
@@ -183,18 +166,74 @@ def check_row(row: Any, loss_type: str = "") -> list[str]:
     if label is not None:
         if p := check_label(label, loss_type):
             problems.append(p)
-    elif LOSS_RULES[loss_type].label_required:
+    elif objective(loss_type).label_required:
         problems.append(f"label: missing (loss_type {loss_type} needs a label on every row)")
+    return problems + (check_optional(row, texts_ok=not problems) if not OPTIONAL.isdisjoint(row) else [])
+
+
+OPTIONAL = frozenset(OPTIONAL_FIELDS)
+
+
+def check_optional(row: dict, texts_ok: bool = True) -> list[str]:
+    """Problems of the optional fields a row holds (`OPTIONAL_FIELDS`); counts are checked against the texts
+    only when those are valid (`texts_ok`), so one bad text is not reported twice."""
+    problems = []
+    rejected = row.get("rejected_response") or []
+    scores = row.get("teacher_scores")
+    if scores is not None:
+        if not isinstance(scores, list) or not scores:
+            problems.append(f"teacher_scores: must be a non-empty list of numbers, got {_short(scores)}")
+        else:
+            problems += [p for i, v in enumerate(scores) if (p := check_label(v, "", f"teacher_scores[{i}]"))]
+            if texts_ok and len(scores) != 1 + len(rejected):
+                problems.append(
+                    f"teacher_scores: {len(scores)} scores for {1 + len(rejected)} documents "
+                    f"(one for response, then one per rejected_response)"
+                )
+    images = row.get("images")
+    if images is not None:
+        if not isinstance(images, list):
+            problems.append(
+                f"images: must be a list of strings, got {type(images).__name__} {_short(images)}"
+            )
+        else:
+            problems += [p for i, v in enumerate(images) if (p := check_text(v, f"images[{i}]"))]
+            tags = sum(t.count(IMAGE_TAG) for t in row_texts(row)) if texts_ok else len(images)
+            if tags != len(images):
+                problems.append(f"images: {len(images)} images for {tags} {IMAGE_TAG} tags in the texts")
+    if row.get("source") is not None and (p := check_text(row["source"], "source")):
+        problems.append(p)
+    instruction = row.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        problems.append(
+            f"instruction: must be a string, got {type(instruction).__name__} {_short(instruction)}"
+        )
     return problems
 
 
+def row_texts(row: dict) -> list[str]:
+    """The texts of a valid row in tag order: query, response, then each rejected response."""
+    return [row["query"], row["response"], *(row.get("rejected_response") or [])]
+
+
+def images_by_text(row: dict) -> list[list[str]]:
+    """A valid row's `images` split per text of `row_texts` (tags are matched in order)."""
+    images, out, start = row.get("images") or [], [], 0
+    for text in row_texts(row):
+        n = text.count(IMAGE_TAG)
+        out.append(images[start : start + n])
+        start += n
+    return out
+
+
 def canonical(row: dict) -> dict:
-    """The canonical form of a valid row: only the four fields, in order; empty/None optional ones dropped."""
+    """The canonical form of a valid row: its `CANONICAL_FIELDS`, in that order; unknown keys, None values and
+    an empty `rejected_response` or `images` dropped."""
     out = {"query": row["query"], "response": row["response"]}
-    if row.get("rejected_response"):
-        out["rejected_response"] = row["rejected_response"]
-    if row.get("label") is not None:
-        out["label"] = row["label"]
+    for name in CANONICAL_FIELDS[2:]:
+        value = row.get(name)
+        if value is not None and value != []:
+            out[name] = value
     return out
 
 
@@ -241,29 +280,27 @@ def read_rows(
 
 
 def check_loss_data(
-    loss_type: str, rows: Sequence[dict], params: Any = None, *, source: str = "data"
+    loss_type: str, rows: Sequence[dict], knobs: dict | None = None, *, source: str = "data"
 ) -> None:
     """Fail before training when valid rows still cannot feed ``loss_type`` as a whole; name the rows.
 
     ``rows`` are canonical dicts; a ``_line`` key (``read_rows(..., lines=True)``) is what the message cites,
-    else the 1-based row index. ``params`` is anything with the train knobs as attributes (a
-    ``TrainConfig``): it reads ``infonce_use_batch`` (default True) and ``listwise_min_group_size`` (2).
+    else the 1-based row index. ``knobs``: the loss's keyword arguments (``objectives.resolve_knobs``;
+    default: the config's defaults), which its entry's rules read.
 
-    Row rules (texts, the label for the loss, from ``LOSS_RULES``) are ``check_row``'s; on top of them:
-    infonce needs negatives on every row when ``infonce_use_batch`` is false (else a query has nothing to
-    rank against), and the rerankers need at least one row with negatives (a listwise group needs
-    ``listwise_min_group_size - 1`` of them; smaller groups are skipped and reported by the loss). Raises
-    one ``DataError`` (problems joined by ``; ``) like ``train.jsonl lines 3, 7: label: must be 0 or 1 ...``.
+    Row rules (texts, the label for the loss) are ``check_row``'s; on top of them, the objective's: the
+    negatives every row needs (infonce without in-batch documents), the negatives some row needs (the
+    rerankers: a listwise group needs ``listwise_min_group_size - 1``; smaller groups are skipped and
+    reported). Raises one ``DataError`` (problems joined by ``; ``) like
+    ``train.jsonl lines 3, 7: label: must be 0 or 1 ...``.
     """
     if loss_type not in LOSS_TYPES:
         raise EmbedtuneError(f"loss_type: unknown loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    use_batch = getattr(params, "infonce_use_batch", True)
-    use_batch = True if use_batch is None else use_batch
-    min_group = getattr(params, "listwise_min_group_size", 2)
+    obj = objective(loss_type)
+    knobs = resolve_knobs(obj) if knobs is None else knobs
+    every, some = obj.every_row_negatives(knobs), obj.some_row_negatives(knobs)
     problems: dict[tuple[str, str], list[int]] = {}
-    need_negs = max(min_group - 1, 1) if loss_type == "listwise_reranker" else 1
     rows_with_negatives = 0
-    rule = LOSS_RULES[loss_type]
     for i, row in enumerate(rows):
         where = int(row.get("_line", i + 1))
 
@@ -276,14 +313,14 @@ def check_loss_data(
         if check_texts(negs, "rejected_response"):
             bad("rejected_response", "must be a list of non-empty strings")
             negs = []
-        rows_with_negatives += len(negs) >= need_negs
+        rows_with_negatives += len(negs) >= max(some, 1)
         label = row.get("label")
-        if loss_type == "infonce" and not use_batch and not negs:
-            bad("rejected_response", "infonce needs rejected_response when infonce_use_batch is false")
-        elif (label is None and rule.label_required) or (label is not None and check_label(label, loss_type)):
-            bad("label", f"{loss_type} needs {label_rule_text(rule.label)}")
-    if loss_type in RERANKER_LOSSES and rows and not rows_with_negatives:
-        reason = f"{loss_type} needs rows with at least {need_negs} negative(s); no row has them"
+        if every and not negs:
+            bad("rejected_response", f"{loss_type} needs rejected_response {every}")
+        elif (label is None and obj.label_required) or (label is not None and check_label(label, loss_type)):
+            bad("label", f"{loss_type} needs {label_rule_text(obj.label)}")
+    if some and rows and not rows_with_negatives:
+        reason = f"{loss_type} needs rows with at least {some} negative(s); no row has them"
         problems[("rejected_response", reason)] = []
     if not problems:
         return

@@ -22,17 +22,17 @@ Cost: one more forward pass per step (about 1.33x the compute when backward cost
 the activations of one chunk, plus the (T, H) outputs and their gradient.
 
 Everything model- or engine-specific is passed in (`encode`, `loss_of`, `backward`, `no_sync`), so the
-same three passes run under a plain module, DDP or DeepSpeed (see `EmbedtuneTrainer.training_step`)::
+same three passes run under a plain module, DDP or DeepSpeed (see `EmbedtuneTrainer.training_step`). The
+texts come as model features (`embedtune.features`: a dict of tensors, one row per text), which are only
+ever sliced by rows and trimmed of padding columns here, so any input a model takes rides along::
 
     loss = cached_backward(
-        encode=lambda ids, mask: model(ids, mask),         # (n, L) -> (n, H) or (n,)
+        encode=lambda features: model(features),           # n texts -> (n, H) or (n,)
         loss_of=lambda out: loss_fn(out, **batch_extras),  # (T, H) -> scalar
-        input_ids=ids, attention_mask=mask, chunk_size=32,
+        features=batch["features"], chunk_size=32,
     )                                                      # parameter .grad as after loss.backward()
 
-Under torchrun every rank runs the same number of chunks (`plan`): ZeRO-3 gathers parameters
-collectively in every forward pass and DDP synchronizes buffers, so a rank with one chunk more would wait
-forever.
+Under torchrun every rank runs the same number of chunks (`plan`; see `embedtune.distributed`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
+
+from embedtune.distributed import max_over_ranks
+from embedtune.features import Features, count, take, trim
 
 
 def _cuda_in_use() -> bool:
@@ -84,40 +86,25 @@ def plan(n: int, chunk_size: int, device: torch.device | str = "cpu") -> list[Ch
     rank with a few texts less runs no nearly empty chunk). A rank with fewer texts than chunks pads with
     stand-ins. `device`: where the all_reduce's tensor lives (the batch's device: CUDA under NCCL).
     """
-    count = -(-n // chunk_size)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([count], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        count = int(t.item())
-    bounds = [n * i // count for i in range(count + 1)]
+    chunks = max_over_ranks(-(-n // chunk_size), device)
+    bounds = [n * i // chunks for i in range(chunks + 1)]
     return [
         Chunk(slice(a, b)) if b > a else Chunk(slice(0, 1), real=False)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
 
 
-def trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns that are padding in every row of a chunk: the batch is padded to its longest text,
-    a chunk of shorter texts (the queries, say) need not carry that padding through the model. Padding is
-    masked, so the outputs do not change (beyond float rounding)."""
-    width = int(attention_mask.any(0).nonzero().max()) + 1
-    return input_ids[:, :width], attention_mask[:, :width]
-
-
 def encode_without_graph(
-    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    chunk_size: int,
+    encode: Callable[[Features], torch.Tensor], features: Features, chunk_size: int
 ) -> tuple[torch.Tensor, list[Chunk], list[RngState]]:
     """Pass 1: every text's output, chunk by chunk, without a graph; returns `(outputs (T, ...), chunks,
     the RNG state before each chunk)`. Also the eval loss path: the memory of one chunk, same outputs."""
-    chunks = plan(len(input_ids), chunk_size, input_ids.device)
+    chunks = plan(count(features), chunk_size, features["attention_mask"].device)
     states, outs = [], []
     with torch.no_grad():
         for chunk in chunks:
             states.append(RngState.capture())
-            out = encode(*trim(input_ids[chunk.rows], attention_mask[chunk.rows]))
+            out = encode(trim(take(features, chunk.rows)))
             if chunk.real:
                 outs.append(out)
     return torch.cat(outs), chunks, states
@@ -128,23 +115,22 @@ def _backward(loss: torch.Tensor, last: bool) -> None:
 
 
 def cached_backward(
-    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    encode: Callable[[Features], torch.Tensor],
     loss_of: Callable[[torch.Tensor], torch.Tensor],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    features: Features,
     chunk_size: int,
     backward: Callable[[torch.Tensor, bool], None] = _backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
     """The three passes (module docstring); the parameters' gradients accumulate as after
-    `loss_of(encode(input_ids, attention_mask)).backward()`. Returns the loss, detached.
+    `loss_of(encode(features)).backward()`. Returns the loss, detached.
 
     Args:
-        encode: `(n, L) ids, (n, L) mask -> (n, ...)` outputs of n texts (one chunk); called twice per chunk,
+        encode: the features of n texts (one chunk) -> their `(n, ...)` outputs; called twice per chunk,
             first without a graph.
         loss_of: the batch's outputs `(T, ...)` -> scalar loss (any scaling, e.g. for gradient accumulation,
             included). Called once, on a leaf tensor: only its gradient with respect to the outputs is used.
-        input_ids, attention_mask: `(T, L)`, every text of the batch.
+        features: the model inputs of every text of the batch (`embedtune.features`, T rows).
         chunk_size: at most this many texts per forward pass.
         backward: `backward(scalar, last)` back-propagates one chunk's surrogate scalar (`last`: the batch's
             final chunk, after which an engine may reduce gradients and step). Default: `.backward()`. A
@@ -152,7 +138,7 @@ def cached_backward(
             (fp16 loss scaling) the same way they would scale the uncached loss.
         no_sync: a context for every chunk but the last (DDP's `no_sync`: all-reduce once, not per chunk).
     """
-    outputs, chunks, states = encode_without_graph(encode, input_ids, attention_mask, chunk_size)
+    outputs, chunks, states = encode_without_graph(encode, features, chunk_size)
     leaf = outputs.detach().requires_grad_()
     loss = loss_of(leaf)
     (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)  # (T, ...) d loss / d outputs
@@ -166,7 +152,7 @@ def cached_backward(
             last = i == len(chunks) - 1
             with contextlib.nullcontext() if last else no_sync():
                 state.restore()
-                out = encode(*trim(input_ids[chunk.rows], attention_mask[chunk.rows]))
+                out = encode(trim(take(features, chunk.rows)))
                 g = grad[chunk.rows] if chunk.real else torch.zeros_like(out)
                 # d/d params of sum(out * g) = J^T g: this chunk's share of the uncached gradient.
                 backward((out * g.to(out.dtype)).sum(), last)

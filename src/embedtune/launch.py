@@ -87,6 +87,20 @@ def job_topology(environ=None) -> Topology | None:
     return topo if topo.nnodes > 1 else None
 
 
+def joined(cfg, topology: Topology | None):
+    """A `TrainConfig` as a node of a multi-node job runs it: the job's node count and processes per node (the
+    runtime's word: `PET_NPROC_PER_NODE` is what each pod was given), else `cfg` as it is."""
+    if topology is None:
+        return cfg
+    if cfg.nodes not in (1, topology.nnodes):
+        raise EmbedtuneError(f"nodes: {cfg.nodes}, but this job has PET_NNODES={topology.nnodes} nodes")
+    per_node = topology.nproc_per_node
+    nproc = int(per_node) if per_node.isdigit() else cfg.nproc
+    if nproc != cfg.nproc and not os.environ.get(LAUNCHED):
+        say("train", f"nproc = {nproc} per node (PET_NPROC_PER_NODE; --nproc {cfg.nproc} ignored)")
+    return dataclasses.replace(cfg, nodes=topology.nnodes, nproc=nproc)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

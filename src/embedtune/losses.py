@@ -1,7 +1,8 @@
 """Every training loss embedtune offers, as plain functions on tensors (ms-swift's names and semantics).
 
-The train step encodes a batch, then calls one of these. Nothing here knows about models, tokenizers or the
-Trainer, so each loss can be checked against a hand-computed number and timed on its own.
+The train step encodes a batch, then calls one of these: the function its `loss_type`'s entry in
+`embedtune.objectives` names. Nothing here knows about models, tokenizers or the Trainer, so each loss can be
+checked against a hand-computed number and timed on its own.
 
 Embedding losses take L2-normalized embeddings (dot product == cosine):
 
@@ -41,6 +42,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from embedtune.distributed import world_and_rank
 
 # A negative whose cosine similarity to the query exceeds the positive's by more than this is treated as an
 # unlabeled positive (a "fake negative") and masked out when mask_fake_negative is on (ms-swift's margin).
@@ -120,7 +123,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        ctx.world, ctx.rank = world_and_rank()
         parts = [torch.empty_like(x) for _ in range(ctx.world)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
@@ -414,16 +417,3 @@ def matryoshka_loss(
     """
     total = sum(w * loss_of(truncate(emb, d)) for d, w in zip(dims, weights, strict=True))
     return total / float(sum(weights))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Registry: one function per loss name of `embedtune.data.LOSS_RULES` (which also says what each trains)
-
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "infonce": infonce_loss,
-    "cosine_similarity": cosine_similarity_loss,
-    "contrastive": contrastive_loss,
-    "online_contrastive": online_contrastive_loss,
-    "pointwise_reranker": pointwise_reranker_loss,
-    "listwise_reranker": listwise_reranker_loss,
-}

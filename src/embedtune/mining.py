@@ -6,7 +6,8 @@ What `embedtune mine` does with these (see `steps/mine.py` for the order):
 
 1. Corpus (`build_corpus`): every `response` and `rejected_response` of the rows, plus the texts of the
    `--corpus` files (canonical rows: responses and negatives; BEIR corpus.jsonl: `title text`; or one text
-   per line), each distinct text once.
+   per line), each distinct text once. A text with an `<image>` tag is no candidate (it means nothing
+   without its image; mining images is not built yet), and rows with `images` are copied as they are.
 2. Search (`top_k`): the k highest cosines of each distinct query against the whole corpus, computed in
    blocks of QUERY_BLOCK queries x DOC_BLOCK documents, keeping a running top-k per query. Memory is the
    embeddings plus QUERY_BLOCK x (k + DOC_BLOCK) scores, never the Q x D matrix. k = `range_max` plus the
@@ -22,6 +23,8 @@ What `embedtune mine` does with these (see `steps/mine.py` for the order):
      (1 - relative_margin)` for a positive score), or above the absolute cap `max_score`. `positive_score`
      is the cosine of the row's own positive, so each row of a query is filtered against its positive;
    - `num_negatives` are taken: the hardest (`top`) or a seeded random pick (`random`), kept in rank order.
+   The row keeps its other fields (label, source, instruction); its `teacher_scores`, which score the
+   negatives it had, are dropped when its negatives change (and counted).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from embedtune.data import IMAGE_TAG, canonical
 from embedtune.overlap import read_text_records, record_texts, text_key
 
 QUERY_BLOCK = 1024  # queries scored together: (QUERY_BLOCK, DOC_BLOCK) float32 = 64 MiB of scores
@@ -41,7 +45,8 @@ PERCENTILES = (5, 25, 50, 75, 95)
 
 
 def build_corpus(rows: Sequence[dict], corpus_files: Iterable[str] = ()) -> list[str]:
-    """Distinct candidate texts, in first-seen order: the rows' responses and negatives, then the files'."""
+    """Distinct candidate texts, in first-seen order: the rows' responses and negatives, then the files'
+    (texts with an `<image>` tag left out)."""
     texts: dict[str, None] = {}
     for row in rows:
         texts[row["response"]] = None
@@ -49,7 +54,7 @@ def build_corpus(rows: Sequence[dict], corpus_files: Iterable[str] = ()) -> list
     for path in corpus_files:
         for lineno, record in read_text_records(path):
             texts.update(dict.fromkeys(record_texts(path, lineno, record, ("response", "rejected_response"))))
-    return list(texts)
+    return [t for t in texts if IMAGE_TAG not in t]
 
 
 def distinct_queries(rows: Sequence[dict]) -> tuple[list[str], np.ndarray, list[set[int]]]:
@@ -139,7 +144,7 @@ def select_negatives(
     rng = np.random.default_rng(cfg.seed)
     out: list[dict] = []
     kept_scores: list[np.ndarray] = []
-    n_mined = short = without = by_margin = by_cap = 0
+    n_mined = short = without = by_margin = by_cap = scores_dropped = 0
     window: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # query -> its window (indices, scores)
     for r, row in enumerate(rows):
         qi = int(row_query[r])
@@ -168,14 +173,11 @@ def select_negatives(
             original = [t for t in row["rejected_response"] if text_key(t) not in own_keys]
             seen = set(original)
             negatives = original + [t for t in mined if t not in seen]
-        new = {"query": row["query"], "response": row["response"]}
-        if negatives:
-            new["rejected_response"] = negatives
-        else:
-            without += 1
-        if row.get("label") is not None:
-            new["label"] = row["label"]
-        out.append(new)
+        without += not negatives
+        unchanged = negatives == (row.get("rejected_response") or [])
+        scores_dropped += row.get("teacher_scores") is not None and not unchanged
+        teacher = row.get("teacher_scores") if unchanged else None  # they scored the negatives it had
+        out.append(canonical({**row, "rejected_response": negatives, "teacher_scores": teacher}))
     kept = np.concatenate(kept_scores) if kept_scores else np.zeros(0)
     stats = {
         "negatives_mined": n_mined,
@@ -184,6 +186,7 @@ def select_negatives(
         "dropped_false_negatives": by_margin + by_cap,
         "dropped_by_relative_margin": by_margin,
         "dropped_by_max_score": by_cap,
+        "teacher_scores_dropped": scores_dropped,
         "positive_scores": percentiles(positive_scores),
         "negative_scores": percentiles(kept),
     }

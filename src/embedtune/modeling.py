@@ -315,10 +315,11 @@ class Embedder(Wrapper):
             return_tensors="pt" if padding else None,
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids + mask -> (B, H) unit-norm embeddings."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(pool(hidden, attention_mask, self.pooling).float(), p=2, dim=-1)
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Model inputs of B texts (`embedtune.features`: `input_ids`, `attention_mask`, (B, L)) -> (B, H)
+        unit-norm embeddings. Every feature goes to the backbone."""
+        hidden = self.backbone(**features).last_hidden_state
+        return F.normalize(pool(hidden, features["attention_mask"], self.pooling).float(), p=2, dim=-1)
 
     @torch.inference_mode()
     def encode(
@@ -333,7 +334,8 @@ class Embedder(Wrapper):
         ids = self.tokenize(texts, is_query=is_query, padding=False)["input_ids"] if len(texts) else []
         for idx in _progress(_batches_by_length([len(i) for i in ids], batch_size), show_progress, "encode"):
             batch = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)
-            out[idx] = self(batch["input_ids"], batch["attention_mask"]).cpu().numpy()
+            features = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            out[idx] = self(features).cpu().numpy()
         self.train(was_training)
         return out
 
@@ -496,16 +498,17 @@ class Reranker(Wrapper):
             return {"input_ids": ids}
         return self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B,) z = logit(yes) - logit(no) at the last real token (any padding side).
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Model inputs of B prompts (`embedtune.features`) -> (B,) z = logit(yes) - logit(no) at the last real
+        token (any padding side). Every feature goes to the decoder.
 
         Only the last position and the two tokens' rows of the LM head are used, in fp32: z from two bf16
         logits would be rounded to ~0.1 and tie close candidates. Under ZeRO-3 (the head's weight is a
         shard its own forward gathers) the whole head runs: (B, V) logits instead of (B, L, V).
         """
         lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last, head = pool(hidden, attention_mask, "last"), lm.get_output_embeddings()  # (B, H)
+        hidden = lm.get_decoder()(**features).last_hidden_state
+        last, head = pool(hidden, features["attention_mask"], "last"), lm.get_output_embeddings()  # (B, H)
         if type(head) is not nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
             logits = head(last).float()  # (B, V)
             return logits[:, self.yes_id] - logits[:, self.no_id]
@@ -537,7 +540,8 @@ class Reranker(Wrapper):
         out = np.zeros(len(lengths), dtype=np.float64)
         for idx in _progress(_batches_by_length(lengths, batch_size), show_progress, "score"):
             batch = self.tokenize([queries[i] for i in idx], [docs[i] for i in idx]).to(device)
-            out[idx] = self(batch["input_ids"], batch["attention_mask"]).double().cpu().numpy()
+            features = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            out[idx] = self(features).double().cpu().numpy()
         self.train(was_training)
         return out
 

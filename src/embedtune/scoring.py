@@ -22,7 +22,7 @@ How a candidate is scored:
     retrieval data (it would need Q x D forward passes).
 
 `measure(..., shard=...)` decides who runs the forward passes: the default computes everything in this
-process; train passes `trainer.gather_over_ranks`, which splits the items across torchrun ranks.
+process; train passes `distributed.gather_over_ranks`, which splits the items across torchrun ranks.
 """
 
 from __future__ import annotations

@@ -28,12 +28,15 @@ that can run on a CPU is tested there against the plain path (tests/test_speed.p
 from __future__ import annotations
 
 import contextlib
+import resource
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from embedtune.errors import EmbedtuneError
+from embedtune.features import Features, cut, lengths, round_up, take
 
 DTYPES = ("auto", "bf16", "autocast", "fp32", "fp16")
 TORCH_DTYPES = {
@@ -68,25 +71,31 @@ def autocast(dtype: str, device: torch.device | str):
 
 
 # ------------------------------------------------------------------------------------------------ train dtype
-def train_precision(dtype: str, deepspeed: str, cuda: bool | None = None) -> dict:
-    """What train does for `dtype`: the dtype to load the weights in, whether the HF Trainer runs in bf16
-    (autocast without DeepSpeed; DeepSpeed's bf16 mode with it) and whether `MasterWeightAdamW` is used.
+@dataclass(frozen=True)
+class Precision:
+    """What train does for a `dtype` knob, decided once (`resolve`) and passed down as plain values."""
 
-    Under DeepSpeed the weights load in fp32 and DeepSpeed's bf16 mode casts them, keeping the fp32 copies
-    as its master weights: `bf16` and `autocast` are the same thing there.
-    """
-    resolved = resolve_dtype(dtype, cuda)
-    if resolved == "fp16":
-        raise EmbedtuneError("dtype: fp16 training needs loss scaling; use bf16, autocast or fp32")
-    if deepspeed != "none":
-        return {"dtype": resolved, "load": torch.float32, "trainer_bf16": resolved != "fp32", "master": False}
-    bf16 = resolved == "bf16"
-    return {
-        "dtype": resolved,
-        "load": torch.bfloat16 if bf16 else torch.float32,
-        "trainer_bf16": resolved == "autocast",
-        "master": bf16,
-    }
+    dtype: str  # bf16 | autocast | fp32 (auto resolved)
+    load: torch.dtype  # what the weights are loaded in
+    trainer_bf16: bool  # the HF Trainer's bf16: autocast without DeepSpeed, DeepSpeed's bf16 mode with it
+    master_weights: bool  # bf16 without DeepSpeed: AdamW on fp32 master weights (`MasterWeightAdamW`)
+
+    @classmethod
+    def resolve(cls, dtype: str, deepspeed: str, cuda: bool | None = None) -> Precision:
+        """Under DeepSpeed the weights load in fp32 and DeepSpeed's bf16 mode casts them, keeping the fp32
+        copies as its master weights: `bf16` and `autocast` are the same thing there. fp16 is refused."""
+        resolved = resolve_dtype(dtype, cuda)
+        if resolved == "fp16":
+            raise EmbedtuneError("dtype: fp16 training needs loss scaling; use bf16, autocast or fp32")
+        if deepspeed != "none":
+            return cls(resolved, torch.float32, trainer_bf16=resolved != "fp32", master_weights=False)
+        bf16 = resolved == "bf16"
+        return cls(
+            resolved,
+            torch.bfloat16 if bf16 else torch.float32,
+            trainer_bf16=resolved == "autocast",
+            master_weights=bf16,
+        )
 
 
 def resolve_buckets(length_buckets: int, cuda: bool | None = None) -> int:
@@ -96,15 +105,16 @@ def resolve_buckets(length_buckets: int, cuda: bool | None = None) -> int:
     return 2 if (torch.cuda.is_available() if cuda is None else cuda) else 1
 
 
-def check_train_knobs(cfg) -> None:
-    """Refuse train speed knobs that cannot work (a `TrainConfig`), before anything is loaded."""
-    precision = train_precision(cfg.dtype, cfg.deepspeed)  # fp16 and unknown values refused
-    compile_enabled(cfg.torch_compile, cfg.deepspeed, cuda=False)
-    if cfg.length_buckets < 0 or cfg.pad_to_multiple_of < 0:
+def check_train_knobs(
+    precision: Precision, optim: str, torch_compile: str, length_buckets: int, pad_to_multiple_of: int
+) -> None:
+    """Refuse train speed knobs that cannot work, before anything is loaded (the dtype: `Precision.resolve`)."""
+    check_choice("compile", torch_compile, SWITCHES)
+    if length_buckets < 0 or pad_to_multiple_of < 0:
         raise EmbedtuneError("length_buckets (0: auto) and pad_to_multiple_of must be >= 0")
-    if precision["master"] and cfg.optim not in ("adamw_torch", "adamw_torch_fused"):
+    if precision.master_weights and optim not in ("adamw_torch", "adamw_torch_fused"):
         raise EmbedtuneError(
-            f"optim: {cfg.optim!r}: dtype bf16 without DeepSpeed keeps fp32 master weights in AdamW; "
+            f"optim: {optim!r}: dtype bf16 without DeepSpeed keeps fp32 master weights in AdamW; "
             "use adamw_torch or adamw_torch_fused (or dtype autocast)"
         )
 
@@ -170,6 +180,13 @@ class MasterWeightAdamW(torch.optim.AdamW):
                         p.copy_(saved)
 
 
+def peak_memory_gb() -> float:
+    """Peak memory of this process: allocated GPU memory under CUDA, else the resident set size."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+
+
 # ------------------------------------------------------------------------------------------------ compile
 def compile_enabled(setting: str, deepspeed: str = "none", cuda: bool | None = None) -> bool:
     """`compile` on / off / auto (on for CUDA unless ZeRO-3)."""
@@ -179,6 +196,13 @@ def compile_enabled(setting: str, deepspeed: str = "none", cuda: bool | None = N
     if cuda is None:
         cuda = torch.cuda.is_available()
     return cuda and deepspeed != "zero3"
+
+
+def regional_compile(model: nn.Module, setting: str, deepspeed: str = "none") -> int:
+    """`compile_layers` when `setting` (`torch_compile`) enables it under `deepspeed`; how many layers."""
+    if not compile_enabled(setting, deepspeed):
+        return 0
+    return compile_layers(model, strict=setting == "on")
 
 
 def repeated_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -211,10 +235,6 @@ def compile_layers(model: nn.Module, strict: bool = True) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ padding
-def round_up(n: int, multiple: int) -> int:
-    return n if multiple <= 1 else -(-n // multiple) * multiple
-
-
 def bucket_cuts(sorted_lengths, k: int) -> list[int]:
     """Boundaries [0, c1, ..., n] cutting ascending lengths into exactly min(k, n) non-empty groups with the
     fewest padded tokens (sum over groups of count x longest). Dynamic programming, O(k n^2) in numpy."""
@@ -238,28 +258,25 @@ def bucket_cuts(sorted_lengths, k: int) -> list[int]:
     return cuts[::-1]
 
 
-def encode_in_buckets(
-    forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, multiple: int = 0
-):
-    """`forward(ids, mask)` of a right-padded (T, L) batch run as exactly `k` passes over length-sorted groups,
-    each cut to its own longest text (rounded up to `multiple`); outputs back in the input order.
+def encode_in_buckets(forward, features: Features, k: int, multiple: int = 0):
+    """`forward(features)` of a right-padded batch of T texts run as exactly `k` passes over length-sorted
+    groups, each cut to its own longest text (rounded up to `multiple`); outputs back in the input order.
 
     Always `k` passes, also when there are fewer than `k` texts (the missing passes re-encode text 0 and add
-    zero times their output): under ZeRO-3 every rank must run the same number of forward passes.
+    zero times their output): every rank runs the same number of passes (`embedtune.distributed`).
     """
     if k <= 1:
-        return forward(input_ids, attention_mask)
-    lengths = attention_mask.sum(1)
-    order = torch.argsort(lengths, stable=True)
-    sorted_lengths = lengths[order].tolist()
+        return forward(features)
+    real = lengths(features)
+    order = torch.argsort(real, stable=True)
+    sorted_lengths = real[order].tolist()
     cuts = bucket_cuts(sorted_lengths, k)
+    padded = features["attention_mask"].shape[1]
     outs = []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-        width = min(round_up(max(int(sorted_lengths[b - 1]), 1), multiple), input_ids.shape[1])
-        idx = order[a:b]
-        outs.append(forward(input_ids[idx, :width], attention_mask[idx, :width]))
+        width = min(round_up(max(int(sorted_lengths[b - 1]), 1), multiple), padded)
+        outs.append(forward(cut(take(features, order[a:b]), width)))
     out = torch.cat(outs)[torch.argsort(order)]
     for _ in range(k - len(outs)):  # stand-ins: same pass count on every rank, no effect on the result
-        width = max(int(lengths[0]), 1)
-        out = out + 0 * forward(input_ids[:1, :width], attention_mask[:1, :width]).sum()
+        out = out + 0 * forward(cut(take(features, slice(0, 1)), max(int(real[0]), 1))).sum()
     return out

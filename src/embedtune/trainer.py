@@ -1,16 +1,19 @@
 """The Hugging Face Trainer, fitted to embedding and reranker losses.
 
-- `TrainModel`: the module the Trainer trains. Its `forward(**batch)` encodes every text of a collated batch
-  (see `embedtune.batching`) in one pass (`encode`) and returns `{"loss": loss_from_outputs(...)}`, the
-  loss picked by name from `LOSSES`.
-- `EmbedtuneTrainer`: length-grouped (and, for infonce, duplicate-free) training batches; with
-  `gradient_cache_chunk_size` a training step runs the gradient cache (`embedtune.gradcache`); every
+- `TrainModel`: the module the Trainer trains. Its `forward(features, **extras)` encodes every text of a
+  collated batch (see `embedtune.batching`) in one pass (`encode`) and returns `{"loss": ...}`: the
+  objective's loss function (`embedtune.objectives`) on those outputs, handed over by its layout.
+- `EmbedtuneTrainer`: length-grouped (and, where the objective says so, duplicate-free) training batches;
+  with a gradient cache chunk size a training step runs the gradient cache (`embedtune.gradcache`); every
   evaluation also reports evaluate's own metrics for the eval file's shape, sharded across ranks
-  (`gather_over_ranks`).
+  (`distributed.gather_over_ranks`).
 - `StepLog`: the progress bar and one line per logging step (step, loss, lr, samples/s).
 - `training_arguments(cfg, ...)`: `TrainingArguments` from the train knobs (same names), plus what embedtune
-  always does (gloo on CPU, DeepSpeed configs shipped in the package); `dtype`, `torch_compile`,
-  `length_buckets`, `pad_to_multiple_of` are the speed levers of `embedtune.speed`.
+  always does (gloo on CPU, DeepSpeed configs shipped in the package).
+
+Everything here takes plain, already resolved values (the train step resolves the config once: the
+objective and its knobs, the `speed.Precision`, the bucket count); only `training_arguments` reads the
+config, whose knobs are the Trainer's own.
 """
 
 from __future__ import annotations
@@ -20,37 +23,32 @@ import sys
 import time
 from importlib import resources
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from embedtune.batching import LengthGroupedSampler
+from embedtune.batching import LAYOUTS, LengthGroupedSampler
 from embedtune.config import TrainConfig
+from embedtune.distributed import gather_over_ranks
 from embedtune.evaldata import EvalData
+from embedtune.features import Features
 from embedtune.gradcache import cached_backward, encode_without_graph
-from embedtune.losses import LOSSES, matryoshka_loss, matryoshka_spec, pack_negatives
+from embedtune.losses import matryoshka_loss
 from embedtune.modeling import Embedder, Reranker
+from embedtune.objectives import Objective
 from embedtune.scoring import measure
-from embedtune.speed import (
-    MasterWeightAdamW,
-    compile_enabled,
-    compile_layers,
-    encode_in_buckets,
-    resolve_buckets,
-    train_precision,
-)
+from embedtune.speed import MasterWeightAdamW, Precision, encode_in_buckets
 
 
 class TrainModel(nn.Module):
     """What the Trainer trains: `encode` turns every text of a collated batch into outputs, in one forward
-    pass; `loss_from_outputs` turns those outputs into the loss, picked by name from `LOSSES` (only the
-    split of the outputs differs per loss). `forward(**batch)` is the two in a row, returning `{"loss": ...}`.
+    pass; `loss_from_outputs` turns those outputs into the loss: the objective's function, fed by its layout
+    (`batching.LAYOUTS`) with the batch's extra tensors and the loss's knobs. `forward(features, **extras)`
+    is the two in a row, returning `{"loss": ...}`.
 
     The two halves are separate so the gradient cache can run them apart: outputs chunk by chunk, then the
-    loss of the whole batch (`EmbedtuneTrainer.training_step`). With `matryoshka_dims`,
+    loss of the whole batch (`EmbedtuneTrainer.training_step`). With `matryoshka` widths,
     `losses.matryoshka_loss` wraps the loss inside `loss_from_outputs`: the same loss on each truncated,
     re-normalized width of the one forward pass's embeddings, weighted mean; so it works with and without the
     cache.
@@ -58,102 +56,56 @@ class TrainModel(nn.Module):
 
     accepts_loss_kwargs = False  # our loss is a per-batch mean: the Trainer divides it by accumulation steps
 
-    def __init__(self, model: Embedder | Reranker, cfg: TrainConfig):
+    def __init__(
+        self,
+        model: Embedder | Reranker,
+        objective: Objective,
+        loss_knobs: dict,
+        chunk_size: int = 0,
+        length_buckets: int = 1,
+        pad_to_multiple_of: int = 0,
+        matryoshka: tuple[list[int], list[float]] = ([], []),
+    ):
         super().__init__()
         self.model = model
         self.config = model.inner.config  # DeepSpeed's 'auto' sizes read the hidden size from here
-        self.loss_type = cfg.loss_type
-        self.chunk_size = cfg.gradient_cache_chunk_size
-        self.length_buckets, self.pad_to_multiple_of = (
-            resolve_buckets(cfg.length_buckets),
-            cfg.pad_to_multiple_of,
-        )
-        if compile_enabled(cfg.torch_compile, cfg.deepspeed):
-            compile_layers(model.inner, strict=cfg.torch_compile == "on")  # each layer in place (`speed`)
-        self.loss_kwargs = {
-            "infonce": {
-                "temperature": cfg.infonce_temperature,
-                "use_batch": cfg.infonce_use_batch,
-                "mask_fake_negative": cfg.infonce_mask_fake_negative,
-            },
-            "contrastive": {"margin": cfg.margin},
-            "online_contrastive": {"margin": cfg.margin},
-            "listwise_reranker": {
-                "temperature": cfg.listwise_temperature,
-                "min_group_size": cfg.listwise_min_group_size,
-            },
-        }.get(cfg.loss_type, {})
-        self.matryoshka_dims, self.matryoshka_weights = matryoshka_spec(
-            cfg.matryoshka_dims, cfg.matryoshka_weights
-        )
+        self.objective, self.loss_knobs = objective, loss_knobs
+        self.loss_fn, self.layout = objective.function, LAYOUTS[objective.layout]
+        self.chunk_size = chunk_size  # > 0: the gradient cache's texts per forward pass
+        self.length_buckets, self.pad_to_multiple_of = length_buckets, pad_to_multiple_of
+        self.matryoshka_dims, self.matryoshka_weights = matryoshka
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(T, L) ids + mask of every text of a batch -> (T, H) unit embeddings (embedder) or (T,) z (reranker).
+    def encode(self, features: Features) -> torch.Tensor:
+        """Every text of a batch -> (T, H) unit embeddings (embedder) or (T,) z (reranker).
 
         Without a graph (the eval loss) and with a gradient cache chunk size, chunk by chunk: evaluation
         then needs the memory of one chunk too, for the same outputs. Otherwise in `length_buckets` passes
         over length-sorted groups, each padded to its own longest text (`speed.encode_in_buckets`).
         """
         if self.chunk_size > 0 and not torch.is_grad_enabled():
-            return encode_without_graph(self.model, input_ids, attention_mask, self.chunk_size)[0]
-        return encode_in_buckets(
-            self.model, input_ids, attention_mask, self.length_buckets, self.pad_to_multiple_of
-        )
+            return encode_without_graph(self.model, features, self.chunk_size)[0]
+        return encode_in_buckets(self.model, features, self.length_buckets, self.pad_to_multiple_of)
 
-    def loss_from_outputs(
-        self, out: torch.Tensor, neg_mask=None, targets=None, group_sizes=None, doc_keys=None
-    ) -> torch.Tensor:
-        """The loss of a batch from `encode`'s outputs of all its texts (in the collator's order)."""
-        batch = {"neg_mask": neg_mask, "targets": targets, "group_sizes": group_sizes, "doc_keys": doc_keys}
+    def loss_from_outputs(self, out: torch.Tensor, **extras) -> torch.Tensor:
+        """The loss of a batch from `encode`'s outputs of all its texts (in the collator's order) and the
+        batch's extra tensors (`neg_mask`, `targets`, ...: what the layout collated)."""
         if self.matryoshka_dims:  # Matryoshka: the loss at each truncated width of these outputs
             return matryoshka_loss(
-                lambda o: self.loss_at_one_width(o, **batch),
+                lambda o: self.loss_at_one_width(o, **extras),
                 out,
                 self.matryoshka_dims,
                 self.matryoshka_weights,
             )
-        return self.loss_at_one_width(out, **batch)
+        return self.loss_at_one_width(out, **extras)
 
-    def loss_at_one_width(self, out, neg_mask=None, targets=None, group_sizes=None, doc_keys=None):
+    def loss_at_one_width(self, out: torch.Tensor, **extras) -> torch.Tensor:
         """The plain loss (no Matryoshka) of one batch from its encoded texts `out`."""
-        loss_fn = LOSSES[self.loss_type]
-        if self.loss_type == "infonce":
-            b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            rank = dist.get_rank() if world > 1 else 0
-            neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
-            return loss_fn(
-                out[:b],
-                out[b : 2 * b],
-                neg,
-                neg_mask,
-                world_size=world,
-                rank=rank,
-                doc_keys=doc_keys,
-                **self.loss_kwargs,
-            )
-        if self.loss_type == "pointwise_reranker":
-            return loss_fn(out, targets)
-        if self.loss_type == "listwise_reranker":
-            return loss_fn(out, group_sizes, **self.loss_kwargs)
-        b = targets.shape[0]  # pair losses: out = [B queries, B responses]
-        return loss_fn(out[:b], out[b:], targets, **self.loss_kwargs)
+        return self.layout.loss(self.loss_fn, out, **extras, **self.loss_knobs)
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask,
-        neg_mask=None,
-        targets=None,
-        group_sizes=None,
-        doc_keys=None,
-        return_loss=True,
-        encode_only=False,
-    ):
+    def forward(self, features: Features, return_loss=True, encode_only=False, **extras):
         if encode_only:  # one chunk of the gradient cache, called through the DDP / DeepSpeed wrapper
-            return {"outputs": self.model(input_ids, attention_mask)}
-        out = self.encode(input_ids, attention_mask)
-        return {"loss": self.loss_from_outputs(out, neg_mask, targets, group_sizes, doc_keys)}
+            return {"outputs": self.model(features)}
+        return {"loss": self.loss_from_outputs(self.encode(features), **extras)}
 
     def inner_weights(self, state: dict) -> dict:
         """The inner HF model's tensors out of a state dict of this module, keyed as its own
@@ -171,42 +123,27 @@ class TrainModel(nn.Module):
         )
 
 
-def gather_over_ranks(compute, n: int) -> np.ndarray:
-    """`scoring.measure`'s `shard` under torchrun: rank r computes items r, r + W, r + 2W, ... and every rank
-    gets all n outputs back, in order.
-
-    Every rank computes the same number of items, ceil(n / W), its share padded with item 0: each then runs the
-    same number of forward passes, which ZeRO-3 needs (every forward gathers the parameters collectively; a
-    rank with one batch more would wait forever). `compute(idx)` returns a (len(idx), ...) array.
-    """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world == 1:
-        return compute(np.arange(n))
-    rank_, per = dist.get_rank(), -(-n // world)
-    mine = np.arange(rank_, n, world)
-    idx = np.concatenate([mine, np.zeros(per - len(mine), dtype=mine.dtype)])
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    mine_out = np.ascontiguousarray(compute(idx))  # (per, ...): embeddings (per, H) or reranker logits (per,)
-    local = torch.from_numpy(mine_out).to(device)
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local)
-    out = np.empty((n, *mine_out.shape[1:]), dtype=mine_out.dtype)
-    for r, part in enumerate(parts):
-        rows = np.arange(r, n, world)
-        out[rows] = part[: len(rows)].cpu().numpy()
-    return out
-
-
 class EmbedtuneTrainer(Trainer):
     """The HF Trainer with length-grouped training batches (see `LengthGroupedSampler`), whose evaluations
-    also report evaluate's metrics on `metric_data` (set after construction; None: the eval loss only)."""
+    also report evaluate's metrics on `metric_data` (None: the eval loss only).
 
-    metric_data: EvalData | None = None
-    distinct_texts: bool = False
-    group_by_length: bool = True
-    master_weights: bool = (
-        False  # dtype bf16 without DeepSpeed: AdamW on fp32 copies (`speed.MasterWeightAdamW`)
-    )
+    `distinct_texts`: training batches hold no text twice (the objective's in-batch negatives);
+    `group_by_length`: batches of similar lengths; `master_weights`: AdamW on fp32 copies of a bf16 model
+    (`speed.MasterWeightAdamW`, dtype bf16 without DeepSpeed). The other arguments are the Trainer's.
+    """
+
+    def __init__(
+        self,
+        *args,
+        metric_data: EvalData | None = None,
+        distinct_texts: bool = False,
+        group_by_length: bool = True,
+        master_weights: bool = False,
+        **kwargs,
+    ):
+        self.metric_data, self.distinct_texts = metric_data, distinct_texts
+        self.group_by_length, self.master_weights = group_by_length, master_weights
+        super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer (its weight-decay groups, `optim`'s settings); with `master_weights`, the
@@ -236,7 +173,7 @@ class EmbedtuneTrainer(Trainer):
         if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as the Trainer does
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        features = inputs.pop("features")
         inputs.pop("return_loss", None)
         acc = self.accelerator
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
@@ -244,9 +181,9 @@ class EmbedtuneTrainer(Trainer):
         # number of micro-batches of this optimizer step.
         micro_batches = self.current_gradient_accumulation_steps
 
-        def encode(input_ids, attention_mask):
+        def encode(chunk: Features):
             with self.compute_loss_context_manager():
-                return model(input_ids=input_ids, attention_mask=attention_mask, encode_only=True)["outputs"]
+                return model(features=chunk, encode_only=True)["outputs"]
 
         def backward(surrogate, last):
             if deepspeed:
@@ -259,8 +196,7 @@ class EmbedtuneTrainer(Trainer):
         return cached_backward(
             encode,
             lambda out: train_model.loss_from_outputs(out, **inputs) / micro_batches,
-            ids,
-            mask,
+            features,
             train_model.chunk_size,
             backward,
             no_sync=contextlib.nullcontext if deepspeed else (lambda: acc.no_sync(model)),
@@ -384,13 +320,15 @@ class StepLog(TrainerCallback):
             self.bar = None
 
 
-def training_arguments(cfg: TrainConfig, world: int, has_eval: bool, fresh: bool) -> TrainingArguments:
+def training_arguments(
+    cfg: TrainConfig, world: int, has_eval: bool, fresh: bool, precision: Precision
+) -> TrainingArguments:
     """HF TrainingArguments from our knobs (same names), plus what embedtune always does.
 
     With eval data, a fresh run is evaluated once before the first step too (the baseline eval loss).
+    `precision.trainer_bf16`: the Trainer's autocast, or DeepSpeed's bf16 mode.
     """
     cuda = torch.cuda.is_available()
-    precision = train_precision(cfg.dtype, cfg.deepspeed, cuda)  # bf16: autocast, or DeepSpeed's bf16 mode
     deepspeed = None
     if cfg.deepspeed != "none":
         deepspeed = str(resources.files("embedtune") / "deepspeed" / f"{cfg.deepspeed}.json")
@@ -421,7 +359,7 @@ def training_arguments(cfg: TrainConfig, world: int, has_eval: bool, fresh: bool
         remove_unused_columns=False,
         prediction_loss_only=True,
         report_to="none",
-        bf16=precision["trainer_bf16"],
+        bf16=precision.trainer_bf16,
         optim=cfg.optim,
         use_cpu=not cuda,  # on CPU, also what makes accelerate set up gloo for DeepSpeed's processes
         ddp_backend="gloo" if world > 1 and not cuda else None,

@@ -14,7 +14,8 @@ Sources: a local file, a folder (every JSONL / JSON / CSV / TSV / Parquet file b
 `--format`:
 
     mteb       {"query", "positive": [...], "negative": [...]}  -> one row per positive, all negatives rejected
-    canonical  {"query", "response", "rejected_response"?, "label"?}  -> validated, extra keys dropped
+    canonical  {"query", "response", "rejected_response"?, "label"?, + the optional fields}  -> validated;
+               teacher_scores, images, source, instruction kept (`data.OPTIONAL_FIELDS`), other keys dropped
     sts        {"sentence1", "sentence2", "score"}  -> label = score / score_scale; with
                --sts-positive-threshold T > 0 only pairs with label >= T are kept, without label
                (ms-swift's `stsb:positive` = T 0.75: infonce positives)
@@ -52,7 +53,8 @@ import orjson
 
 from embedtune.config import ConvertConfig
 from embedtune.data import (
-    LOSS_RULES,
+    OPTIONAL,
+    OPTIONAL_FIELDS,
     canonical,
     check_label,
     check_loss_type,
@@ -63,6 +65,7 @@ from embedtune.data import (
 )
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import atomic_write
+from embedtune.objectives import objective
 from embedtune.progress import say
 from embedtune.readers import Bad, guarded, sources
 
@@ -260,7 +263,7 @@ class Converter:
 
     def __init__(self, cfg: ConvertConfig, out, rejected):
         self.cfg, self.out, self.rejected = cfg, _HashingWriter(out), rejected
-        self.label_required = LOSS_RULES[cfg.loss_type].label_required
+        self.label_required = objective(cfg.loss_type).label_required
         self.parts: list[bytes] = []  # output lines of the current batch
         self.qlens: list[int] = []  # per output row
         self.rlens: list[int] = []
@@ -326,7 +329,8 @@ class Converter:
         if problems:
             self._reject(where.format(name=name, n=n), row, problems)
         for r in out:
-            self._emit(r["query"], r["response"], r.get("rejected_response") or [], r.get("label"))
+            extra = {k: r[k] for k in OPTIONAL_FIELDS if k in r}
+            self._emit(r["query"], r["response"], r.get("rejected_response") or [], r.get("label"), extra)
 
     def _mteb_batch(self, name, where, shape, numbers, rows):
         # The hot loop (1M rows in a few seconds): C-level checks (all(), map(type)) decide that a row is
@@ -390,6 +394,7 @@ class Converter:
                 continue
             if (
                 (neg is None or type(neg) is list)
+                and OPTIONAL.isdisjoint(row)  # rows with optional fields: `_slow` checks and keeps them
                 and all(texts := [q, r, *neg] if neg else [q, r])
                 and set(map(type, texts)) == _STR
                 and (f := "".join(map(_first, texts))).isprintable()
@@ -407,14 +412,17 @@ class Converter:
                 self._slow(name, where, shape, n, row)
 
     # -- output and bookkeeping -----------------------------------------------------------------------
-    def _emit(self, q: str, r: str, neg: list, label) -> None:
-        """Append one output row; a TypeError (a lone surrogate: the fast loop's callers send the row to
-        `_slow`, whose `check_text` refuses it) leaves nothing behind."""
+    def _emit(self, q: str, r: str, neg: list, label, extra: dict | None = None) -> None:
+        """Append one output row (`extra`: its optional fields, already checked); a TypeError (a lone
+        surrogate: the fast loop's callers send the row to `_slow`, whose `check_text` refuses it) leaves
+        nothing behind."""
         row = {"query": q, "response": r}
         if neg:
             row["rejected_response"] = neg
         if label is not None:
             row["label"] = label
+        if extra:
+            row.update(extra)
         self.parts.append(orjson.dumps(row, option=_NL))
         if label is not None:
             self.labels.append(label)

@@ -9,14 +9,14 @@ Read top to bottom, `run(cfg)` is the whole step (the search and the filters are
 1. Check the knobs. `--passthrough`: copy the rows unchanged and stop (the pipeline always runs this step
    and passes `passthrough = not mine_hard_negatives`: kfp.local cannot pick train's input out of If/Else
    branches, so the DAG keeps one shape).
-2. Read the rows (validated canonical rows) and build the corpus: every response and rejected_response, plus
-   the `--corpus` files.
+2. Read the rows (validated canonical rows; rows with `images` are copied as they are, mining images is not
+   built yet) and build the corpus: every response and rejected_response, plus the `--corpus` files.
 3. `--nproc N` outside torchrun: relaunch under torchrun (`embedtune.launch`), one process per GPU, and
    return the stats rank 0 wrote.
 4. Load the model for inference (`modeling.load_model`, with train's pooling and query instruction) and
    encode each distinct query (with the query instruction) and corpus text once
    (`scoring.encode_unique`); under torchrun the texts are split across ranks and all-gathered
-   (`trainer.gather_over_ranks`), so every GPU encodes a shard.
+   (`distributed.gather_over_ranks`), so every GPU encodes a shard.
 5. Search: each distinct query's top-k documents, in blocks (never the Q x D matrix); under torchrun the
    queries are split across ranks too.
 6. Select per row (own positives out, rank window, false-negative filters, top or random), write the rows
@@ -26,17 +26,16 @@ Read top to bottom, `run(cfg)` is the whole step (the search and the filters are
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from embedtune.config import MineConfig
 from embedtune.data import read_rows
+from embedtune.distributed import gather_over_ranks, init_ranks
 from embedtune.errors import EmbedtuneError
 from embedtune.io import atomic_write, read_json, write_json, write_jsonl
 from embedtune.launch import inside_torchrun, torchrun
@@ -44,7 +43,6 @@ from embedtune.mining import SAMPLINGS, build_corpus, distinct_queries, search_d
 from embedtune.overlap import split_paths, text_key
 from embedtune.progress import rank, say
 from embedtune.scoring import encode_unique, row_dots, scoring_model
-from embedtune.trainer import gather_over_ranks
 
 
 def run(cfg: MineConfig) -> dict:
@@ -57,7 +55,10 @@ def run(cfg: MineConfig) -> dict:
 
     # ---------------------------------------------------------------- 2. rows and corpus
     t0 = time.perf_counter()
-    rows = read_rows(cfg.dataset)
+    given = read_rows(cfg.dataset)
+    rows = [r for r in given if not r.get("images")]  # rows with images: copied as they are (see mining.py)
+    if not rows:
+        raise EmbedtuneError(f"{cfg.dataset}: every row has images; mining image rows is not supported yet")
     files = split_paths(cfg.corpus)
     for path in files:
         if not Path(path).is_file():
@@ -112,16 +113,18 @@ def run(cfg: MineConfig) -> dict:
     if rank() == 0:
         where = {t: i for i, t in enumerate(corpus)}
         positive_scores = row_dots(q, d, row_query, np.array([where[r["response"]] for r in rows]))
-        out_rows, counts = select_negatives(
+        mined, counts = select_negatives(
             rows, row_query, skip, corpus, doc_keys, scores, indices, positive_scores, cfg
         )
-        write_jsonl(cfg.output, out_rows)
+        by_row = iter(mined)
+        write_jsonl(cfg.output, [r if r.get("images") else next(by_row) for r in given])
+        counts["rows_with_images_copied"] = len(given) - len(rows)
         t4 = time.perf_counter()
         result = {
             "dataset": cfg.dataset,
             "output": cfg.output,
             "passthrough": False,
-            "rows": len(rows),
+            "rows": len(given),
             "queries": len(queries),
             "corpus_texts": len(corpus),
             "corpus_files": files,
@@ -189,19 +192,3 @@ def passthrough(cfg: MineConfig, stats_path: Path) -> dict:
     write_json(stats_path, result)
     say("mine", f"passthrough: {n} rows copied unchanged (no negatives mined)")
     return result
-
-
-def init_ranks() -> tuple[int, str]:
-    """(world size, device) of this process: under torchrun, a process group (nccl on GPUs, else gloo) and
-    this rank's GPU; outside it, (1, the GPU if there is one, else the CPU)."""
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if not inside_torchrun():
-        return 1, device
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_world_size(), device

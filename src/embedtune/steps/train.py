@@ -12,16 +12,17 @@ Read top to bottom, like nanoGPT: `run(cfg)` is the whole step.
 4. Build the model (`Embedder` or `Reranker`, LoRA on its inner model when asked), tokenize every text once
    (`embedtune.batching`).
 5. Train with the HF Trainer (`embedtune.trainer`): length-grouped batches padded to their own longest text,
-   a wrapper module whose `forward(batch)` returns `{"loss": LOSSES[loss_type](...)}` (with
-   `gradient_cache_chunk_size`, the batch is encoded chunk by chunk: `embedtune.gradcache`), checkpoints every
+   a wrapper module whose `forward(batch)` returns `{"loss": ...}`, the loss of the `loss_type`'s entry in
+   `embedtune.objectives` (with `gradient_cache_chunk_size`: `embedtune.gradcache`), checkpoints every
    `save_steps`, and automatic resume from the latest complete `checkpoint-*` in `checkpoint_dir` (default:
-   `output_dir`, see `embedtune.rundir`). Every evaluation reports the eval loss and evaluate's metrics for
-   the eval file's shape (see below).
+   `output_dir`, see `embedtune.rundir`). Evaluations report the eval loss and evaluate's metrics (below).
 6. Gather the full weights (ZeRO-3 shards them), save the model folder (sentence-transformers format for
    embedders; only the adapter for LoRA), check the saved weights are whole, write `train_result.json`,
    delete the checkpoints.
 
-What each loss sees in a batch (every text encoded in one forward pass) is tabled in `embedtune.batching`.
+Settings are resolved once, here, into plain values passed down: the objective and its knobs, the precision
+(`speed.Precision`), the bucket count, the compile (in `build_model`, with the dtype and LoRA). What each loss
+sees in a batch (every text encoded in one forward pass) is tabled in `embedtune.batching`.
 
 The final folder is `output_dir` itself; `checkpoint-*` folders live inside it while training (or inside
 `checkpoint_dir` when set) and are deleted after the final model is saved and verified (they hold optimizer
@@ -39,21 +40,15 @@ rank its own ZeRO shards there, and every rank resumes from the same newest chec
 
 Evaluation metrics during training. With `eval_data`, every evaluation (before the first step of a fresh run,
 every `eval_steps`, and at the end) logs, next to `eval_loss`, the metrics `embedtune evaluate` computes for
-the file's shape (`eval_spearman_cosine`, ... for STS rows; `eval_ndcg_at_10`, `eval_map`, `eval_mrr_at_10`,
-`eval_mean_pos`, `eval_mean_neg`, `eval_margin` for ranking and retrieval rows; rerankers: ranking rows only).
-The code is evaluate's own (`evaldata.read_eval_data` + `scoring.measure` on the live model), so the final values equal what
-`embedtune evaluate` reports for the saved model. Under torchrun the unique texts (or reranker pairs) are split
-across ranks, each rank encodes its share padded to the same count (ZeRO-3 gathers parameters collectively in
-every forward pass: a rank with one batch more would wait forever), the outputs are all-gathered and every
-rank computes the metrics. A file evaluate cannot measure for this model (a reranker on rows without
-`rejected_response`, STS rows whose labels are all equal) keeps the eval loss only, and says why.
+the file's shape, by evaluate's own code on the live model (`evaldata.read_eval_data` + `scoring.measure`),
+texts sharded across ranks (`distributed.gather_over_ranks`); a file evaluate cannot measure for this model
+keeps the eval loss only, and says why.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import time
 import warnings
 from pathlib import Path
@@ -64,13 +59,15 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from embedtune.batching import Collator, tokenize_rows
 from embedtune.config import ENV_DEFAULTS, TrainConfig, resolve_env_defaults
-from embedtune.data import EMBEDDING_LOSSES, RERANKER_LOSSES, check_loss_data, read_rows
+from embedtune.data import check_loss_data, read_rows
+from embedtune.distributed import launched
 from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import METRIC_NAMES, PRIMARY, EvalData, read_eval_data
 from embedtune.io import read_json, write_json
-from embedtune.launch import LAUNCHED, Topology, inside_torchrun, job_topology, torchrun
+from embedtune.launch import LAUNCHED, inside_torchrun, job_topology, joined, torchrun
 from embedtune.losses import matryoshka_spec
 from embedtune.modeling import Embedder, Reranker, add_lora
+from embedtune.objectives import TASKS, env_knobs, knob_problems, losses_for, objective, resolve_knobs
 from embedtune.overlap import train_fingerprint
 from embedtune.progress import rank, say
 from embedtune.rundir import (
@@ -84,7 +81,7 @@ from embedtune.rundir import (
     resumed_step,
     save_final,
 )
-from embedtune.speed import check_train_knobs, train_precision
+from embedtune.speed import Precision, check_train_knobs, peak_memory_gb, regional_compile, resolve_buckets
 from embedtune.trainer import EmbedtuneTrainer, StepLog, TrainModel, training_arguments
 from embedtune.trainjob import check_submit, run_on_nodes
 
@@ -98,8 +95,8 @@ def run(cfg: TrainConfig) -> dict:
     warnings.filterwarnings("ignore", DEPRECATED_DIST_CALLS, FutureWarning)
     given, cfg = cfg, resolve_env_defaults(cfg)
     topology = job_topology()  # this process is a node of a multi-node job (PET_* set), or None
-    cfg = joined(cfg, topology)
-    check_knobs(cfg)
+    cfg = joined(cfg, topology)  # a node of a multi-node job: the job's nodes and processes per node
+    precision = check_knobs(cfg)  # the dtype decided once (`speed.Precision`), passed down from here
     if cfg.nodes > 1 and topology is None:
         check_submit(cfg)
     out = Path(cfg.output_dir)
@@ -122,14 +119,13 @@ def run(cfg: TrainConfig) -> dict:
 
     # ---------------------------------------------------------------- 4. model and tokens
     # TrainingArguments first: with ZeRO-3 it makes from_pretrained load the weights already sharded.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     # Under torchrun the processes are what they are: per node, and nodes = world / per node.
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    world, per_node = launched()
     cfg = dataclasses.replace(cfg, nproc=per_node, nodes=world // per_node)
     ckpt_dir = Path(cfg.checkpoint_dir or cfg.output_dir)
     resume = latest_checkpoint(ckpt_dir)
     metric_data = metric_eval_data(cfg.eval_data, cfg.task_type) if eval_rows else None
-    args = training_arguments(cfg, world, has_eval=bool(eval_rows), fresh=resume is None)
+    args = training_arguments(cfg, world, has_eval=bool(eval_rows), fresh=resume is None, precision=precision)
     if cfg.deepspeed != "none":
         import deepspeed
 
@@ -137,7 +133,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.nodes > 1:
         _ = args.device  # sets up the process group (accelerate), if DeepSpeed did not
         check_shared(sorted({out, ckpt_dir}), rank(), world)  # before hours of training, not at the save
-    model = build_model(cfg)
+    model = build_model(cfg, precision)
     t0 = time.perf_counter()
     train_set = tokenize_rows(model, train_rows)
     eval_set = sorted(tokenize_rows(model, eval_rows), key=lambda f: f["length"])
@@ -150,23 +146,18 @@ def run(cfg: TrainConfig) -> dict:
 
     # ---------------------------------------------------------------- 5. train
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    obj = objective(cfg.loss_type)
     trainer = EmbedtuneTrainer(
-        model=TrainModel(model, cfg),
+        model=train_module(model, cfg),
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set or None,
-        data_collator=Collator(
-            cfg.loss_type,
-            model.tokenizer.pad_token_id,
-            cfg.infonce_hard_negatives,
-            cfg.seed,
-            cfg.pad_to_multiple_of,
-        ),
+        data_collator=collator(model, cfg),
+        metric_data=metric_data,
+        distinct_texts=obj.distinct_batches(resolve_knobs(obj, cfg)),
+        group_by_length=cfg.group_by_length,
+        master_weights=precision.master_weights,
     )
-    trainer.metric_data = metric_data
-    trainer.distinct_texts = cfg.loss_type == "infonce" and bool(cfg.infonce_use_batch)
-    trainer.group_by_length = cfg.group_by_length
-    trainer.master_weights = train_precision(cfg.dtype, cfg.deepspeed)["master"]
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
     step_log = StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None)
@@ -252,33 +243,9 @@ def run(cfg: TrainConfig) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- knobs
-def peak_memory_gb() -> float:
-    """Peak memory of this process: allocated GPU memory under CUDA, else the resident set size (rank 0)."""
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
-
-
-def joined(cfg: TrainConfig, topology: Topology | None) -> TrainConfig:
-    """The knobs of a node of a multi-node job: the job's node count and processes per node (the runtime's
-    word: `PET_NPROC_PER_NODE` is what each pod was given), else `cfg` as it is."""
-    if topology is None:
-        return cfg
-    if cfg.nodes not in (1, topology.nnodes):
-        raise EmbedtuneError(f"nodes: {cfg.nodes}, but this job has PET_NNODES={topology.nnodes} nodes")
-    per_node = topology.nproc_per_node
-    nproc = int(per_node) if per_node.isdigit() else cfg.nproc
-    if nproc != cfg.nproc and not os.environ.get(LAUNCHED):
-        say("train", f"nproc = {nproc} per node (PET_NPROC_PER_NODE; --nproc {cfg.nproc} ignored)")
-    return dataclasses.replace(cfg, nodes=topology.nnodes, nproc=nproc)
-
-
 def log_env_knobs(given: TrainConfig, cfg: TrainConfig) -> None:
-    """Log the effective value of each env-var knob the loss reads, and where it came from."""
-    fields = [f for f in ENV_DEFAULTS if f.startswith("infonce_")] if cfg.loss_type == "infonce" else []
-    if cfg.task_type == "reranker":
-        fields = ["positive_token", "negative_token"]
-    for field in fields:
+    """Log the effective value of each env-var knob the loss (and its task) reads, and where it came from."""
+    for field in env_knobs(objective(cfg.loss_type)):
         env = ENV_DEFAULTS[field][0]
         if getattr(given, field) is not None:
             source = "flag" + (f", env {env} ignored" if os.environ.get(env) else "")
@@ -287,15 +254,15 @@ def log_env_knobs(given: TrainConfig, cfg: TrainConfig) -> None:
         say("train", f"{field} = {getattr(cfg, field)!r} ({source})")
 
 
-def check_knobs(cfg: TrainConfig) -> None:
-    """Reject knob combinations that cannot work, before anything is loaded."""
-    losses = {"embedding": EMBEDDING_LOSSES, "reranker": RERANKER_LOSSES}
-    if cfg.task_type not in losses:
-        raise EmbedtuneError(f"task_type: {cfg.task_type!r} is not one of embedding, reranker")
-    if cfg.loss_type not in losses[cfg.task_type]:
+def check_knobs(cfg: TrainConfig) -> Precision:
+    """Reject knob combinations that cannot work, before anything is loaded; returns the resolved precision.
+    `cfg`'s env-var knobs must be resolved (`resolve_env_defaults`)."""
+    if cfg.task_type not in TASKS:
+        raise EmbedtuneError(f"task_type: {cfg.task_type!r} is not one of {', '.join(TASKS)}")
+    if cfg.loss_type not in losses_for(cfg.task_type):
         raise EmbedtuneError(
             f"loss_type: {cfg.loss_type!r} is not for task_type {cfg.task_type!r}; "
-            f"choose one of {', '.join(sorted(losses[cfg.task_type]))}"
+            f"choose one of {', '.join(sorted(losses_for(cfg.task_type)))}"
         )
     if cfg.train_type not in ("full", "lora"):
         raise EmbedtuneError(f"train_type: {cfg.train_type!r} is not one of full, lora")
@@ -311,15 +278,20 @@ def check_knobs(cfg: TrainConfig) -> None:
         raise EmbedtuneError("set num_train_epochs > 0 or max_steps > 0")
     if cfg.gradient_cache_chunk_size < 0:
         raise EmbedtuneError(f"gradient_cache_chunk_size: {cfg.gradient_cache_chunk_size} must be >= 0")
-    if cfg.loss_type == "infonce" and cfg.infonce_temperature <= 0:
-        raise EmbedtuneError(f"infonce_temperature: {cfg.infonce_temperature} must be > 0")
+    obj = objective(cfg.loss_type)
+    if problems := knob_problems(obj, resolve_knobs(obj, cfg)):
+        raise EmbedtuneError("; ".join(problems))
     try:
         dims, _ = matryoshka_spec(cfg.matryoshka_dims, cfg.matryoshka_weights)
     except ValueError as e:
         raise EmbedtuneError(str(e)) from None
-    if dims and cfg.task_type != "embedding":
-        raise EmbedtuneError("matryoshka_dims: only for task_type embedding (a reranker has no embedding)")
-    check_train_knobs(cfg)  # dtype, optim, torch_compile, length_buckets, pad_to_multiple_of
+    if dims and not TASKS[cfg.task_type].embeddings:
+        raise EmbedtuneError(
+            f"matryoshka_dims: only for task_type embedding (a {cfg.task_type} has no embedding)"
+        )
+    precision = Precision.resolve(cfg.dtype, cfg.deepspeed)  # fp16 and unknown values refused
+    check_train_knobs(precision, cfg.optim, cfg.torch_compile, cfg.length_buckets, cfg.pad_to_multiple_of)
+    return precision
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -327,19 +299,16 @@ def load_rows(path: str, cfg: TrainConfig) -> tuple[list[dict], int]:
     """Canonical rows of a JSONL file, each with its `_line`, checked for the loss; and the groups skipped.
 
     Raises `DataError` naming `FILE:LINE: field: reason` (`data.read_rows`, then `data.check_loss_data`).
-    listwise_reranker rows whose group [positive, negatives...] is smaller than `listwise_min_group_size`
-    are dropped and counted (they have nothing to rank against).
+    Rows the objective skips (`Objective.keep_row`: listwise_reranker groups [positive, negatives...]
+    smaller than `listwise_min_group_size`, which have nothing to rank against) are dropped and counted.
     """
+    obj = objective(cfg.loss_type)
+    knobs = resolve_knobs(obj, cfg)
     rows = read_rows(path, cfg.loss_type, lines=True)
-    check_loss_data(cfg.loss_type, rows, cfg, source=path)
-    if cfg.loss_type != "listwise_reranker":
-        return rows, 0
-    kept = [r for r in rows if 1 + len(r.get("rejected_response", [])) >= cfg.listwise_min_group_size]
+    check_loss_data(cfg.loss_type, rows, knobs, source=path)
+    kept = [r for r in rows if obj.keep_row(r, knobs)]
     if len(kept) < len(rows):
-        say(
-            "train",
-            f"{path}: {len(rows) - len(kept)} rows skipped: group smaller than listwise_min_group_size",
-        )
+        say("train", f"{path}: {len(rows) - len(kept)} rows skipped: {obj.skip_reason}")
     return kept, len(rows) - len(kept)
 
 
@@ -351,10 +320,11 @@ def metric_eval_data(path: str, task_type: str) -> EvalData | None:
     except EmbedtuneError as e:  # the rows passed train's checks: this is the shape (e.g. constant labels)
         say("train", f"eval metrics off: {e}")
         return None
-    if task_type == "reranker" and data.shape != "ranking":
+    if data.shape not in TASKS[task_type].eval_shapes:
         say(
             "train",
-            f"eval metrics off: a reranker is measured on ranking rows (rejected_response), not {data.shape}",
+            f"eval metrics off: a {task_type} is measured on {' or '.join(TASKS[task_type].eval_shapes)} rows "
+            f"(ranking: rows with rejected_response), not {data.shape}",
         )
         return None
     say(
@@ -366,9 +336,11 @@ def metric_eval_data(path: str, task_type: str) -> EvalData | None:
 
 
 # -------------------------------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig) -> Embedder | Reranker:
-    """Embedder or Reranker from `cfg.model`; with `train_type=lora`, a PEFT LoRA on its inner model."""
-    dtype = train_precision(cfg.dtype, cfg.deepspeed)["load"]  # bf16 weights: `embedtune.speed`
+def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
+    """Embedder or Reranker from `cfg.model`, what it trains as: weights in `precision.load` (bf16 weights:
+    `embedtune.speed`), with `train_type=lora` a PEFT LoRA on its inner model, with `torch_compile` each
+    layer compiled in place."""
+    dtype = precision.load
     if cfg.task_type == "embedding":
         model = Embedder.from_pretrained(
             cfg.model,
@@ -394,6 +366,28 @@ def build_model(cfg: TrainConfig) -> Embedder | Reranker:
     if cfg.train_type == "lora":
         torch.manual_seed(cfg.seed)  # LoRA's A is random: same seed, same adapter, whatever ran before
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+    regional_compile(model.inner, cfg.torch_compile, cfg.deepspeed)  # each layer in place, when enabled
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     say("train", f"{cfg.task_type} {cfg.train_type}: {n_train:,} trainable parameters")
     return model.train()
+
+
+def train_module(model: Embedder | Reranker, cfg: TrainConfig) -> TrainModel:
+    """The module the Trainer trains, from the config's loss and speed knobs, resolved into plain values."""
+    obj = objective(cfg.loss_type)
+    return TrainModel(
+        model,
+        obj,
+        resolve_knobs(obj, cfg),
+        chunk_size=cfg.gradient_cache_chunk_size,
+        length_buckets=resolve_buckets(cfg.length_buckets),
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+        matryoshka=matryoshka_spec(cfg.matryoshka_dims, cfg.matryoshka_weights),
+    )
+
+
+def collator(model: Embedder | Reranker, cfg: TrainConfig) -> Collator:
+    """The batch collator of the config's loss (its layout and the layout's knobs)."""
+    obj = objective(cfg.loss_type)
+    knobs = resolve_knobs(obj, cfg, collate=True)
+    return Collator(obj, model.tokenizer.pad_token_id, cfg.seed, cfg.pad_to_multiple_of, knobs)

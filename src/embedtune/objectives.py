@@ -1,0 +1,190 @@
+"""The training objectives: one table, one entry per `loss_type`, and everything a loss needs in that entry.
+
+An entry says, for its loss:
+
+- what it trains (`task_type`) and what rows it needs: the label rule (`label`, `label_required`), the
+  negatives every row or some row must have, the rows it skips, the optional row fields it reads (`fields`);
+- how a batch of rows becomes model inputs plus the loss's extra tensors: its `layout`, a key of
+  `batching.LAYOUTS` (which texts are encoded, in which order, and how the encoded outputs are handed to
+  the loss function);
+- the loss itself: `loss`, the name of a pure tensor function in `losses.py`, and `knobs`, its keyword
+  arguments and the `TrainConfig` field each one comes from (`collate_knobs`: the same for the layout);
+- whether its batches must be duplicate-free (in-batch negatives), and the knob values it refuses.
+
+What is shared by every loss of a task (the eval shapes it is measured on, whether it has embeddings for
+Matryoshka, its env-var knobs) is in `TASKS`. Adding a loss is one entry here plus its function in
+`losses.py`: the collator, `TrainModel`, the gradient cache, Matryoshka, the row checks (`data.check_row`,
+`data.check_loss_data`) and the train step read this table, and nothing else branches on a loss name.
+
+Standard library only (like `data.py`, which reads the label rules from here): convert and split never
+import torch. `Objective.function` imports `losses` when it is first asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedtune.errors import EmbedtuneError
+
+FINITE, BINARY = ("finite",), ("binary",)
+
+
+def in_range(lo: float, hi: float) -> tuple:
+    return ("range", lo, hi)
+
+
+def _none(knobs: dict) -> int:
+    return 0
+
+
+def _no(knobs: dict) -> str:
+    return ""
+
+
+def _never(knobs: dict) -> bool:
+    return False
+
+
+def _keep(row: dict, knobs: dict) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Task:
+    """What every objective of one `task_type` shares."""
+
+    eval_shapes: tuple[
+        str, ...
+    ]  # evaldata shapes its models are measured on (during training and by evaluate)
+    embeddings: bool  # the model outputs embeddings (Matryoshka widths apply)
+    env_knobs: tuple[str, ...] = ()  # TrainConfig fields with an ms-swift env-var default, logged at start
+
+
+TASKS = {
+    "embedding": Task(eval_shapes=("sts", "ranking", "retrieval"), embeddings=True),
+    "reranker": Task(
+        eval_shapes=("ranking",), embeddings=False, env_knobs=("positive_token", "negative_token")
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One loss_type (see the module docstring). Callables take the loss's resolved `knobs` (its keyword
+    arguments, by the loss function's own names: `{"temperature": 0.01, "use_batch": True, ...}`)."""
+
+    task_type: str  # a key of TASKS
+    label: tuple  # FINITE | BINARY | in_range(lo, hi): what a row's label must be (bounds inclusive)
+    label_required: bool  # every row needs a label (the loss regresses or classifies it)
+    layout: str  # batching.LAYOUTS key: the texts of a batch and how the outputs reach the loss function
+    loss: str  # name of the pure tensor function in losses.py
+    knobs: dict[str, str] = field(default_factory=dict)  # loss keyword -> TrainConfig field
+    collate_knobs: dict[str, str] = field(default_factory=dict)  # layout keyword -> TrainConfig field
+    fields: tuple[str, ...] = ()  # optional row fields it reads (data.OPTIONAL_FIELDS), e.g. teacher_scores
+    every_row_negatives: Callable[[dict], str] = _no  # why every row needs a negative ("": it need not)
+    some_row_negatives: Callable[[dict], int] = _none  # negatives at least one row must have
+    keep_row: Callable[[dict, dict], bool] = _keep  # (row, knobs): False for rows the loss skips (counted)
+    skip_reason: str = ""  # why keep_row skips a row, for the message
+    distinct_batches: Callable[[dict], bool] = _never  # batches must hold no text twice (in-batch negatives)
+    positive: tuple[str, ...] = ()  # loss keywords that must be > 0
+
+    @property
+    def function(self) -> Callable:
+        from embedtune import losses
+
+        return getattr(losses, self.loss)
+
+
+# The table. Label rules (what ms-swift's data for each loss holds):
+#   infonce  any finite label (unused) | cosine_similarity [-1, 1], required | (online_)contrastive 0/1,
+#   required | pointwise_reranker [0, 1] (BCE target of the positive; default 1) | listwise_reranker unused.
+OBJECTIVES: dict[str, Objective] = {
+    "infonce": Objective(
+        task_type="embedding", label=FINITE, label_required=False, layout="query_docs", loss="infonce_loss",
+        knobs={"temperature": "infonce_temperature", "use_batch": "infonce_use_batch",
+               "mask_fake_negative": "infonce_mask_fake_negative"},
+        collate_knobs={"hard_negatives": "infonce_hard_negatives"},
+        # without in-batch documents a query ranks only its own negatives: it needs some
+        every_row_negatives=lambda k: "" if k["use_batch"] else "when infonce_use_batch is false",
+        distinct_batches=lambda k: bool(k["use_batch"]),
+        positive=("temperature",),
+    ),
+    "cosine_similarity": Objective(
+        task_type="embedding", label=in_range(-1.0, 1.0), label_required=True, layout="text_pairs",
+        loss="cosine_similarity_loss",
+    ),
+    "contrastive": Objective(
+        task_type="embedding", label=BINARY, label_required=True, layout="text_pairs", loss="contrastive_loss",
+        knobs={"margin": "margin"},
+    ),
+    "online_contrastive": Objective(
+        task_type="embedding", label=BINARY, label_required=True, layout="text_pairs",
+        loss="online_contrastive_loss", knobs={"margin": "margin"},
+    ),
+    "pointwise_reranker": Objective(
+        task_type="reranker", label=in_range(0.0, 1.0), label_required=False, layout="prompts",
+        loss="pointwise_reranker_loss", some_row_negatives=lambda k: 1,
+    ),
+    "listwise_reranker": Objective(
+        task_type="reranker", label=FINITE, label_required=False, layout="prompt_groups",
+        loss="listwise_reranker_loss",
+        knobs={"temperature": "listwise_temperature", "min_group_size": "listwise_min_group_size"},
+        some_row_negatives=lambda k: max(k["min_group_size"] - 1, 1),
+        keep_row=lambda row, k: 1 + len(row.get("rejected_response") or []) >= k["min_group_size"],
+        skip_reason="group smaller than listwise_min_group_size",
+        positive=("temperature",),
+    ),
+}  # fmt: skip
+LOSS_TYPES = tuple(OBJECTIVES)
+NO_LOSS = Objective(
+    task_type="", label=FINITE, label_required=False, layout="", loss=""
+)  # data naming no loss
+
+
+def losses_for(task_type: str) -> tuple[str, ...]:
+    return tuple(name for name, o in OBJECTIVES.items() if o.task_type == task_type)
+
+
+def objective(loss_type: str) -> Objective:
+    """The entry of `loss_type` ("" for data that names no loss: any finite label, none required)."""
+    if loss_type == "":
+        return NO_LOSS
+    if loss_type not in OBJECTIVES:
+        raise EmbedtuneError(f"loss_type: unknown {loss_type!r} (expected one of {', '.join(LOSS_TYPES)})")
+    return OBJECTIVES[loss_type]
+
+
+def _defaults() -> dict[str, Any]:
+    """Every TrainConfig field's default, env-var knobs at their built-in value (what an unset knob means)."""
+    from embedtune.config import ENV_DEFAULTS, TrainConfig
+
+    out = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return {**out, **{name: default for name, (_, _, default) in ENV_DEFAULTS.items()}}
+
+
+def resolve_knobs(obj: Objective, cfg=None, collate: bool = False) -> dict[str, Any]:
+    """The loss's keyword arguments (`collate`: the layout's) from a `TrainConfig` whose env-var knobs are
+    resolved; without `cfg`, the defaults. The one place a loss's knobs are read from the config."""
+    source = _defaults() if cfg is None else {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    names = obj.collate_knobs if collate else obj.knobs
+    return {kw: source[name] for kw, name in names.items()}
+
+
+def knob_problems(obj: Objective, knobs: dict) -> list[str]:
+    """Knob values the loss cannot use, as `field: reason` (`knobs` from `resolve_knobs`)."""
+    return [
+        f"{obj.knobs[k]}: {knobs[k]} must be > 0"
+        for k in obj.positive
+        if not (knobs[k] is None or knobs[k] > 0)
+    ]
+
+
+def env_knobs(obj: Objective) -> list[str]:
+    """The TrainConfig fields with an env-var default this loss (and its task) reads."""
+    from embedtune.config import ENV_DEFAULTS
+
+    read = {*obj.knobs.values(), *obj.collate_knobs.values(), *TASKS[obj.task_type].env_knobs}
+    return [f for f in ENV_DEFAULTS if f in read]
