@@ -8,6 +8,7 @@ pipeline reads them at compile time). Imports go inside the body because only th
 """
 
 from components.convert import convert
+from components.deploy import deploy
 from components.evaluate import evaluate
 from components.merge import merge
 from components.mine import mine
@@ -23,6 +24,7 @@ COMPONENTS = {
     "evaluate": evaluate,
     "merge": merge,
     "register": register,
+    "deploy": deploy,
 }
 
-__all__ = ["COMPONENTS", "convert", "evaluate", "merge", "mine", "register", "split", "train"]
+__all__ = ["COMPONENTS", "convert", "deploy", "evaluate", "merge", "mine", "register", "split", "train"]

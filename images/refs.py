@@ -4,8 +4,9 @@ Two images, tagged with the package version so a compiled pipeline always names 
 source (the KFP server caches on the image string, not its contents, so a moving tag like `latest` would
 replay stale results):
 
-- CPU (`images/cpu/Dockerfile`): convert, split, register. Slim Python + `pip install .` with CPU torch.
-- GPU (`images/gpu/Dockerfile`): train, merge, evaluate. CUDA + torch + DeepSpeed + `pip install .[train]`.
+- CPU (`images/cpu/Dockerfile`): convert, split, register, deploy. Slim Python + `pip install .` with CPU torch.
+- GPU (`images/gpu/Dockerfile`): train, merge, evaluate, mine, and the served model (`SERVE_IMAGE`: what the
+  deploy step's InferenceService runs). CUDA + torch + DeepSpeed + `pip install .[train]`.
 
 Push to your own registry by setting `EMBEDTUNE_IMAGE_REGISTRY` both when building (`make images`) and when
 compiling (`make compile-pipeline`); the checked-in compiled pipeline uses the default below.
@@ -32,7 +33,9 @@ STEP_IMAGES = {
     "merge": GPU_IMAGE,
     "evaluate": GPU_IMAGE,
     "mine": GPU_IMAGE,
+    "deploy": CPU_IMAGE,  # only API calls (MLflow, Kubernetes)
 }
+SERVE_IMAGE = GPU_IMAGE  # the image of the InferenceService predictor the deploy step creates
 
 if __name__ == "__main__":
     print(f"VERSION={__version__}\nCPU_IMAGE={CPU_IMAGE}\nGPU_IMAGE={GPU_IMAGE}")

@@ -61,6 +61,7 @@ RESOURCES = {
     "merge": {"cpu": "4", "memory": "48Gi"},
     "evaluate": {"cpu": "4", "memory": "32Gi"},
     "register": {"cpu": "2", "memory": "32Gi"},
+    "deploy": {"cpu": "1", "memory": "2Gi"},
 }
 TIMEOUT_S = {
     "convert": 2 * 3600,
@@ -70,10 +71,11 @@ TIMEOUT_S = {
     "merge": 2 * 3600,
     "evaluate": 6 * 3600,
     "register": 2 * 3600,
+    "deploy": 3600,  # the step's own ready_timeout_s (default 900 s) is shorter
 }
-RETRIES = {"convert": 3, "register": 3}
+RETRIES = {"convert": 3, "register": 3, "deploy": 2}  # a retried deploy of the same version only waits
 RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
-NO_CACHE = {"convert", "train", "register"}
+NO_CACHE = {"convert", "train", "register", "deploy"}
 SHM_STEPS = {"train", "evaluate", "merge", "mine"}
 SHM_SIZE = "16Gi"
 
@@ -84,7 +86,7 @@ MLFLOW_SECRET_KEYS = {
     "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",  # used when the pipeline parameter tracking_uri is empty
 }
-MLFLOW_STEPS = {"register"}
+MLFLOW_STEPS = {"register", "deploy"}
 
 # Hooks. A PVC name here mounts it at MODEL_CACHE_PATH on the steps that load models and points HF_HOME there.
 MODEL_CACHE_PVC: str | None = None

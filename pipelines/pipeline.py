@@ -50,10 +50,10 @@ from pathlib import Path
 import yaml
 from kfp import dsl
 
-from components import COMPONENTS, convert, evaluate, merge, mine, register, split, train
+from components import COMPONENTS, convert, deploy, evaluate, merge, mine, register, split, train
 from components.describe import documented
 from embedtune.config import ENV_DEFAULTS, STEP_CONFIGS, TrainConfig, field_help
-from images.refs import STEP_IMAGES
+from images.refs import SERVE_IMAGE, STEP_IMAGES
 from pipelines import cluster
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -65,12 +65,16 @@ PIPELINE_ONLY = {
     "gpus": "GPUs for train (one process per GPU); 0 trains on CPU with cpu_procs processes.",
     "eval_gpus": "GPUs for evaluate (it runs one process).",
     "cpu_procs": "Training processes when gpus is 0 (CPU, gloo; DeepSpeed needs 2 or more).",
-    "accelerator_type": "Kubernetes resource name of the GPUs (e.g. nvidia.com/gpu).",
     "mine_hard_negatives": "Mine hard negatives for the train split with the base model before training (the "
     "mine step; its knobs: corpus, num_negatives, range_min, range_max, relative_margin, max_score, sampling, "
     "keep_original_negatives); false: train on split's rows as they are. Set mine_gpus too.",
     "mine_gpus": "GPUs for mine (the corpus is encoded in shards, one process per GPU); 0: one CPU process. "
     "Only worth it with mine_hard_negatives: otherwise mine only copies the rows.",
+    "deploy_model": "After register, serve this run's model with `embedtune serve` as a KServe InferenceService "
+    "when it became the champion (the deploy step; its knobs: service_name, namespace, canary_traffic_percent, "
+    "serve_gpus, min_replicas, max_replicas, ready_timeout_s, mlflow_secret, api_key_secret and the serve knobs "
+    "max_batch_tokens, max_wait_ms, max_input_tokens, truncate, max_inputs). Needs a tracking_uri the predictor "
+    "pods reach and the Role in pipelines/rbac/deploy.yaml.",
 }
 # Every config field that is not a pipeline parameter, and why (`test_every_config_field_is_a_parameter_or_
 # excluded_with_a_reason` keeps this complete). Keys are `<step>.<field>`.
@@ -105,6 +109,8 @@ NOT_IN_PIPELINE = {
     "register.dataset_stats": "an artifact: convert's stats JSON (its fingerprint)",
     "register.run_id": "the pipeline run id (idempotency key), filled in by Kubeflow",
     "register.image": "the images the steps ran in, from images.refs at compile time",
+    "deploy.serve_image": "the GPU image (images.refs.SERVE_IMAGE) at compile time, like every step's image",
+    "deploy.run_id": "the pipeline run id (which version this run registered), filled in by Kubeflow",
 }
 
 
@@ -233,8 +239,23 @@ def embedtune_pipeline(
     gpus: int = 1,
     eval_gpus: int = 1,
     cpu_procs: int = 2,
-    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_type: str = default("accelerator_type"),
     mine_gpus: int = 0,
+    deploy_model: bool = False,
+    service_name: str = default("service_name"),
+    namespace: str = default("namespace"),
+    canary_traffic_percent: int = default("canary_traffic_percent"),
+    serve_gpus: int = default("serve_gpus"),
+    min_replicas: int = default("min_replicas"),
+    max_replicas: int = default("max_replicas"),
+    ready_timeout_s: int = default("ready_timeout_s"),
+    mlflow_secret: str = default("mlflow_secret"),
+    api_key_secret: str = default("api_key_secret"),
+    max_batch_tokens: int = default("max_batch_tokens"),
+    max_wait_ms: float = default("max_wait_ms"),
+    max_input_tokens: int = default("max_input_tokens"),
+    truncate: bool = default("truncate"),
+    max_inputs: int = default("max_inputs"),
 ):
     """Fine-tune, evaluate and register one model."""
     params = dict(locals())  # every parameter by name: each step takes those its component names
@@ -289,6 +310,11 @@ def embedtune_pipeline(
             )
         )
         cluster.configure(reg, "register")
+        with dsl.If(deploy_model == True, name="deploy-model"):  # noqa: E712 (a pipeline channel, not a bool)
+            dep = deploy(
+                **knobs(deploy, params, serve_image=SERVE_IMAGE, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            ).after(reg)
+            cluster.configure(dep, "deploy")
 
     with dsl.If(ev.outputs["Output"] >= min_primary_metric, name="good-enough"):
         with dsl.If(train_type == "lora", name="lora"):

@@ -10,9 +10,12 @@ Paths (namespace-scoped, as the launcher uses them):
     GET  /api/v1/namespaces/NS/pods?labelSelector=a=b,c=d     GET /api/v1/namespaces/NS/pods/NAME
     GET  /api/v1/namespaces/NS/pods/NAME/log?follow=true       (chunked, as the API server streams it)
     GET  /api/v1/namespaces/NS/persistentvolumeclaims/NAME     GET /api/v1/namespaces/NS/events?fieldSelector=
+    POST/GET/PATCH /apis/serving.kserve.io/v1beta1/namespaces/NS/inferenceservices[/NAME]   (merge patch)
 On create it enforces what the real server and the Trainer's webhook would: the body must survive a round
 trip through the Trainer 2.3 API models (`kubeflow-trainer-api`: unknown or mistyped fields are dropped,
-so the round trip differs), the name must be an RFC 1035 label of <= 63 characters, no PET_* env.
+so the round trip differs), the name must be an RFC 1035 label of <= 63 characters, no PET_* env. An
+InferenceService (created, or as a patch leaves it) must survive the same round trip through KServe 0.21's
+API models (`kserve`); the behaviour decides when it turns Ready (`Behaviour.service_changed`).
 """
 
 from __future__ import annotations
@@ -35,11 +38,22 @@ JOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/tr
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?(/log)?$")
 CLAIMS = re.compile(r"^/api/v1/namespaces/([^/]+)/persistentvolumeclaims/([^/]+)$")
 EVENTS = re.compile(r"^/api/v1/namespaces/([^/]+)/events$")
+SERVICES = re.compile(
+    r"^/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/]+))?$"
+)
 INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def name_problem(body: dict) -> str | None:
+    """The API server's rule for both kinds' names: an RFC 1035 label of at most 63 characters."""
+    name = body["metadata"]["name"]
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        return "metadata.name must match RFC 1035 DNS label format"
+    return None
 
 
 def validate_trainjob(body: dict) -> str | None:
@@ -52,13 +66,48 @@ def validate_trainjob(body: dict) -> str | None:
         return f"schema: {e}"
     if back != body:
         return f"schema: fields the Trainer 2.3 API does not know, or of the wrong shape: {json.dumps(body)}"
-    name = body["metadata"]["name"]
-    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
-        return "metadata.name must match RFC 1035 DNS label format"
+    if problem := name_problem(body):
+        return problem
     env = {e["name"] for e in body["spec"].get("trainer", {}).get("env", [])}
     if env & set(PET_VARS):
         return f"env {sorted(env & set(PET_VARS))} is reserved by the torch runtime"
     return None
+
+
+def validate_inference_service(body: dict) -> str | None:
+    """Why the API server (the InferenceService CRD schema) would refuse this body; None if it would not."""
+    import kserve
+    import kserve.models
+    import kubernetes.client.models as k8s
+
+    for name in dir(k8s):  # kserve's generated client resolves the core types (V1Container, ...) by name
+        if name.startswith("V1") and not hasattr(kserve.models, name):
+            setattr(kserve.models, name, getattr(k8s, name))
+
+    class Raw:
+        data = json.dumps(body)
+
+    client = kserve.ApiClient()
+    try:
+        back = client.sanitize_for_serialization(client.deserialize(Raw(), "V1beta1InferenceService"))
+    except Exception as e:
+        return f"schema: {e}"
+    if back != body:
+        return f"schema: fields KServe 0.21 does not know, or of the wrong shape: {json.dumps(body)}"
+    return name_problem(body)
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch (what `patch_namespaced_custom_object` sends for a dict)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 class Behaviour:
@@ -66,6 +115,14 @@ class Behaviour:
 
     def created(self, api: StandIn, job: dict) -> None:
         pass
+
+    def service_changed(self, api: StandIn, service: dict) -> None:
+        """An InferenceService was created or patched: by default it is Ready at once, at its URL."""
+        meta = service["metadata"]
+        service["status"] = {
+            "url": f"http://{meta['name']}.{meta['namespace']}.example.com",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now()}],
+        }
 
     def tick(self, api: StandIn) -> None:
         pass
@@ -84,6 +141,8 @@ class StandIn:
         self.log_files: dict[str, Path] = {}
         self.events: list[dict] = []
         self.claims: dict[str, dict] = {}
+        self.services: dict[str, dict] = {}  # InferenceServices by name
+        self.patches: list[dict] = []
         self.created: list[dict] = []  # every body accepted by POST
         self.deleted: list[str] = []
         self.calls: list[tuple[str, str]] = []
@@ -216,6 +275,9 @@ class StandIn:
             def do_DELETE(self):
                 self._safely("DELETE")
 
+            def do_PATCH(self):
+                self._safely("PATCH")
+
             def _safely(self, method: str) -> None:
                 """A bug in the stand-in answers 500 (the client raises) instead of leaving it waiting."""
                 try:
@@ -228,12 +290,14 @@ class StandIn:
             def _route(self, method: str) -> None:
                 url = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                body = self._body() if method in ("POST", "DELETE") else None
+                body = self._body() if method in ("POST", "DELETE", "PATCH") else None
                 with api.lock:
                     api.calls.append((method, url.path))
                     api.behaviour.tick(api)
                     if m := JOBS.match(url.path):
                         return self._jobs(method, m.group(2), body)
+                    if m := SERVICES.match(url.path):
+                        return self._services(method, m.group(2), body)
                     if (m := PODS.match(url.path)) and method == "GET":
                         if m.group(3):
                             return self._log(m.group(2), query)
@@ -299,6 +363,37 @@ class StandIn:
                         del api.pods[pod]
                     api.deleted.append(name)
                     return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                self._status(405, "MethodNotAllowed", method)
+
+            def _services(self, method: str, name: str | None, body: dict | None) -> None:
+                if method == "POST":
+                    if problem := validate_inference_service(body):
+                        return self._status(422, "Invalid", problem)
+                    name = body["metadata"]["name"]
+                    if name in api.services:
+                        return self._status(
+                            409, "AlreadyExists", f'inferenceservices "{name}" already exists'
+                        )
+                    service = json.loads(json.dumps(body))
+                    api.services[name] = service
+                    api.created.append(body)
+                    api.behaviour.service_changed(api, service)
+                    return self._send(201, service)
+                service = api.services.get(name) if name else None
+                if service is None:
+                    return self._status(404, "NotFound", f'inferenceservices "{name}" not found')
+                if method == "GET":
+                    return self._send(200, service)
+                if method == "PATCH":
+                    if "merge-patch" not in (self.headers.get("Content-Type") or ""):
+                        return self._status(415, "UnsupportedMediaType", self.headers.get("Content-Type", ""))
+                    patched = merge_patch({k: v for k, v in service.items() if k != "status"}, body)
+                    if problem := validate_inference_service(patched):
+                        return self._status(422, "Invalid", problem)
+                    api.patches.append(body)
+                    api.services[name] = {**patched, "status": service.get("status", {})}
+                    api.behaviour.service_changed(api, api.services[name])
+                    return self._send(200, api.services[name])
                 self._status(405, "MethodNotAllowed", method)
 
             def _log(self, pod: str, query: dict) -> None:

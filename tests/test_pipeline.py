@@ -103,6 +103,7 @@ class FakeArtifact:
 FAKE_RESULTS = {
     "evaluate": {"metrics": {"ndcg_at_10": 0.5}, "primary_value": 0.5},
     "register": {"promoted": True, "created": True, "version": "1", "model_uri": "models:/m@champion"},
+    "deploy": {"deployed": True, "version": "2", "url": "http://m.team.example.com"},
 }
 
 
@@ -343,7 +344,7 @@ def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled
     good = "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= inputs.parameter_values['pipelinechannel--min_primary_metric']"
     lora = "inputs.parameter_values['pipelinechannel--train_type'] == 'lora'"
     assert set(conditions) == {
-        "convert", "split", "mine", "train", "evaluate", "merge", "register", "register-2",
+        "convert", "split", "mine", "train", "evaluate", "merge", "register", "register-2", "deploy", "deploy-2",
     }  # fmt: skip
     for name in ("convert", "split", "mine", "train", "evaluate"):
         assert conditions[name] == [], name
@@ -357,6 +358,12 @@ def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled
     assert inputs["train"]["artifacts"]["eval_data"]["taskOutputArtifact"]["producerTask"] == "split"
     assert conditions["merge"] == conditions["register"] == [good, lora]
     assert conditions["register-2"] == [good, f"!({lora})"]
+    asked = "inputs.parameter_values['pipelinechannel--deploy_model'] == true"
+    assert conditions["deploy"] == [good, lora, asked] and conditions["deploy-2"] == [
+        good,
+        f"!({lora})",
+        asked,
+    ]
     # The LoRA branch registers merge's output, the full branch train's; evaluate measures train's output.
     assert inputs["register"]["artifacts"]["model"] == {
         "taskOutputArtifact": {"outputArtifactKey": "output", "producerTask": "merge"}

@@ -23,7 +23,7 @@ import typing
 import orjson
 
 from embedtune import __version__
-from embedtune.config import STEP_CONFIGS, field_help, parse_bool
+from embedtune.config import CLI_CONFIGS, field_help, parse_bool
 from embedtune.errors import EmbedtuneError
 from embedtune.progress import error_line
 from embedtune.safety import mask_credentials
@@ -77,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedtune",
         description="Fine-tune embedding models and rerankers: convert -> split -> [mine] -> train -> evaluate -> merge -> "
-        "register. The Kubeflow pipeline is submitted from the repository: make submit (pipelines/client.py).",
+        "register, then serve. The Kubeflow pipeline is submitted from the repository: make submit (pipelines/client.py).",
     )
     parser.add_argument("--version", action="version", version=f"embedtune {__version__}")
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for name, cls in STEP_CONFIGS.items():
+    for name, cls in CLI_CONFIGS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         p = sub.add_parser(name, help=doc, description=doc)
         add_config_arguments(p, cls)
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(name: str, args: argparse.Namespace):
-    cls = STEP_CONFIGS[name]
+    cls = CLI_CONFIGS[name]
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 

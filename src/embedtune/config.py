@@ -196,6 +196,51 @@ class RegisterConfig:
     image: str = ""  # container image the steps ran in (lineage tag)
 
 
+@dataclass(frozen=True)
+class DeployConfig:
+    """deploy: serve this run's registered model with `embedtune serve` as a KServe InferenceService, if it is the champion."""
+
+    name: str  # registered model name in MLflow (what register wrote)
+    serve_image: str  # container image of the predictor (runs `embedtune serve`; the pipeline passes the GPU image)
+    run_id: str = ""  # pipeline run id: the version this run registered is deployed, and only while it is the champion; empty: the champion, whoever registered it
+    tracking_uri: str = ""  # MLflow tracking server both this step and the predictor pods reach (default env MLFLOW_TRACKING_URI); a local store cannot be served from a pod and is refused
+    service_name: str = ""  # InferenceService name; empty: the registered model name as an RFC 1035 label of at most 45 characters
+    namespace: str = ""  # Kubernetes namespace of the service; empty: this pod's own (in a cluster), else the kubeconfig context's
+    canary_traffic_percent: int = 100  # when the service exists: the share of traffic its new revision gets while the previous revision keeps the rest (KServe canary rollout); 100: all of it once ready
+    serve_gpus: int = 1  # GPUs per predictor replica (0: CPU)
+    accelerator_type: str = "nvidia.com/gpu"  # the GPUs' resource name
+    min_replicas: int = 1  # predictor replicas at least (0 lets KServe scale to zero)
+    max_replicas: int = 1  # predictor replicas at most
+    ready_timeout_s: int = 900  # how long the step waits for the service to be Ready (image pull, model download and load)
+    mlflow_secret: str = "mlflow-credentials"  # Kubernetes secret whose MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN keys the predictor gets (each optional); empty: none
+    api_key_secret: str = ""  # Kubernetes secret whose key `api-key` is the bearer token the served API requires; empty: no token
+    dtype: str = "auto"  # serve: weights while serving: auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32 | autocast
+    max_batch_tokens: int = 16384  # serve: padded tokens per forward pass (dynamic batching)
+    max_wait_ms: float = 5.0  # serve: how long the first queued request waits for others
+    max_input_tokens: int = 0  # serve: tokens per text; 0: the model's max length
+    truncate: bool = True  # serve: cut texts over max_input_tokens (false: refuse them with 400)
+    max_inputs: int = 2048  # serve: texts per embeddings request, documents per rerank request
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """serve: OpenAI-compatible /v1/embeddings and Cohere/Jina-compatible /v1/rerank for a model embedtune wrote, with dynamic batching."""
+
+    model: str  # model folder (train or merge output, full or LoRA adapter), models:/NAME@ALIAS or models:/NAME/VERSION of the MLflow registry, or a Hugging Face hub id
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0 in a container)
+    port: int = 8000  # port to listen on
+    served_model_name: str = ""  # the name clients send as `model` and /v1/models lists; empty: the folder's name, or the registered model's name
+    tracking_uri: str = ""  # MLflow tracking URI for models:/ (default env MLFLOW_TRACKING_URI, else the local store register writes: sqlite:///~/.embedtune/mlflow.db)
+    dtype: str = "auto"  # weights while serving: auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32 | autocast (fp32 weights, bf16 autocast)
+    max_batch_tokens: int = 16384  # dynamic batching: padded tokens per forward pass; the texts of concurrent requests share passes up to this
+    max_wait_ms: float = 5.0  # dynamic batching: how long the first queued request waits for others before its pass runs (unless the queue already fills max_batch_tokens)
+    max_input_tokens: int = 0  # tokens per text (query instruction included; a reranker: per prompt); 0: the model's max length
+    truncate: bool = True  # texts over max_input_tokens are cut to it (a reranker: the document first); false: the request is refused with 400
+    max_inputs: int = 2048  # texts per embeddings request, documents per rerank request; more: 413
+    api_key_env: str = ""  # name of an environment variable holding the bearer token /v1/* and /rerank require (Authorization: Bearer ...); empty: no token
+    trust_remote_code: bool = False  # allow the model's own Python code (default: what train saved with the model)
+
+
 STEP_CONFIGS = {
     "convert": ConvertConfig,
     "split": SplitConfig,
@@ -204,7 +249,11 @@ STEP_CONFIGS = {
     "evaluate": EvaluateConfig,
     "merge": MergeConfig,
     "register": RegisterConfig,
+    "deploy": DeployConfig,
 }
+# Steps that run from the command line only: no Kubeflow component (serve runs until stopped; the pipeline
+# runs it as a KServe InferenceService: the deploy step).
+CLI_CONFIGS = {**STEP_CONFIGS, "serve": ServeConfig}
 
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

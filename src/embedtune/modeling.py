@@ -16,7 +16,8 @@ Folder format (what train and merge write, what evaluate and register read):
   - `embedtune.json`: task_type, base_model, train_type, pooling, query_instruction, max_length, reranker tokens
     and instruction, and the whole effective training config (`train_config`).
   - embedder: a sentence-transformers folder, so `SentenceTransformer(dir)` loads it with the same pooling,
-    normalization, max length and a `query` prompt; the HF weights (or, for LoRA, the PEFT adapter) at the root.
+    normalization, max length and a `query` prompt; the HF weights (or, for LoRA, the PEFT adapter) at the root;
+    trained with Matryoshka widths, `config.json` lists them as `matryoshka_dimensions` (vLLM's key).
   - reranker: an HF causal-LM folder (or a PEFT adapter on one) + tokenizer.
 """
 
@@ -303,15 +304,18 @@ class Embedder(Wrapper):
     def dim(self) -> int:
         return self.backbone.config.hidden_size
 
-    def tokenize(self, texts: Sequence[str], is_query: bool = False, padding: bool = True):
-        """Token ids for texts (queries get the instruction); truncation keeps the appended EOS."""
+    def tokenize(
+        self, texts: Sequence[str], is_query: bool = False, padding: bool = True, max_length: int = 0
+    ):
+        """Token ids for texts (queries get the instruction), at most `max_length` tokens (0: the model's);
+        truncation keeps the appended EOS."""
         if is_query and self.query_instruction:
             texts = [self.query_instruction + t for t in texts]
         return self.tokenizer(
             list(texts),
             padding=padding,
             truncation=True,
-            max_length=self.max_length,
+            max_length=max_length or self.max_length,
             return_tensors="pt" if padding else None,
         )
 
@@ -351,6 +355,11 @@ class Embedder(Wrapper):
         self.backbone.save_pretrained(out, **kwargs)
         self.tokenizer.model_max_length = self.max_length
         self.tokenizer.save_pretrained(out)
+        dims = (meta or {}).get("matryoshka_dims")
+        if (
+            dims and (out / "config.json").is_file()
+        ):  # what vLLM reads to accept `dimensions` (full weights only)
+            write_json(out / "config.json", {**read_json(out / "config.json"), "matryoshka_dimensions": dims})
         write_st_files(out, self.dim, self.pooling, self.query_instruction)
         write_meta(
             out,
@@ -480,12 +489,16 @@ class Reranker(Wrapper):
             negative_token=negative_token or meta.get("negative_token") or "no",
         )
 
-    def tokenize(self, queries: Sequence[str], docs: Sequence[str], padding: bool = True):
-        """Prompt ids for (query, doc) pairs. Over max_length, the document is cut first, then the query,
-        so the prompt's prefix and suffix (where the yes/no is read) always survive."""
-        budget = self.max_length - len(self._prefix) - len(self._suffix)
+    def tokenize(
+        self, queries: Sequence[str], docs: Sequence[str], padding: bool = True, max_length: int = 0
+    ):
+        """Prompt ids for (query, doc) pairs, at most `max_length` tokens (0: the model's). Over it, the
+        document is cut first, then the query, so the prompt's prefix and suffix (where the yes/no is read)
+        always survive."""
+        max_length = max_length or self.max_length
+        budget = max_length - len(self._prefix) - len(self._suffix)
         if budget <= 8:
-            raise EmbedtuneError(f"max_length {self.max_length} leaves no room for the reranker prompt")
+            raise EmbedtuneError(f"max_length {max_length} leaves no room for the reranker prompt")
         heads = [f"<Instruct>: {self.instruction}\n<Query>: {q}\n<Document>: " for q in queries]
         enc = self.tokenizer(heads, add_special_tokens=False, truncation=True, max_length=budget // 2)[
             "input_ids"

@@ -59,6 +59,7 @@ import orjson
 from embedtune.config import TrainConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.io import read_json, write_json
+from embedtune.kube import connect
 from embedtune.launch import PET_VARS, config_flags
 from embedtune.progress import say
 from embedtune.rundir import RESULT_FILE, finished_result
@@ -79,7 +80,6 @@ STUCK = {
 }
 NODE_PODS = "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node"
 INDEX = "batch.kubernetes.io/job-completion-index"  # label and annotation: the node's rank
-SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 class Cancelled(EmbedtuneError):
@@ -211,20 +211,6 @@ class Cluster:
             yield from iter_resp_lines(resp)
         finally:
             resp.release_conn()
-
-
-def connect():
-    """An API client and namespace: in-cluster (the pod's service account), else the kubeconfig
-    (`KUBECONFIG`, its current context's namespace)."""
-    from kubernetes import client, config
-
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-        return client.ApiClient(), Path(SA_NAMESPACE).read_text().strip()
-    path = os.environ.get("KUBECONFIG")  # read now: the client reads it once, when it is first imported
-    config.load_kube_config(config_file=path)
-    _, context = config.list_kube_config_contexts(config_file=path)
-    return client.ApiClient(), context["context"].get("namespace", "default")
 
 
 # -------------------------------------------------------------------------------------------------- the body

@@ -65,11 +65,10 @@ from embedtune.io import read_json
 from embedtune.mlflow_models import LOGGERS, redacted_copy
 from embedtune.modeling import META_FILE, check_sources, is_adapter, read_meta
 from embedtune.progress import say
+from embedtune.registry import RUN_ID_TAG, current_champion, find_registered, resolve_tracking_uri
 from embedtune.report import metric_table
 from embedtune.safety import mask_credentials
 
-DEFAULT_HOME = "~/.embedtune"  # local store: mlflow.db + mlartifacts/ (used when no URI is given)
-RUN_ID_TAG = "embedtune.pipeline_run_id"  # the idempotency key, set on the version as its last step
 # Read by the MLflow client itself; their values never appear in anything this step writes or prints.
 SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Bounded waits for an unreachable server, applied only where the environment sets nothing.
@@ -204,21 +203,6 @@ def collect_params(meta: dict, metrics: dict, cfg: RegisterConfig) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------------- server
-def resolve_tracking_uri(flag: str) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for new experiments or None to let the server decide)."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        home = Path(DEFAULT_HOME).expanduser()
-        home.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{home / 'mlflow.db'}"
-    if uri.startswith("sqlite:///"):
-        # A local store would put model files in ./mlruns of whatever folder we run from: keep them beside it.
-        db = Path(uri[len("sqlite:///") :])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        return uri, (db.parent / "mlartifacts").resolve().as_uri()
-    return uri, None
-
-
 def check_reachable(client: MlflowClient, shown_uri: str, redact: Redactor) -> None:
     """One tracking and one registry call, with the client's (bounded) retries; a clear error if either fails."""
     try:
@@ -232,34 +216,6 @@ def check_reachable(client: MlflowClient, shown_uri: str, redact: Redactor) -> N
             retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
             hint = f"not reachable after {retries} retries" if retries else "not reachable"
         raise EmbedtuneError(f"MLflow tracking server {shown_uri}: {hint}: {reason[:400]}") from None
-
-
-def find_registered(client: MlflowClient, name: str, run_id: str):
-    """The version an earlier call with this run id registered, or None."""
-    if not run_id:
-        return None
-    found = client.search_model_versions(f"name = '{name}' and tags.`{RUN_ID_TAG}` = '{run_id}'")
-    return min(found, key=lambda v: int(v.version)) if found else None
-
-
-def current_champion(client: MlflowClient, name: str) -> tuple[str | None, str | None, float | None]:
-    """(version, primary metric name, value) of the champion; Nones when there is none."""
-    try:
-        rm = client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None, None, None
-        raise
-    version = (rm.aliases or {}).get("champion")
-    if version is None:
-        return None, None, None
-    mv = client.get_model_version(name, str(version))
-    metric = mv.tags.get("embedtune.primary_metric")
-    raw = mv.tags.get("embedtune.primary_value")
-    if raw is None and metric and mv.run_id:  # a champion registered by other means: its run's metric
-        with contextlib.suppress(MlflowException):
-            raw = client.get_run(mv.run_id).data.metrics.get(metric)
-    return str(version), metric, (float(raw) if raw not in (None, "") else None)
 
 
 def champion_gate(
