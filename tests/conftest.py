@@ -20,7 +20,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # `make test-kernels` (and CI) runs them again under the CPU kernels other machines run (see the Makefile).
 NUMERIC_FILES = {
     "test_losses.py", "test_metrics.py", "test_speed.py", "test_gradcache.py", "test_evaluate.py",
-    "test_modeling.py", "test_merge.py", "test_mine.py",
+    "test_modeling.py", "test_merge.py", "test_mine.py", "test_crossencoder.py",
 }  # fmt: skip
 
 

@@ -739,3 +739,36 @@ def test_tiny_preset_with_lora_and_mined_negatives_merges_before_registering(
         int(MlflowClient(out["tracking_uri"]).get_model_version_by_alias("tiny-lora", "champion").version)
         == 1
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tiny_preset_as_a_cross_encoder_reranker_trains_evaluates_and_registers(
+    tmp_path, minilm_path, monkeypatch
+):
+    """The DAG with a classifier-head reranker: MiniLM gets a new one-logit head, pointwise on the tiny rows'
+    negatives, evaluated on ranking rows, registered as the reranker pyfunc. One process, no DeepSpeed."""
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    from embedtune.modeling import read_meta
+    from pipelines.demo import run_local, tiny_arguments
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    arguments = tiny_arguments(
+        model=str(minilm_path), name="tiny-cross", task_type="reranker", loss_type="pointwise_reranker",
+        deepspeed="none", cpu_procs=1, min_primary_metric=0.0, learning_rate=5e-5,
+    )  # fmt: skip
+    out = run_local(arguments, tmp_path)
+    model_dir = out["run_dir"] / "train" / "output_dir"
+    assert read_meta(model_dir)["reranker_head"] == "classifier" and (model_dir / "config.json").is_file()
+    metrics = json.loads(out["metrics_json"].read_text())
+    assert metrics["data_shape"] == "ranking" and "map" in metrics["metrics"]
+    assert out["registered"] and out["model_uri"] == "models:/tiny-cross@champion"
+    mlflow.set_tracking_uri(out["tracking_uri"])
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-cross@champion")
+    frame = pd.DataFrame({"query": ["what about the habitat of the python?"] * 2,
+                          "document": ["These snakes live in the forests of Africa.", "Python is installed with pip."]})  # fmt: skip
+    assert ((0 < pyfunc.predict(frame)) & (pyfunc.predict(frame) < 1)).all()

@@ -14,6 +14,7 @@ import pytest
 from embedtune.batching import Collator, LengthGroupedSampler, text_key, tokenize_rows
 from embedtune.config import EvaluateConfig, TrainConfig
 from embedtune.errors import DataError, EmbedtuneError
+from embedtune.evaldata import measurable
 from embedtune.modeling import Embedder, Reranker, read_meta
 from embedtune.objectives import objective
 from embedtune.steps import evaluate, train
@@ -83,9 +84,9 @@ def test_loss_for_the_other_task_type_is_refused(fixtures_dir, tmp_path):
 
 
 def test_reranker_eval_metrics_are_off_for_rows_without_negatives(fixtures_dir, capsys):
-    assert train.metric_eval_data(str(fixtures_dir / "train" / "sts.jsonl"), "reranker") is None
+    assert measurable(str(fixtures_dir / "train" / "sts.jsonl"), "reranker") is None
     assert "eval metrics off" in capsys.readouterr().err
-    ranking = train.metric_eval_data(str(fixtures_dir / "train" / "reranker.jsonl"), "reranker")
+    ranking = measurable(str(fixtures_dir / "train" / "reranker.jsonl"), "reranker")
     assert ranking is not None and ranking.shape == "ranking"
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from embedtune.distributed import world_and_rank
-from embedtune.features import pad
+from embedtune.features import ids_of, pad, texts_of
 from embedtune.losses import pack_negatives, pad_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.objectives import Objective
@@ -96,15 +96,16 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
     queries = [r["query"] for r, ds in zip(rows, docs, strict=True) for _ in ds]
     flat = [t for ds in docs for t in ds]
     prompts = []
-    for i in range(0, len(flat), 4096):
-        enc = model.tokenize(queries[i : i + 4096], flat[i : i + 4096], padding=False)["input_ids"]
-        prompts += [np.asarray(e, dtype=np.int32) for e in enc]
+    for i in range(0, len(flat), 4096):  # one tokenized text per pair (with token types for a cross-encoder)
+        prompts += texts_of(model.tokenize(queries[i : i + 4096], flat[i : i + 4096], padding=False))
     start = 0
     for i, (r, ds) in enumerate(zip(rows, docs, strict=True)):
         pairs = prompts[start : start + len(ds)]
         start += len(ds)
         targets = [float(r.get("label", 1.0))] + [0.0] * (len(ds) - 1)
-        feats.append({"idx": i, "pairs": pairs, "targets": targets, "length": max(len(p) for p in pairs)})
+        feats.append(
+            {"idx": i, "pairs": pairs, "targets": targets, "length": max(len(ids_of(p)) for p in pairs)}
+        )
     return feats
 
 

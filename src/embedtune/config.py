@@ -102,11 +102,12 @@ class TrainConfig:
     output_dir: str  # the final model folder; also holds the checkpoints unless checkpoint_dir is set (re-running resumes)
     eval_data: str = ""  # optional canonical JSONL evaluated every `eval_steps`: eval loss + evaluate's metrics for its shape
     checkpoint_dir: str = ""  # where checkpoint-N folders go (deleted after the final save); empty = output_dir; point it at a persistent volume so a restarted pod resumes
-    task_type: str = "embedding"  # embedding | reranker
+    task_type: str = "embedding"  # embedding | reranker (its head: reranker_head) | generative_reranker (ms-swift's name: reranker with the yes/no head)
     loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; reranker: pointwise_reranker | listwise_reranker
     train_type: str = "full"  # full | lora
     pooling: str = "auto"  # auto (from the model's sentence-transformers config, else last for decoders, cls/mean for encoders) | last | mean | cls
     query_instruction: str = ""  # embedding: prefix put before every query (e.g. 'Instruct: {task}\nQuery:'); stored with the model
+    reranker_head: str = "auto"  # reranker: auto (a classifier for encoder-only models and folders with a classification head, the yes/no head for causal LMs) | generative (Qwen3-Reranker: logit(yes) - logit(no)) | classifier (a one-logit sequence-classification head, a cross-encoder; ms-swift's --task_type reranker on a decoder)
     reranker_instruction: str = QWEN3_RERANKER_INSTRUCTION  # reranker: the <Instruct> text of the Qwen3-Reranker prompt
     max_length: int = 512  # tokens per text (query, document or reranker prompt); longer texts are truncated
     lora_rank: int = 16  # LoRA rank r (train_type=lora)
@@ -179,6 +180,7 @@ class MergeConfig:
     output: str  # merged model folder to write
     tolerance: float = 1e-4  # max abs difference allowed between merged and adapter outputs (fp32)
     eval_data: str = ""  # optional canonical JSONL; its first 16 rows join the check's built-in inputs
+    export_classifier: bool = False  # generative (yes/no) reranker: write it as a one-logit sequence classifier (Qwen3ForSequenceClassification: the yes row minus the no row of the LM head; what vLLM and TEI serve), checked to give the same scores; a full-training folder is converted too
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedtune.data import read_rows
-from embedtune.errors import DataError
+from embedtune.errors import DataError, EmbedtuneError
 from embedtune.metrics import MARGIN_METRICS, RANKING_METRICS, STS_METRICS
+from embedtune.objectives import TASKS
+from embedtune.progress import say
 
 PRIMARY = {"sts": "spearman_cosine", "ranking": "ndcg_at_10", "retrieval": "ndcg_at_10"}
 METRIC_NAMES = {
@@ -172,3 +174,27 @@ def _retrieval_data(path: str, rows) -> EvalData:
         relevant=np.ones(len(qi), dtype=bool),
         n_queries_skipped=skipped,
     )
+
+
+def measurable(path: str, task_type: str) -> EvalData | None:
+    """evaluate's view of the eval file (shape, unique texts, candidate lists) for training's evaluations, or
+    None when evaluate cannot measure a model of `task_type` on it (the task's eval shapes, `objectives.TASKS`);
+    then training reports the eval loss only, and says why."""
+    try:
+        data = read_eval_data(path)
+    except EmbedtuneError as e:  # the rows passed train's checks: this is the shape (e.g. constant labels)
+        say("train", f"eval metrics off: {e}")
+        return None
+    if data.shape not in TASKS[task_type].eval_shapes:
+        say(
+            "train",
+            f"eval metrics off: a {task_type} is measured on {' or '.join(TASKS[task_type].eval_shapes)} rows "
+            f"(ranking: rows with rejected_response), not {data.shape}",
+        )
+        return None
+    say(
+        "train",
+        f"eval metrics: {data.shape} ({', '.join(METRIC_NAMES[data.shape])}) on {len(data.queries)} queries, "
+        f"{len(data.docs)} documents",
+    )
+    return data

@@ -58,14 +58,43 @@ def round_up(n: int, multiple: int) -> int:
     return n if multiple <= 1 else -(-n // multiple) * multiple
 
 
-def pad(seqs: list[np.ndarray], pad_id: int, multiple: int = 0) -> Features:
-    """(T,) ragged token id arrays -> `{"input_ids", "attention_mask"}` (T, L), L = the longest of *this*
-    batch (right padding), rounded up to a multiple of `multiple` when > 1 (fewer distinct shapes for
-    compiled kernels)."""
-    longest = round_up(max(len(s) for s in seqs), multiple)
+# A tokenized text, unpadded: its token ids, or a dict of per-token arrays of one length (`input_ids` and, for
+# a text pair through a BERT-style tokenizer, `token_type_ids`).
+Text = np.ndarray | dict[str, np.ndarray]
+
+
+def ids_of(text: Text) -> np.ndarray:
+    return text["input_ids"] if isinstance(text, dict) else text
+
+
+def texts_of(encoding: dict) -> list[Text]:
+    """A tokenizer's unpadded batch output -> one `Text` per text (ids, plus token types when it has them)."""
+    ids = encoding["input_ids"]
+    if "token_type_ids" not in encoding:
+        return [np.asarray(x, dtype=np.int32) for x in ids]
+    return [
+        {"input_ids": np.asarray(x, dtype=np.int32), "token_type_ids": np.asarray(t, dtype=np.int32)}
+        for x, t in zip(ids, encoding["token_type_ids"], strict=True)
+    ]
+
+
+def pad(seqs: list[Text], pad_id: int, multiple: int = 0) -> Features:
+    """(T,) ragged tokenized texts -> `{"input_ids", "attention_mask", ...}` (T, L), L = the longest of *this*
+    batch (right padding; other per-token arrays such as `token_type_ids` padded with 0), rounded up to a
+    multiple of `multiple` when > 1 (fewer distinct shapes for compiled kernels)."""
+    longest = round_up(max(len(ids_of(s)) for s in seqs), multiple)
     ids = np.full((len(seqs), longest), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), longest), dtype=np.int64)
+    extra = (
+        {k: np.zeros((len(seqs), longest), dtype=np.int64) for k in seqs[0] if k != "input_ids"}
+        if isinstance(seqs[0], dict)
+        else {}
+    )
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        n = len(ids_of(s))
+        ids[i, :n] = ids_of(s)
+        mask[i, :n] = 1
+        for k, array in extra.items():
+            array[i, :n] = s[k]
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    return {**out, **{k: torch.from_numpy(v) for k, v in extra.items()}}

@@ -1,4 +1,4 @@
-"""The two model kinds embedtune trains, and the folder format they are saved in.
+"""The model kinds embedtune trains (their folder format: `embedtune.modelfolder`).
 
 **Embedder**: any Hugging Face encoder or decoder + pooling + L2 normalization, so dot product == cosine.
   - `last`  (decoder LLMs: Qwen3-Embedding, gte-Qwen2): the tokenizer appends the end-of-text token and the
@@ -8,22 +8,20 @@
   - `cls`   (gte-modernbert): the first real token.
   Queries get `query_instruction` prepended (e.g. Qwen3's `Instruct: {task}\\nQuery:`); documents never do.
 
-**Reranker**: a decoder LM that reads the Qwen3-Reranker prompt and scores relevance as
-  `z = logit(yes) - logit(no)` at the last position; `score()` returns `sigmoid(z)`, which equals the official
-  softmax over [no, yes].
+**Reranker**, two heads (`reranker_head` picks one for a folder), both scoring a (query, document) pair as z
+with `score()` = sigmoid(z):
+  - generative (`Reranker`): a decoder LM that reads the Qwen3-Reranker prompt; `z = logit(yes) - logit(no)`
+    at the last position (sigmoid(z) equals the official softmax over [no, yes]).
+  - classifier (`ClassifierReranker`): a sequence-classification model with one logit over the pair read as
+    one input (cross-encoders: BGE-reranker, MiniLM, ModernBERT; Qwen3ForSequenceClassification); the
+    folder loads as sentence-transformers' `CrossEncoder`. `to_classifier` writes a generative reranker in
+    this form (what vLLM and TEI serve), with the same z.
 
-Folder format (what train and merge write, what evaluate and register read):
-  - `embedtune.json`: task_type, base_model, train_type, pooling, query_instruction, max_length, reranker tokens
-    and instruction, and the whole effective training config (`train_config`).
-  - embedder: a sentence-transformers folder, so `SentenceTransformer(dir)` loads it with the same pooling,
-    normalization, max length and a `query` prompt; the HF weights (or, for LoRA, the PEFT adapter) at the root;
-    trained with Matryoshka widths, `config.json` lists them as `matryoshka_dimensions` (vLLM's key).
-  - reranker: an HF causal-LM folder (or a PEFT adapter on one) + tokenizer.
+An embedder trained with Matryoshka widths lists them in `config.json` as `matryoshka_dimensions` (vLLM's key).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,117 +31,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedtune import __version__
 from embedtune.config import QWEN3_RERANKER_INSTRUCTION
-from embedtune.errors import DataError, EmbedtuneError
+from embedtune.errors import EmbedtuneError
 from embedtune.io import read_json, write_json
-from embedtune.safety import check_model_folder
+from embedtune.modelfolder import (  # noqa: F401 (META_FILE, read_meta, ...: also reached through this module)
+    ADAPTER_FILE,
+    META_FILE,
+    TASK_TYPES,
+    adapter_base,
+    check_sources,
+    detect_pooling,
+    hf_config,
+    is_adapter,
+    read_meta,
+    reranker_head,
+    st_max_length,
+    st_prompts,
+    task_type_of,
+    write_meta,
+    write_st_files,
+)
 
-META_FILE = "embedtune.json"
-TASK_TYPES = ("embedding", "reranker")
 POOLINGS = ("last", "mean", "cls")
-ADAPTER_FILE = "adapter_config.json"
 
 RERANKER_SYSTEM = 'Judge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
 RERANKER_PREFIX = f"<|im_start|>system\n{RERANKER_SYSTEM}<|im_end|>\n<|im_start|>user\n"
 RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
-# --------------------------------------------------------------------------------------------- folder helpers
-def read_meta(path: str | os.PathLike) -> dict:
-    """The `embedtune.json` of a model folder, or `{}` for a plain HF / sentence-transformers model.
-
-    The one reader of that file (train and merge write it with `write_meta`); a `task_type` other than
-    embedding / reranker is refused, naming the file.
-    """
-    f = Path(path) / META_FILE
-    if not f.is_file():
-        return {}
-    meta = read_json(f)
-    if not isinstance(meta, dict) or meta.get("task_type", "embedding") not in TASK_TYPES:
-        got = meta.get("task_type") if isinstance(meta, dict) else meta
-        raise DataError(f"{f}: task_type: {got!r} is not one of {', '.join(TASK_TYPES)}")
-    return meta
-
-
-def _hub_file(path: str, name: str) -> str | None:
-    """Path of `name` in a local folder or a hub repo (cached), or None when the repo has no such file."""
-    local = Path(path)
-    if local.is_dir():
-        return str(local / name) if (local / name).is_file() else None
-    from transformers.utils import cached_file
-
-    return cached_file(path, name, _raise_exceptions_for_missing_entries=False)
-
-
-def is_adapter(path: str | os.PathLike) -> bool:
-    """True when the folder holds a PEFT adapter instead of full weights."""
-    return (Path(path) / ADAPTER_FILE).is_file()
-
-
-def adapter_base(path: str | os.PathLike) -> str:
-    """The base model an adapter folder was trained on (embedtune.json first, then PEFT's own config)."""
-    base = read_meta(path).get("base_model")
-    if not base:
-        base = json.loads((Path(path) / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
-    if not base:
-        raise EmbedtuneError(f"{path}: adapter folder names no base model")
-    return base
-
-
-def detect_pooling(path: str, config) -> str:
-    """Pooling of a model: its sentence-transformers config when present, else by architecture."""
-    modules = _hub_file(path, "modules.json")
-    if modules:
-        for module in json.loads(Path(modules).read_text()):
-            if module["type"].endswith("Pooling"):
-                cfg_file = _hub_file(path, f"{module['path']}/config.json")
-                if cfg_file:
-                    return _pooling_from_st(json.loads(Path(cfg_file).read_text()))
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False):
-        return "last"
-    if getattr(config, "model_type", "") in ("modernbert",):
-        return "cls"
-    return "mean"
-
-
-def _pooling_from_st(cfg: dict) -> str:
-    mode = cfg.get("pooling_mode")  # sentence-transformers >= 6
-    if mode is None:  # older configs: one boolean per mode
-        mode = next(
-            (m for m in ("cls_token", "mean_tokens", "lasttoken") if cfg.get(f"pooling_mode_{m}")),
-            "mean_tokens",
-        )
-    mode = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "last", "cls": "cls", "mean": "mean"}.get(
-        mode
-    )
-    if mode is None:
-        raise EmbedtuneError(f"unsupported sentence-transformers pooling {cfg}")
-    return mode
-
-
-def _st_prompts(path: str) -> dict:
-    f = _hub_file(path, "config_sentence_transformers.json")
-    return json.loads(Path(f).read_text()).get("prompts") or {} if f else {}
-
-
-def _st_max_length(path: str) -> int | None:
-    """sentence-transformers' own max_seq_length (e.g. 256 for all-MiniLM-L6-v2, below its tokenizer's 512)."""
-    f = _hub_file(path, "sentence_bert_config.json")
-    return json.loads(Path(f).read_text()).get("max_seq_length") if f else None
-
-
-def check_sources(path: str, trust_remote_code: bool) -> None:
-    """Before anything of `path` is read: refuse pickles that would run code and, unless trusted, a model's
-    own Python code (`embedtune.safety`), in the folder and, for an adapter, in its base model's folder."""
-    check_model_folder(path, trust_remote_code)
-    if is_adapter(path):
-        check_model_folder(adapter_base(path), trust_remote_code)
-
-
-def _load_backbone(path: str, auto_cls, trust_remote_code: bool, dtype):
-    """Load full weights, or base + PEFT adapter when `path` is an adapter folder."""
+def _load_backbone(path: str, auto_cls, trust_remote_code: bool, dtype, **kwargs):
+    """Load full weights, or base + PEFT adapter when `path` is an adapter folder (`kwargs`: to `from_pretrained`)."""
     import pickle
 
     try:
@@ -151,19 +68,12 @@ def _load_backbone(path: str, auto_cls, trust_remote_code: bool, dtype):
             from peft import PeftModel
 
             base = auto_cls.from_pretrained(
-                adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype
+                adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype, **kwargs
             )
             return PeftModel.from_pretrained(base, path, is_trainable=False)
-        return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
     except pickle.UnpicklingError as e:  # a hub model's .bin refused by torch's weights-only loader
         raise EmbedtuneError(f"{path}: refused: {str(e).strip().splitlines()[0][:300]}") from None
-
-
-def _hf_config(path: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    src = adapter_base(path) if is_adapter(path) else path
-    return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
 
 
 def append_eos_post_processor(tokenizer) -> None:
@@ -283,17 +193,17 @@ class Embedder(Wrapper):
         path = str(path)
         check_sources(path, trust_remote_code)
         meta = read_meta(path)
-        config = _hf_config(path, trust_remote_code)
+        config = hf_config(path, trust_remote_code)
         if pooling == "auto":
             pooling = meta.get("pooling") or detect_pooling(
                 path if not is_adapter(path) else adapter_base(path), config
             )
         if query_instruction is None:
-            query_instruction = meta.get("query_instruction", _st_prompts(path).get("query", ""))
+            query_instruction = meta.get("query_instruction", st_prompts(path).get("query", ""))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if not max_length:
             max_length = (
-                meta.get("max_length") or _st_max_length(path) or min(int(tokenizer.model_max_length), 8192)
+                meta.get("max_length") or st_max_length(path) or min(int(tokenizer.model_max_length), 8192)
             )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -373,62 +283,28 @@ class Embedder(Wrapper):
         )
 
 
-def write_st_files(out: Path, dim: int, pooling: str, query_instruction: str) -> None:
-    """The sentence-transformers 6 config files: Transformer -> Pooling -> Normalize, and the query prompt."""
-    import sentence_transformers
-    import transformers
-
-    st_mode = {"last": "lasttoken", "mean": "mean", "cls": "cls"}[pooling]
-    modules = [
-        ("", "sentence_transformers.base.modules.transformer.Transformer"),
-        ("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling"),
-        ("2_Normalize", "sentence_transformers.base.modules.normalize.Normalize"),
-    ]
-    write_json(
-        out / "modules.json",
-        [{"idx": i, "name": str(i), "path": p, "type": t} for i, (p, t) in enumerate(modules)],
-    )
-    write_json(
-        out / "sentence_bert_config.json",
-        {
-            "transformer_task": "feature-extraction",
-            "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
-            "module_output_name": "token_embeddings",
-        },
-    )
-    write_json(
-        out / "1_Pooling" / "config.json",
-        {"embedding_dimension": dim, "pooling_mode": st_mode, "include_prompt": True},
-    )
-    write_json(
-        out / "2_Normalize" / "config.json",
-        {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"},
-    )
-    write_json(
-        out / "config_sentence_transformers.json",
-        {
-            "__version__": {
-                "sentence_transformers": sentence_transformers.__version__,
-                "transformers": transformers.__version__,
-                "pytorch": torch.__version__,
-            },
-            "model_type": "SentenceTransformer",
-            "prompts": {"query": query_instruction, "document": ""},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-    )
-
-
-def write_meta(out: str | os.PathLike, meta: dict) -> None:
-    write_json(Path(out) / META_FILE, {"embedtune_version": __version__, **meta})
-
-
 # --------------------------------------------------------------------------------------------- reranker
+def template_ids(tokenizer, instruction: str, queries, docs, max_length: int) -> list[list[int]]:
+    """The Qwen3-Reranker prompt's ids for (query, doc) pairs, at most `max_length` each: over it the document
+    is cut first, then the query, so the prefix and the suffix (where the answer is read) always survive."""
+    prefix = tokenizer.encode(RERANKER_PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(RERANKER_SUFFIX, add_special_tokens=False)
+    budget = max_length - len(prefix) - len(suffix)
+    if budget <= 8:
+        raise EmbedtuneError(f"max_length {max_length} leaves no room for the reranker prompt")
+    heads = [f"<Instruct>: {instruction}\n<Query>: {q}\n<Document>: " for q in queries]
+    enc = tokenizer(heads, add_special_tokens=False, truncation=True, max_length=budget // 2)["input_ids"]
+    doc_ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    return [prefix + h + d[: budget - len(h)] + suffix for h, d in zip(enc, doc_ids, strict=True)]
+
+
 class Reranker(Wrapper):
-    """Decoder LM scoring relevance as logit(yes) - logit(no) after the Qwen3-Reranker prompt."""
+    """Decoder LM scoring relevance as logit(yes) - logit(no) after the Qwen3-Reranker prompt (the
+    generative head). `ClassifierReranker` is the other head; both score (query, document) pairs as z with
+    `score` = sigmoid(z), and both are `Reranker`s to the rest of embedtune."""
 
     INNER = "lm"
+    HEAD = "generative"
 
     def __init__(
         self,
@@ -448,8 +324,6 @@ class Reranker(Wrapper):
         self.positive_token, self.negative_token = positive_token, negative_token
         self.yes_id = self._single_token_id(positive_token)
         self.no_id = self._single_token_id(negative_token)
-        self._prefix = tokenizer.encode(RERANKER_PREFIX, add_special_tokens=False)
-        self._suffix = tokenizer.encode(RERANKER_SUFFIX, add_special_tokens=False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -495,18 +369,7 @@ class Reranker(Wrapper):
         """Prompt ids for (query, doc) pairs, at most `max_length` tokens (0: the model's). Over it, the
         document is cut first, then the query, so the prompt's prefix and suffix (where the yes/no is read)
         always survive."""
-        max_length = max_length or self.max_length
-        budget = max_length - len(self._prefix) - len(self._suffix)
-        if budget <= 8:
-            raise EmbedtuneError(f"max_length {max_length} leaves no room for the reranker prompt")
-        heads = [f"<Instruct>: {self.instruction}\n<Query>: {q}\n<Document>: " for q in queries]
-        enc = self.tokenizer(heads, add_special_tokens=False, truncation=True, max_length=budget // 2)[
-            "input_ids"
-        ]
-        doc_ids = self.tokenizer(list(docs), add_special_tokens=False)["input_ids"]
-        ids = [
-            self._prefix + h + d[: budget - len(h)] + self._suffix for h, d in zip(enc, doc_ids, strict=True)
-        ]
+        ids = template_ids(self.tokenizer, self.instruction, queries, docs, max_length or self.max_length)
         if not padding:
             return {"input_ids": ids}
         return self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
@@ -553,7 +416,7 @@ class Reranker(Wrapper):
         out = np.zeros(len(lengths), dtype=np.float64)
         for idx in _progress(_batches_by_length(lengths, batch_size), show_progress, "score"):
             batch = self.tokenize([queries[i] for i in idx], [docs[i] for i in idx]).to(device)
-            features = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            features = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
             out[idx] = self(features).double().cpu().numpy()
         self.train(was_training)
         return out
@@ -568,6 +431,7 @@ class Reranker(Wrapper):
             out,
             {
                 "task_type": "reranker",
+                "reranker_head": "generative",
                 "reranker_instruction": self.instruction,
                 "max_length": self.max_length,
                 "positive_token": self.positive_token,
@@ -577,12 +441,109 @@ class Reranker(Wrapper):
         )
 
 
+class ClassifierReranker(Reranker):
+    """A cross-encoder: a sequence-classification model with one logit, z, over (query, document) read as one
+    input (BGE-reranker, gte-reranker-modernbert, ms-marco MiniLM; or a decoder's own classification class,
+    Qwen3ForSequenceClassification). `score` = sigmoid(z), as sentence-transformers' `CrossEncoder` predicts.
+
+    `prompt` says how a pair becomes tokens: `pair` (the tokenizer's text pair: `[CLS] q [SEP] d [SEP]` with
+    token types; truncation `longest_first` keeps both), or `qwen3` (the Qwen3-Reranker prompt, for a
+    generative reranker written as a classifier: `to_classifier`).
+    """
+
+    INNER = "classifier"
+    HEAD = "classifier"
+    PROMPTS = ("pair", "qwen3")
+
+    def __init__(self, classifier, tokenizer, max_length: int = 512, prompt: str = "pair",
+                 instruction: str = QWEN3_RERANKER_INSTRUCTION):  # fmt: skip
+        Wrapper.__init__(self)
+        if prompt not in self.PROMPTS:
+            raise EmbedtuneError(f"reranker prompt {prompt!r} is not one of {', '.join(self.PROMPTS)}")
+        labels = getattr(classifier.config, "num_labels", 1)
+        if labels != 1:
+            raise EmbedtuneError(
+                f"a classifier reranker has one logit; this model's head has {labels} labels"
+            )
+        self.classifier = classifier
+        no_kv_cache(classifier)
+        self.tokenizer = tokenizer
+        self.max_length, self.prompt, self.instruction = max_length, prompt, instruction
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(classifier.config, "pad_token_id", None) is None:  # decoders find their last token by it
+            classifier.config.pad_token_id = tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, max_length: int | None = None, trust_remote_code: bool = False,
+                        dtype: torch.dtype = torch.float32, **_) -> ClassifierReranker:  # fmt: skip
+        """Load a classifier folder (full or adapter), or an encoder without a head (a new one-logit head is
+        initialized: the warning says so); unset arguments come from its embedtune.json."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = str(path)
+        check_sources(path, trust_remote_code)
+        meta = read_meta(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = _load_backbone(
+            path, AutoModelForSequenceClassification, trust_remote_code, dtype, num_labels=1
+        )
+        length = max_length or meta.get("max_length") or min(int(tokenizer.model_max_length), 512)
+        return cls(model, tokenizer, length, meta.get("reranker_prompt", "pair"),
+                   meta.get("reranker_instruction") or QWEN3_RERANKER_INSTRUCTION)  # fmt: skip
+
+    def tokenize(
+        self, queries: Sequence[str], docs: Sequence[str], padding: bool = True, max_length: int = 0
+    ):
+        """Ids (and token types) of (query, doc) pairs, at most `max_length` tokens (0: the model's)."""
+        limit = max_length or self.max_length
+        if self.prompt == "qwen3":
+            ids = template_ids(self.tokenizer, self.instruction, queries, docs, limit)
+            if not padding:
+                return {"input_ids": ids}
+            return self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return self.tokenizer(list(queries), list(docs), truncation="longest_first", max_length=limit,
+                              padding=padding, return_tensors="pt" if padding else None)  # fmt: skip
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Model inputs of B pairs (`embedtune.features`) -> (B,) z, the head's one logit, in fp32."""
+        return self.classifier(**features).logits[:, 0].float()
+
+    def save_pretrained(self, out_dir: str | os.PathLike, meta: dict | None = None, state_dict=None) -> None:
+        """An HF sequence-classification folder (or its adapter): `CrossEncoder(folder)` loads it as is."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        self.classifier.save_pretrained(out, **kwargs)
+        self.tokenizer.model_max_length = self.max_length
+        self.tokenizer.save_pretrained(out)
+        own = {"task_type": "reranker", "reranker_head": "classifier", "reranker_prompt": self.prompt,
+               "reranker_instruction": self.instruction, "max_length": self.max_length}  # fmt: skip
+        write_meta(out, {**(meta or {}), **own})  # what this model is wins over a generative source's meta
+
+
+def to_classifier(reranker: Reranker) -> ClassifierReranker:
+    """A generative (yes/no) reranker written as a one-logit sequence classifier (what vLLM and TEI serve):
+    the same decoder, and a head whose one row is the LM head's yes row minus its no row, so z is unchanged;
+    the pairs keep the Qwen3-Reranker prompt (`prompt="qwen3"`)."""
+    from transformers import AutoModelForSequenceClassification
+
+    lm = reranker.lm.get_base_model() if hasattr(reranker.lm, "get_base_model") else reranker.lm
+    config = lm.config.__class__.from_dict({**lm.config.to_dict(), "num_labels": 1})
+    config.pad_token_id = reranker.tokenizer.pad_token_id
+    config.architectures = None
+    classifier = AutoModelForSequenceClassification.from_config(config).to(lm.dtype)
+    decoder = lm.get_decoder()
+    getattr(classifier, classifier.base_model_prefix).load_state_dict(decoder.state_dict())
+    rows = lm.get_output_embeddings().weight
+    with torch.no_grad():
+        classifier.score.weight.copy_((rows[reranker.yes_id] - rows[reranker.no_id]).unsqueeze(0))
+    return ClassifierReranker(
+        classifier.eval(), reranker.tokenizer, reranker.max_length, "qwen3", reranker.instruction
+    )
+
+
 # --------------------------------------------------------------------------------------------- entry points
-def task_type_of(path: str | os.PathLike) -> str:
-    """`embedding` or `reranker`: from embedtune.json; plain folders are embedders."""
-    return read_meta(path).get("task_type", "embedding")
-
-
 def load_model(
     path: str | os.PathLike,
     task_type: str = "",
@@ -596,9 +557,10 @@ def load_model(
     register and serving. In eval mode, on `device` (default: the GPU when there is one).
 
     `task_type`: how to load it (default: what its embedtune.json says, else embedding), so a reranker's
-    base model loads as a reranker. `like`: another model's embedtune.json whose settings to use (pooling,
-    query instruction, max length, reranker instruction and tokens), so a base model is measured the way its
-    fine-tuned model was trained. `max_length` > 0 overrides both. `trust_remote_code` None: what train saved
+    base model loads as a reranker; its head as `reranker_head` decides. `like`: another model's
+    embedtune.json whose settings to use (pooling, query instruction, max length, reranker head, instruction
+    and tokens), so a base model is measured the way its fine-tuned model was trained (a classifier's base
+    gets a new, untrained head). `max_length` > 0 overrides both. `trust_remote_code` None: what train saved
     in the folder's embedtune.json (the user's own knob at training time), else off.
     """
     if trust_remote_code is None:
@@ -610,7 +572,14 @@ def load_model(
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
     }
-    if task_type == "reranker":
+    head = (
+        reranker_head(str(path), like.get("reranker_head") or "auto", trust_remote_code)
+        if task_type == "reranker"
+        else ""
+    )
+    if head == "classifier":
+        model = ClassifierReranker.from_pretrained(path, **kwargs)
+    elif head == "generative":
         model = Reranker.from_pretrained(
             path,
             instruction=like.get("reranker_instruction"),
@@ -628,15 +597,29 @@ def load_model(
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
+HEAD_MODULES = (
+    "classifier",
+    "score",
+    "head",
+)  # a classification head's modules (BERT / decoders / ModernBERT)
+
+
 def add_lora(model: Embedder | Reranker, rank: int, alpha: int, dropout: float, target: str) -> None:
-    """Wrap the model's inner HF model in a PEFT LoRA (in place). `target`: all-linear or module names."""
+    """Wrap the model's inner HF model in a PEFT LoRA (in place). `target`: all-linear or module names. A
+    classifier reranker's head is trained in full (PEFT `modules_to_save`: saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
 
+    kind = "FEATURE_EXTRACTION" if isinstance(model, Embedder) else "CAUSAL_LM"
+    head = []
+    if isinstance(model, ClassifierReranker):
+        kind = "SEQ_CLS"
+        head = [name for name, _ in model.inner.named_children() if name in HEAD_MODULES]
     lora = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
-        task_type="FEATURE_EXTRACTION" if isinstance(model, Embedder) else "CAUSAL_LM",
+        task_type=kind,
+        modules_to_save=head or None,
     )
     model.set_inner(get_peft_model(model.inner, lora))

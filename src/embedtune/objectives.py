@@ -69,6 +69,8 @@ TASKS = {
         eval_shapes=("ranking",), embeddings=False, env_knobs=("positive_token", "negative_token")
     ),
 }
+# ms-swift's task names that pick a head too: (task, reranker_head)
+TASK_ALIASES = {"generative_reranker": ("reranker", "generative")}
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,11 @@ LOSS_TYPES = tuple(OBJECTIVES)
 NO_LOSS = Objective(
     task_type="", label=FINITE, label_required=False, layout="", loss=""
 )  # data naming no loss
+
+
+def resolve_task(task_type: str, reranker_head: str) -> tuple[str, str]:
+    """(task, reranker head) with ms-swift's task names resolved (`generative_reranker`: a reranker, yes/no head)."""
+    return TASK_ALIASES.get(task_type, (task_type, reranker_head))
 
 
 def losses_for(task_type: str) -> tuple[str, ...]:

@@ -237,8 +237,12 @@ def check_saved_weights(out: Path, model: Embedder | Reranker, train_type: str) 
     def shape(p):
         return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
 
-    if train_type == "lora":
-        expected = {n.replace(".default", ""): shape(p) for n, p in inner.named_parameters() if "lora_" in n}
+    if train_type == "lora":  # the adapter: the LoRA matrices, and the modules trained in full (a head)
+        expected = {
+            n.replace(".modules_to_save.default", "").replace(".default", ""): shape(p)
+            for n, p in inner.named_parameters()
+            if "lora_" in n or ".modules_to_save." in n
+        }
         if not expected or saved != expected:
             missing = sorted(set(expected) - set(saved))[:3]
             wrong = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])[:3]

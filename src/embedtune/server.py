@@ -32,6 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedtune.errors import EmbedtuneError
+from embedtune.features import ids_of
 from embedtune.progress import say
 from embedtune.serving import (
     MAX_BODY,
@@ -240,7 +241,7 @@ def create_app(cfg, on_failure=None) -> FastAPI:
         texts, is_query, fmt, dims = embedding_request(await body_of(request), served, cfg.max_inputs)
         seqs = await tokens(served.embedding_tokens, texts, is_query)
         vectors = unit(await state["batcher"].submit(seqs), dims)
-        used = sum(len(s) for s in seqs)
+        used = sum(len(ids_of(s)) for s in seqs)
         metrics.tokens.labels("/v1/embeddings").inc(used)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, fmt)}
@@ -261,7 +262,7 @@ def create_app(cfg, on_failure=None) -> FastAPI:
             d_seqs = await tokens(served.embedding_tokens, docs, False, "documents")
             q, d = await asyncio.gather(batcher.submit(q_seqs), batcher.submit(d_seqs))
             scores, seqs = (d @ q[0]).astype(np.float64), q_seqs + d_seqs
-        used = sum(len(s) for s in seqs)
+        used = sum(len(ids_of(s)) for s in seqs)
         metrics.tokens.labels(request.url.path).inc(used)
         order = np.argsort(-scores, kind="stable")[:top_n]
         results = [

@@ -48,7 +48,7 @@ import orjson
 import torch
 
 from embedtune.errors import EmbedtuneError
-from embedtune.features import pad
+from embedtune.features import Text, ids_of, pad, texts_of
 from embedtune.modeling import Embedder, Reranker, load_model, read_meta
 from embedtune.speed import TORCH_DTYPES, autocast, resolve_dtype
 
@@ -90,36 +90,36 @@ class Served:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _checked(self, ids: list, lengths: list[int], what: str) -> list[np.ndarray]:
+    def _checked(self, encoding: dict, what: str) -> list[Text]:
+        """One tokenized text per input (ids, with token types for a cross-encoder), checked against `limit`."""
+        texts = texts_of(encoding)
+        lengths = [len(ids_of(t)) for t in texts]
         over = [i for i, n in enumerate(lengths) if n > self.limit]
         if over and not self.truncate:
             raise RequestError(
                 400, f"{what}[{over[0]}]: {lengths[over[0]]} tokens, over max_input_tokens {self.limit} "
                 "(the server was started with truncate false)"
             )  # fmt: skip
-        return [np.asarray(x, dtype=np.int64) for x in ids]
+        return texts
 
-    def embedding_tokens(self, texts: list[str], is_query: bool, what: str = "input") -> list[np.ndarray]:
+    def embedding_tokens(self, texts: list[str], is_query: bool, what: str = "input") -> list[Text]:
         """Token ids of texts (queries with the query instruction), each at most `limit` tokens."""
-        model = self.model
-        if not self.truncate:  # one token over the limit is enough to tell: tokenized once either way
-            ids = model.tokenize(texts, is_query=is_query, padding=False, max_length=self.limit + 1)[
-                "input_ids"
-            ]
-        else:
-            ids = model.tokenize(texts, is_query=is_query, padding=False, max_length=self.limit)["input_ids"]
-        return self._checked(ids, [len(i) for i in ids], what)
+        # without truncation, one token over the limit is enough to tell: tokenized once either way
+        limit = self.limit if self.truncate else self.limit + 1
+        return self._checked(
+            self.model.tokenize(texts, is_query=is_query, padding=False, max_length=limit), what
+        )
 
-    def prompt_tokens(self, query: str, docs: list[str]) -> list[np.ndarray]:
-        """Reranker prompt ids of (query, document) pairs, each at most `limit` tokens (documents cut first)."""
-        model = self.model
+    def prompt_tokens(self, query: str, docs: list[str]) -> list[Text]:
+        """A reranker's inputs for (query, document) pairs, each at most `limit` tokens (documents cut first)."""
         limit = self.limit if self.truncate else 10**9
-        ids = model.tokenize([query] * len(docs), docs, padding=False, max_length=limit)["input_ids"]
-        return self._checked(ids, [len(i) for i in ids], "documents")
+        return self._checked(
+            self.model.tokenize([query] * len(docs), docs, padding=False, max_length=limit), "documents"
+        )
 
     @torch.inference_mode()
-    def forward(self, seqs: list[np.ndarray]) -> np.ndarray:
-        """One forward pass over token id arrays: (n, H) float32 unit vectors or (n,) float64 z."""
+    def forward(self, seqs: list[Text]) -> np.ndarray:
+        """One forward pass over tokenized texts: (n, H) float32 unit vectors or (n,) float64 z."""
         features = {k: v.to(self.device) for k, v in pad(seqs, self.model.tokenizer.pad_token_id).items()}
         with autocast(self.dtype, self.device):
             out = self.model(features)
@@ -180,7 +180,7 @@ def load_served(model: str, tracking_uri: str, dtype: str, max_input_tokens: int
 # --------------------------------------------------------------------------------------------- batching
 @dataclass
 class Job:
-    seqs: list[np.ndarray]
+    seqs: list[Text]
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
@@ -196,7 +196,7 @@ class Batcher:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="embedtune-model")  # one pass at a time
         self.stopped = False
 
-    async def submit(self, seqs: list[np.ndarray]) -> np.ndarray:
+    async def submit(self, seqs: list[Text]) -> np.ndarray:
         """The outputs of `seqs`, in their order, once a pass has run them."""
         job = Job(seqs, asyncio.get_running_loop().create_future())
         self.jobs.append(job)
@@ -204,14 +204,14 @@ class Batcher:
         return await job.future
 
     def _queued_tokens(self) -> int:
-        return sum(len(s) for job in self.jobs for s in job.seqs)
+        return sum(len(ids_of(s)) for job in self.jobs for s in job.seqs)
 
-    def passes(self, seqs: list[np.ndarray]) -> list[np.ndarray]:
+    def passes(self, seqs: list[Text]) -> list[np.ndarray]:
         """Index groups of `seqs`, longest first, each at most `budget` padded tokens (at least one text)."""
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        order = sorted(range(len(seqs)), key=lambda i: -len(ids_of(seqs[i])))
         groups, current = [], []
         for i in order:
-            longest = len(seqs[current[0]]) if current else len(seqs[i])
+            longest = len(ids_of(seqs[current[0]])) if current else len(ids_of(seqs[i]))
             if current and (len(current) + 1) * longest > self.budget:
                 groups.append(np.asarray(current))
                 current = []
@@ -220,7 +220,7 @@ class Batcher:
             groups.append(np.asarray(current))
         return groups
 
-    def _run(self, seqs: list[np.ndarray]) -> list:
+    def _run(self, seqs: list[Text]) -> list:
         """In the model thread: every pass, outputs back in the order of `seqs` (or the exception)."""
         out = None
         for idx in self.passes(seqs):
@@ -228,7 +228,7 @@ class Batcher:
             if out is None:
                 out = np.empty((len(seqs), *part.shape[1:]), dtype=part.dtype)
             out[idx] = part
-            self.observe(len(idx), len(idx) * len(seqs[idx[0]]))
+            self.observe(len(idx), len(idx) * len(ids_of(seqs[idx[0]])))
         return out
 
     async def run(self) -> None:

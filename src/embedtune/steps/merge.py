@@ -28,6 +28,11 @@ the check ran in.
 
 A folder without adapter_config.json (full training) is copied through unchanged (into a temporary folder,
 then renamed), reported as `mode: passthrough` with zero differences.
+
+`--export-classifier` (a generative yes/no reranker, adapter or full): after merging, the model is written as a
+one-logit sequence classifier (`modeling.to_classifier`: Qwen3ForSequenceClassification whose head row is the
+LM head's yes row minus its no row; the pairs keep the Qwen3-Reranker prompt), the form vLLM and TEI serve;
+the same check proves its z equals the generative one.
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ from embedtune.modeling import (
     is_adapter,
     load_model,
     read_meta,
+    reranker_head,
     task_type_of,
+    to_classifier,
 )
 from embedtune.progress import say
 
@@ -174,7 +181,11 @@ def run(cfg: MergeConfig) -> dict:
         raise EmbedtuneError(f"output: {out} is the input folder; choose another output")
     _check_output(out)
 
-    if not is_adapter(src):
+    task_type = task_type_of(src)
+    export = cfg.export_classifier
+    if export and (task_type != "reranker" or reranker_head(str(src)) != "generative"):
+        raise EmbedtuneError(f"export_classifier: {src} is not a generative (yes/no) reranker")
+    if not is_adapter(src) and not export:
         trust = bool((read_meta(src).get("train_config") or {}).get("trust_remote_code", False))
         check_sources(str(src), trust)  # passed on to register: no pickle that runs code, no unasked-for code
         with _write_errors(out), _staging(out) as tmp:
@@ -190,23 +201,27 @@ def run(cfg: MergeConfig) -> dict:
             "output": str(out),
         }
 
-    task_type = task_type_of(src)
     queries, docs = sample_inputs(cfg.eval_data)
     model = load_model(src, task_type)  # fp32, on the GPU when there is one
     adapter_out = outputs(model, queries, docs)
-    with model.inner.disable_adapter():
-        base_out = outputs(model, queries, docs)
-    adapter_vs_base = _max_diff(adapter_out, base_out)
-    if adapter_vs_base <= SAME:
-        say("merge", f"warning: the adapter {src} does not change the outputs (untrained?)")
-
-    merge_lora(model)
+    base_out, adapter_vs_base = adapter_out, 0.0  # full weights (exported only): nothing to tell apart
+    if is_adapter(src):
+        with model.inner.disable_adapter():
+            base_out = outputs(model, queries, docs)
+        adapter_vs_base = _max_diff(adapter_out, base_out)
+        if adapter_vs_base <= SAME:
+            say("merge", f"warning: the adapter {src} does not change the outputs (untrained?)")
+        merge_lora(model)
+    if export:  # the yes row minus the no row as a one-logit head: the same z
+        model = to_classifier(model)
     merged_out = outputs(model, queries, docs)
     in_memory = _max_diff(merged_out, adapter_out)
     check(in_memory, adapter_vs_base, _max_diff(merged_out, base_out), cfg.tolerance, "after merging")
 
     meta = {k: v for k, v in read_meta(src).items() if k != "embedtune_version"}
-    meta["merged_from_adapter"] = True
+    meta["merged_from_adapter"] = is_adapter(src)
+    if export:
+        meta["exported_classifier"] = True
     with _write_errors(out), _staging(out) as tmp:
         model.save_pretrained(tmp, meta=meta)
         del model
@@ -218,8 +233,8 @@ def run(cfg: MergeConfig) -> dict:
         merged_vs_base = _max_diff(saved_out, base_out)
         check(saved, adapter_vs_base, merged_vs_base, cfg.tolerance, "after saving and reloading")
         result = {
-            "merged": True,
-            "mode": "merged",
+            "merged": is_adapter(src),
+            "mode": "merged" if not export else "merged+classifier" if is_adapter(src) else "classifier",
             "max_abs_diff": max(in_memory, saved),
             "adapter_vs_base_max_diff": adapter_vs_base,
             "merged_vs_base_max_diff": merged_vs_base,

@@ -62,12 +62,20 @@ from embedtune.config import ENV_DEFAULTS, TrainConfig, resolve_env_defaults
 from embedtune.data import check_loss_data, read_rows
 from embedtune.distributed import launched
 from embedtune.errors import EmbedtuneError
-from embedtune.evaldata import METRIC_NAMES, PRIMARY, EvalData, read_eval_data
+from embedtune.evaldata import METRIC_NAMES, PRIMARY, measurable
 from embedtune.io import read_json, write_json
 from embedtune.launch import LAUNCHED, inside_torchrun, job_topology, joined, torchrun
 from embedtune.losses import matryoshka_spec
-from embedtune.modeling import Embedder, Reranker, add_lora
-from embedtune.objectives import TASKS, env_knobs, knob_problems, losses_for, objective, resolve_knobs
+from embedtune.modeling import ClassifierReranker, Embedder, Reranker, add_lora, reranker_head
+from embedtune.objectives import (
+    TASKS,
+    env_knobs,
+    knob_problems,
+    losses_for,
+    objective,
+    resolve_knobs,
+    resolve_task,
+)
 from embedtune.overlap import train_fingerprint
 from embedtune.progress import rank, say
 from embedtune.rundir import (
@@ -94,6 +102,8 @@ def run(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------- 1. effective knobs
     warnings.filterwarnings("ignore", DEPRECATED_DIST_CALLS, FutureWarning)
     given, cfg = cfg, resolve_env_defaults(cfg)
+    task, head = resolve_task(cfg.task_type, cfg.reranker_head)  # generative_reranker: ms-swift's name
+    cfg = dataclasses.replace(cfg, task_type=task, reranker_head=head)
     topology = job_topology()  # this process is a node of a multi-node job (PET_* set), or None
     cfg = joined(cfg, topology)  # a node of a multi-node job: the job's nodes and processes per node
     precision = check_knobs(cfg)  # the dtype decided once (`speed.Precision`), passed down from here
@@ -124,7 +134,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, nproc=per_node, nodes=world // per_node)
     ckpt_dir = Path(cfg.checkpoint_dir or cfg.output_dir)
     resume = latest_checkpoint(ckpt_dir)
-    metric_data = metric_eval_data(cfg.eval_data, cfg.task_type) if eval_rows else None
+    metric_data = measurable(cfg.eval_data, cfg.task_type) if eval_rows else None
     args = training_arguments(cfg, world, has_eval=bool(eval_rows), fresh=resume is None, precision=precision)
     if cfg.deepspeed != "none":
         import deepspeed
@@ -312,29 +322,6 @@ def load_rows(path: str, cfg: TrainConfig) -> tuple[list[dict], int]:
     return kept, len(rows) - len(kept)
 
 
-def metric_eval_data(path: str, task_type: str) -> EvalData | None:
-    """evaluate's view of the eval file (shape, unique texts, candidate lists), or None when evaluate cannot
-    measure this model on it; then training reports the eval loss only, and says why."""
-    try:
-        data = read_eval_data(path)
-    except EmbedtuneError as e:  # the rows passed train's checks: this is the shape (e.g. constant labels)
-        say("train", f"eval metrics off: {e}")
-        return None
-    if data.shape not in TASKS[task_type].eval_shapes:
-        say(
-            "train",
-            f"eval metrics off: a {task_type} is measured on {' or '.join(TASKS[task_type].eval_shapes)} rows "
-            f"(ranking: rows with rejected_response), not {data.shape}",
-        )
-        return None
-    say(
-        "train",
-        f"eval metrics: {data.shape} ({', '.join(METRIC_NAMES[data.shape])}) on {len(data.queries)} queries, "
-        f"{len(data.docs)} documents",
-    )
-    return data
-
-
 # -------------------------------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
     """Embedder or Reranker from `cfg.model`, what it trains as: weights in `precision.load` (bf16 weights:
@@ -350,6 +337,8 @@ def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
         )
+    elif reranker_head(cfg.model, cfg.reranker_head, cfg.trust_remote_code) == "classifier":
+        model = ClassifierReranker.from_pretrained(cfg.model, cfg.max_length, cfg.trust_remote_code, dtype)
     else:
         model = Reranker.from_pretrained(
             cfg.model,
@@ -368,7 +357,8 @@ def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
     regional_compile(model.inner, cfg.torch_compile, cfg.deepspeed)  # each layer in place, when enabled
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    say("train", f"{cfg.task_type} {cfg.train_type}: {n_train:,} trainable parameters")
+    kind = f"{cfg.task_type} ({model.HEAD} head)" if isinstance(model, Reranker) else cfg.task_type
+    say("train", f"{kind} {cfg.train_type}: {n_train:,} trainable parameters")
     return model.train()
 
 
