@@ -22,6 +22,7 @@ def merge(
     output: Output[Model],
     metrics: Output[Metrics],
     tolerance: float,
+    export_classifier: bool,
 ):
     """Merge the adapter into a standalone model and check it matches the adapter model's outputs."""
     inputs = dict(locals())

@@ -40,6 +40,7 @@ def train(
     train_type: str,
     pooling: str,
     query_instruction: str,
+    reranker_head: str,
     reranker_instruction: str,
     max_length: int,
     lora_rank: int,

@@ -183,31 +183,33 @@ def test_the_server_and_the_registered_pyfunc_score_like_the_folder(trained, mlf
     np.testing.assert_allclose(pyfunc.predict(frame), want, atol=1e-5)
 
 
-def test_the_gradient_cache_gives_a_cross_encoder_the_uncached_gradients(minilm_path, fixtures_dir):
+@pytest.mark.parametrize("loss_type", ["pointwise_reranker", "listwise_reranker"])
+def test_the_gradient_cache_gives_a_cross_encoder_the_uncached_gradients(
+    minilm_path, fixtures_dir, loss_type
+):
     from embedtune.batching import Collator, tokenize_rows
     from embedtune.config import resolve_env_defaults
     from embedtune.gradcache import cached_backward
     from embedtune.io import read_jsonl
 
-    for loss_type in ("pointwise_reranker", "listwise_reranker"):
-        conf = resolve_env_defaults(cfg(minilm_path, "-", "-", loss_type=loss_type))
-        torch.manual_seed(0)
-        model = train.train_module(ClassifierReranker.from_pretrained(minilm_path, max_length=64), conf)
-        model.train()
-        for m in model.modules():  # no dropout: one pass and the chunked passes see the same network
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        batch = Collator(model.objective, model.model.tokenizer.pad_token_id)(
-            tokenize_rows(model.model, list(read_jsonl(fixtures_dir / "train" / "reranker.jsonl"))[:6])
-        )
-        assert "token_type_ids" in batch["features"]
-        loss = model(**batch)["loss"]
-        loss.backward()
-        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
-        extras = {k: v for k, v in batch.items() if k != "features"}
-        got_loss = cached_backward(lambda f: model(f, encode_only=True)["outputs"],
-                                   lambda out: model.loss_from_outputs(out, **extras), batch["features"], 3)  # fmt: skip
-        assert got_loss.item() == pytest.approx(loss.item(), rel=1e-5)
-        for n, g in want.items():
-            torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-5, msg=n)
+    conf = resolve_env_defaults(cfg(minilm_path, "-", "-", loss_type=loss_type))
+    torch.manual_seed(0)
+    model = train.train_module(ClassifierReranker.from_pretrained(minilm_path, max_length=64), conf)
+    model.train()
+    for m in model.modules():  # no dropout: one pass and the chunked passes see the same network
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = Collator(model.objective, model.model.tokenizer.pad_token_id)(
+        tokenize_rows(model.model, list(read_jsonl(fixtures_dir / "train" / "reranker.jsonl"))[:6])
+    )
+    assert "token_type_ids" in batch["features"]
+    loss = model(**batch)["loss"]
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    extras = {k: v for k, v in batch.items() if k != "features"}
+    got_loss = cached_backward(lambda f: model(f, encode_only=True)["outputs"],
+                               lambda out: model.loss_from_outputs(out, **extras), batch["features"], 3)  # fmt: skip
+    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    for n, g in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-5, msg=n)

@@ -771,4 +771,4 @@ def test_tiny_preset_as_a_cross_encoder_reranker_trains_evaluates_and_registers(
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-cross@champion")
     frame = pd.DataFrame({"query": ["what about the habitat of the python?"] * 2,
                           "document": ["These snakes live in the forests of Africa.", "Python is installed with pip."]})  # fmt: skip
-    assert ((0 < pyfunc.predict(frame)) & (pyfunc.predict(frame) < 1)).all()
+    assert ((pyfunc.predict(frame) > 0) & (pyfunc.predict(frame) < 1)).all()

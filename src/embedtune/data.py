@@ -291,7 +291,7 @@ def check_loss_data(
     Row rules (texts, the label for the loss) are ``check_row``'s; on top of them, the objective's: the
     negatives every row needs (infonce without in-batch documents), the negatives some row needs (the
     rerankers: a listwise group needs ``listwise_min_group_size - 1``; smaller groups are skipped and
-    reported). Raises one ``DataError`` (problems joined by ``; ``) like
+    reported; for pointwise, a row labelled below 1 is a negative too: (query, document, 0/1) pairs). Raises one ``DataError`` (problems joined by ``; ``) like
     ``train.jsonl lines 3, 7: label: must be 0 or 1 ...``.
     """
     if loss_type not in LOSS_TYPES:
@@ -313,8 +313,9 @@ def check_loss_data(
         if check_texts(negs, "rejected_response"):
             bad("rejected_response", "must be a list of non-empty strings")
             negs = []
-        rows_with_negatives += len(negs) >= max(some, 1)
         label = row.get("label")
+        labelled = obj.labelled_negatives and is_number(label) and label < 1  # a (query, negative, 0) pair
+        rows_with_negatives += len(negs) >= max(some, 1) or labelled
         if every and not negs:
             bad("rejected_response", f"{loss_type} needs rejected_response {every}")
         elif (label is None and obj.label_required) or (label is not None and check_label(label, loss_type)):

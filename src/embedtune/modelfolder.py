@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -182,8 +183,20 @@ def write_meta(out: str | os.PathLike, meta: dict) -> None:
 
 
 def task_type_of(path: str | os.PathLike) -> str:
-    """`embedding` or `reranker`: from embedtune.json; plain folders are embedders."""
-    return read_meta(path).get("task_type", "embedding")
+    """`embedding` or `reranker`: from embedtune.json; a plain folder holding a sequence-classification model
+    (a cross-encoder: sentence-transformers' CrossEncoder, a hub reranker) is a reranker, any other an embedder."""
+    meta = read_meta(path)
+    if "task_type" in meta:
+        return meta["task_type"]
+    config = Path(path) / "config.json"
+    if config.is_file():
+        with contextlib.suppress(
+            ValueError, OSError, AttributeError
+        ):  # a broken config.json is the loader's error to report
+            archs = json.loads(config.read_text()).get("architectures") or []
+            if any(str(a).endswith("ForSequenceClassification") for a in archs):
+                return "reranker"
+    return "embedding"
 
 
 HEADS = ("auto", "generative", "classifier")

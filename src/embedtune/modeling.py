@@ -324,6 +324,10 @@ class Reranker(Wrapper):
         self.positive_token, self.negative_token = positive_token, negative_token
         self.yes_id = self._single_token_id(positive_token)
         self.no_id = self._single_token_id(negative_token)
+        self._prefix = tokenizer.encode(
+            RERANKER_PREFIX, add_special_tokens=False
+        )  # the prompt around each pair
+        self._suffix = tokenizer.encode(RERANKER_SUFFIX, add_special_tokens=False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 

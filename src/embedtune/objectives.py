@@ -88,6 +88,7 @@ class Objective:
     fields: tuple[str, ...] = ()  # optional row fields it reads (data.OPTIONAL_FIELDS), e.g. teacher_scores
     every_row_negatives: Callable[[dict], str] = _no  # why every row needs a negative ("": it need not)
     some_row_negatives: Callable[[dict], int] = _none  # negatives at least one row must have
+    labelled_negatives: bool = False  # a row labelled below 1 counts as a negative (pairs with 0/1 labels)
     keep_row: Callable[[dict, dict], bool] = _keep  # (row, knobs): False for rows the loss skips (counted)
     skip_reason: str = ""  # why keep_row skips a row, for the message
     distinct_batches: Callable[[dict], bool] = _never  # batches must hold no text twice (in-batch negatives)
@@ -128,7 +129,7 @@ OBJECTIVES: dict[str, Objective] = {
     ),
     "pointwise_reranker": Objective(
         task_type="reranker", label=in_range(0.0, 1.0), label_required=False, layout="prompts",
-        loss="pointwise_reranker_loss", some_row_negatives=lambda k: 1,
+        loss="pointwise_reranker_loss", some_row_negatives=lambda k: 1, labelled_negatives=True,
     ),
     "listwise_reranker": Objective(
         task_type="reranker", label=FINITE, label_required=False, layout="prompt_groups",
