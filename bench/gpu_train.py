@@ -13,6 +13,11 @@ hard negatives). In one run, each in its own process (a clean GPU):
   ...) and with all of them off (what train did before the levers existed), each row also as a ratio to the
   defaults; the ZeRO-3 overhead is ZeRO-3 against `--deepspeed none` with the same levers (compile is off
   under ZeRO-3, so against the `compile_off` row);
+- the levers (`--only ...,levers`): each lever that is off (or auto-off) by default turned on over the defaults
+  (`LEVERS` below: Liger's kernels, padding-free batches, the gradient cache by tokens), all of them at once
+  (`all_levers`), and the default configuration of a pipeline run (`default`: `--deepspeed auto`, i.e. none
+  on one GPU), each also as a ratio to the defaults; on CPU Liger is left out of a row (its Triton kernels need
+  a GPU) and the row says so;
 - sentence-transformers' `SentenceTransformerTrainer`, MultipleNegativesRankingLoss with scale 1 / temperature
   (the same loss), last-token pooling, `no_duplicates` batches, bf16 on CUDA;
 - encode: evaluate's path (`scoring.scoring_model` + `Embedder.encode`: token-length batches, `--dtype` auto =
@@ -26,7 +31,7 @@ written after every part, so a time-out keeps what was measured.
 
     python bench/gpu_train.py [--steps 50] [--batch 16] [--negatives 3] [--max-length 512] [--temperature 0.01]
         [--layers 28] [--hidden 1024] [--peak-tflops 790] [--data-dir ../shared/data] [--out gpu_train.json]
-        [--only embedtune,zero3,st,encode,ablation] [--ablation autocast,compile_off,...] [--train-args "..."]
+        [--only embedtune,zero3,st,encode,ablation,levers] [--ablation autocast,compile_off,...] [--train-args "..."]
     # a GPU session with little time: the calibration and the levers, ~15 runs of --steps 30
     python bench/gpu_train.py --steps 30 --out gpu_train.json
     python bench/gpu_train.py --smoke     # anywhere (CPU): 2 tiny layers, synthetic rows, 3 steps; tests run it
@@ -68,6 +73,16 @@ ABLATION = {
     "all_off": "--dtype autocast --torch-compile off --length-buckets 1",  # train before the levers
 }
 SMOKE_ABLATION = "all_off"  # CPU: compile takes minutes; one run checks the plumbing (test_speed: autocast)
+# The levers that are off (or auto-off) by default, each turned on over the defaults, then all of them; and the
+# default configuration of a pipeline run (`--deepspeed auto`: none on one GPU). name -> extra train flags.
+LEVERS = {
+    "default": "--deepspeed auto",
+    "liger": "--use-liger-kernel on",  # CUDA only (Triton kernels)
+    "padding_free": "--padding-free on",  # flash-attention 2 varlen when installed, else sdpa's packed mask
+    "chunk_tokens": "--gradient-cache-chunk-tokens 8192",  # gradient cache by padded tokens per pass
+    "all_levers": "--use-liger-kernel on --padding-free on",
+}
+CUDA_ONLY = "--use-liger-kernel on"  # left out of a row on CPU, which says so
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -299,7 +314,7 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("gpu_train.json"))
     parser.add_argument(
-        "--only", default="embedtune,zero3,st,encode,ablation", help="comma-separated parts to run"
+        "--only", default="embedtune,zero3,st,encode,ablation,levers", help="comma-separated parts to run"
     )
     parser.add_argument(
         "--ablation", default=",".join(ABLATION), help=f"ablation runs, of: {', '.join(ABLATION)}"
@@ -432,6 +447,25 @@ def main() -> int:
                 results["ablation"][name] = train(f"ablation-{name}", "none", ABLATION[name])
                 save()
 
+        if "levers" in parts:
+            results.setdefault("levers", {})
+            for name, flags in LEVERS.items():
+                if not cuda and flags == CUDA_ONLY:
+                    results["levers"][name] = {
+                        "skipped": "needs CUDA (Liger's Triton kernels)",
+                        "flags": flags,
+                    }
+                    continue
+                run_flags = flags if cuda else flags.replace(CUDA_ONLY, "").strip()
+                deepspeed, run_flags = (
+                    ("auto", "") if run_flags == "--deepspeed auto" else ("none", run_flags)
+                )
+                entry = train(f"lever-{name}", deepspeed, run_flags)
+                if run_flags != flags and deepspeed == "none":
+                    entry["note"] = "CPU: Liger left out"
+                results["levers"][name] = entry
+                save()
+
     ours, zero3, peer = (
         results.get(k, {}) for k in ("embedtune_none", "embedtune_zero3", "sentence_transformers")
     )
@@ -472,6 +506,23 @@ def main() -> int:
             print(
                 f"ZeRO-3 overhead over --deepspeed none, same levers (compile off): {results['zero3_overhead_same_levers']:+.1%}"
             )
+    levers = results.get("levers", {})
+    if levers:
+        print(
+            f"\nlevers (on over the defaults)\n  {'run':<14}{'flags':<56}{'rows/s':>9}{'x defaults':>12}{'MFU':>8}{'peak GB':>9}"
+        )
+        for name, r in levers.items():
+            if "rows_per_s" in r:
+                r["over_defaults"] = (
+                    round(r["rows_per_s"] / ours["rows_per_s"], 3) if "rows_per_s" in ours else None
+                )
+                print(f"  {name:<14}{r['flags']:<56}{r['rows_per_s']:>9.2f}{r['over_defaults'] or 0:>12.2f}{r['mfu']:>8.1%}"
+                      f"{r.get('peak_memory_gb') or 0:>9.2f}" + (f"  ({r['note']})" if r.get("note") else ""))  # fmt: skip
+            else:
+                print(
+                    f"  {name:<14}{r.get('flags', ''):<56} "
+                    + (r.get("skipped") or f"failed (exit {r.get('exit_code')})")
+                )
     for key, value in results.get("encode_texts_per_s", {}).items():
         print(f"encode {key}: {value} texts/s")
     if not cuda:
@@ -481,7 +532,7 @@ def main() -> int:
         k
         for k in ("embedtune_none", "embedtune_zero3", "sentence_transformers")
         if results.get(k, {}).get("exit_code", 0) != 0
-    ] + [k for k, r in ablation.items() if r.get("exit_code", 0) != 0]
+    ] + [k for k, r in {**ablation, **levers}.items() if r.get("exit_code", 0) != 0]
     return 1 if failed else 0
 
 

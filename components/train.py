@@ -47,6 +47,7 @@ def train(
     lora_alpha: int,
     lora_dropout: float,
     lora_target: str,
+    use_dora: bool,
     deepspeed: str,
     num_train_epochs: float,
     max_steps: int,
@@ -54,6 +55,7 @@ def train(
     per_device_eval_batch_size: int,
     gradient_accumulation_steps: int,
     gradient_cache_chunk_size: int,
+    gradient_cache_chunk_tokens: int,
     learning_rate: float,
     weight_decay: float,
     warmup_ratio: float,
@@ -82,6 +84,8 @@ def train(
     optim: str,
     torch_compile: str,
     length_buckets: int,
+    use_liger_kernel: str,
+    padding_free: str,
     pad_to_multiple_of: int,
 ):
     """Fine-tune `model` on the train rows; the step launches one torchrun process per GPU, or with nodes > 1

@@ -21,6 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 NUMERIC_FILES = {
     "test_losses.py", "test_metrics.py", "test_speed.py", "test_gradcache.py", "test_evaluate.py",
     "test_modeling.py", "test_merge.py", "test_mine.py", "test_crossencoder.py",
+    "test_padding_free.py",
 }  # fmt: skip
 
 

@@ -41,5 +41,17 @@ def test_gpu_train_bench_smoke_runs_every_part_on_cpu(tmp_path):
     for name, fields in result["ablation"].items():
         assert fields["exit_code"] == 0 and fields["rows_per_s"] > 0 and fields["over_defaults"] > 0, name
     assert "ablation (--deepspeed none, one lever off per row)" in proc.stdout
+    # the levers off by default, each on over the defaults, all of them, and a pipeline run's defaults
+    levers = result["levers"]
+    assert set(levers) == {"default", "liger", "padding_free", "chunk_tokens", "all_levers"}
+    assert (
+        "needs CUDA" in levers["liger"]["skipped"] and levers["all_levers"]["note"] == "CPU: Liger left out"
+    )
+    for name in ("default", "padding_free", "chunk_tokens", "all_levers"):
+        assert (
+            levers[name]["exit_code"] == 0
+            and levers[name]["rows_per_s"] > 0
+            and levers[name]["over_defaults"] > 0
+        ), name
     assert result["real_tokens"]["row"] > 0 and result["nonembedding_params"] > 0
     assert "embedtune / sentence-transformers rows/s" in proc.stdout

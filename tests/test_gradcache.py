@@ -116,6 +116,45 @@ def test_plan_cuts_near_equal_chunks_no_larger_than_the_chunk_size():
         assert [c.rows.start for c in chunks] == [0, *np.cumsum(sizes)[:-1].tolist()]
 
 
+def test_plan_by_tokens_keeps_every_chunk_within_its_padded_token_budget():
+    lengths = [3, 9, 2, 2, 14, 1, 5, 5, 5, 5]
+    for budget, cap in [(12, 0), (20, 0), (20, 2), (1, 0)]:
+        chunks = plan(len(lengths), cap, lengths=lengths, chunk_tokens=budget)
+        assert [c.rows.start for c in chunks] == [
+            0,
+            *(c.rows.stop for c in chunks[:-1]),
+        ]  # consecutive, in order
+        assert chunks[-1].rows.stop == len(lengths) and all(c.real for c in chunks)
+        for c in chunks:
+            n = c.rows.stop - c.rows.start
+            assert n == 1 or n * max(lengths[c.rows]) <= budget, (budget, c)  # a text over budget: alone
+            assert not cap or n <= cap
+    assert len(plan(len(lengths), 0, lengths=lengths, chunk_tokens=1)) == len(lengths)
+
+
+def test_cached_by_tokens_gives_the_uncached_loss_and_gradients(tiny_qwen3_path):
+    model = make_model(tiny_qwen3_path, "infonce", chunk=0)
+    batch = batch_of(model, rows_for("infonce")[:8])
+    want_loss, want = uncached(model, batch)
+    model.zero_grad(set_to_none=True)
+    extras = {k: v for k, v in batch.items() if k != "features"}
+    loss = cached_backward(lambda f: model(f, encode_only=True)["outputs"], lambda out: model.loss_from_outputs(out, **extras),
+                           batch["features"], 0, chunk_tokens=40)  # fmt: skip
+    assert (
+        len(
+            plan(
+                count(batch["features"]),
+                0,
+                lengths=batch["features"]["attention_mask"].sum(1).tolist(),
+                chunk_tokens=40,
+            )
+        )
+        > 2
+    )
+    assert loss.item() == pytest.approx(want_loss, rel=1e-6)
+    assert_same_grads(grads(model), want)
+
+
 @pytest.mark.parametrize(
     "loss_type",
     ["infonce", "cosine_similarity", "contrastive", "online_contrastive", "pointwise_reranker", "listwise_reranker"],

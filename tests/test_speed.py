@@ -306,3 +306,62 @@ def test_evaluate_in_bf16_gives_the_fp32_metrics(bf16_and_fp32_metrics, shape):
     for name, value in fp32["metrics"].items():
         tol = one_swap if name in ("map", "mrr_at_10", "ndcg_at_10") else METRIC_TOL
         assert bf16["metrics"][name] == pytest.approx(value, abs=tol), name
+
+
+# ------------------------------------------------------------------------------------------------ liger
+LIGER_PROBE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from embedtune.modeling import Embedder, ClassifierReranker
+from embedtune.speed import apply_liger_kernel
+import transformers.models.qwen3.modeling_qwen3 as q3
+model = Embedder.from_pretrained({path!r})
+on = apply_liger_kernel(model.inner, "on", cuda=False)
+layer = model.inner.layers[0]
+print(json.dumps({{"on": on, "input_norm": layer.input_layernorm.forward.__qualname__,  # Liger binds its forward
+                  "final_norm": model.inner.norm.forward.__qualname__, "mlp": layer.mlp.forward.__qualname__,
+                  "rope": q3.apply_rotary_pos_emb.__module__}}))
+"""
+
+
+def test_liger_swaps_in_its_norm_rope_and_swiglu_kernels_for_qwen3(tiny_qwen3_path):
+    """In a process of its own: Liger's RoPE is patched module-wide, and its Triton kernels need a GPU to run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("liger_kernel")
+    code = LIGER_PROBE.format(tests=str(Path(__file__).parent), path=str(tiny_qwen3_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["on"] is True
+    assert got["input_norm"] == got["final_norm"] == "LigerRMSNorm.forward", got
+    assert got["mlp"] == "LigerSwiGLUMLP.forward" and got["rope"].startswith("liger_kernel"), got
+
+
+def test_liger_is_off_by_auto_on_cpu_and_refused_cleanly_when_missing(
+    tiny_qwen3_path, minilm_path, monkeypatch
+):
+    import importlib.util
+
+    from embedtune.speed import apply_liger_kernel
+
+    qwen = Embedder.from_pretrained(tiny_qwen3_path)
+    assert (
+        apply_liger_kernel(qwen.inner, "auto", cuda=False) is False
+        and apply_liger_kernel(qwen.inner, "false") is False
+    )
+    with pytest.raises(EmbedtuneError, match="use_liger_kernel: 'maybe'"):
+        apply_liger_kernel(qwen.inner, "maybe")
+    if importlib.util.find_spec("liger_kernel"):
+        bert = Embedder.from_pretrained(minilm_path)
+        with pytest.raises(EmbedtuneError, match="no kernels for model type 'bert'"):
+            apply_liger_kernel(bert.inner, "on", cuda=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a)
+    )
+    with pytest.raises(EmbedtuneError, match="use_liger_kernel: on needs liger-kernel"):
+        apply_liger_kernel(qwen.inner, "on")
+    assert apply_liger_kernel(qwen.inner, "auto", cuda=True) is False  # auto without it: off, no error

@@ -439,3 +439,25 @@ def test_zero3_two_ranks_pointwise_reranker_saves_a_scoring_folder(tiny_qwen3_pa
         "what is a cat", docs
     )
     assert all(0 < s < 1 for s in trained) and np.abs(np.subtract(trained, base)).max() > 1e-4
+
+
+def test_dora_trains_merges_and_reloads_to_the_same_embeddings(tiny_qwen3_path, fixtures_dir, tmp_path):
+    from embedtune.config import MergeConfig
+    from embedtune.steps import merge
+
+    out = tmp_path / "dora"
+    train.run(tiny_cfg(tiny_qwen3_path, fixtures_dir / "train" / "infonce.jsonl", out, train_type="lora",
+                       lora_rank=4, use_dora=True, learning_rate=1e-3, infonce_temperature=0.05))  # fmt: skip
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert any("lora_magnitude_vector" in k for k in f.keys())  # noqa: SIM118 (DoRA's magnitudes saved)
+    result = merge.run(MergeConfig(adapter=str(out), output=str(tmp_path / "merged")))
+    assert result["merged"] and result["max_abs_diff"] <= 1e-4 and result["adapter_vs_base_max_diff"] > 1e-4
+    np.testing.assert_allclose(
+        Embedder.from_pretrained(tmp_path / "merged").encode(TEXTS),
+        Embedder.from_pretrained(out).encode(TEXTS),
+        atol=1e-5,
+    )

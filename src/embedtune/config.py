@@ -114,7 +114,8 @@ class TrainConfig:
     lora_alpha: int = 32  # LoRA alpha (scaling = alpha / rank)
     lora_dropout: float = 0.05  # LoRA dropout
     lora_target: str = "all-linear"  # modules LoRA wraps: all-linear or a comma-separated list of module names
-    deepspeed: str = "zero3"  # zero3 | zero2 | none (configs ship in the package; 'auto' values filled by the Trainer)
+    use_dora: bool = False  # LoRA as DoRA (weight-decomposed: magnitude + direction; PEFT's use_dora), merged like LoRA
+    deepspeed: str = "auto"  # auto (none for one process, zero3 for more: one GPU has no shards to spread, and ZeRO-3 turns torch_compile auto off) | zero3 | zero2 | none (configs ship in the package; 'auto' values filled by the Trainer)
     nproc: int = 1  # processes to launch with torchrun (one per GPU; 2 on CPU for tests); with nodes > 1, per node
     nodes: int = 1  # machines to train on, nproc processes each. Inside a multi-node job (torchrun's PET_* variables set, as Kubeflow Trainer sets them) the job's node count (must match when given). Elsewhere, > 1 submits this command as a Kubeflow Trainer TrainJob of `nodes` pods (needs shared_dir; see embedtune.trainjob)
     shared_dir: str = ""  # nodes > 1: a folder on a ReadWriteMany volume this pod mounts; the job's data, checkpoints and model go to <shared_dir>/<job name>/ (every node mounts the same claim there)
@@ -125,6 +126,7 @@ class TrainConfig:
     per_device_eval_batch_size: int = 16  # rows per process per eval step
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (never adds infonce negatives)
     gradient_cache_chunk_size: int = 0  # > 0: gradient cache (GradCache), texts per forward pass: the batch is encoded chunk by chunk without a graph, then each chunk again with the cached gradient of the whole batch's loss; same loss and gradients (every in-batch negative of the global batch) at the activation memory of one chunk, ~1.33x compute; 0: off
+    gradient_cache_chunk_tokens: int = 0  # > 0: gradient cache with chunks of at most this many padded tokens (texts x the chunk's longest; sentence-transformers' mini_batch_num_tokens): even memory per chunk whatever the lengths; with gradient_cache_chunk_size both limits hold; 0: chunks by text count only
     learning_rate: float = 2e-5  # peak learning rate (ms-swift uses 1e-4 for LoRA, 1e-5 for full)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.1  # fraction of steps spent warming the learning rate up linearly
@@ -153,6 +155,8 @@ class TrainConfig:
     optim: str = "adamw_torch_fused"  # HF optimizer name: adamw_torch_fused (one fused kernel per step) | adamw_torch | any TrainingArguments optim; with dtype bf16 and deepspeed none, adamw_torch or adamw_torch_fused on the fp32 master weights
     torch_compile: str = "auto"  # regional torch.compile (each layer of the backbone, dynamic shapes): auto (on for CUDA, except with deepspeed zero3; a layer that fails to compile runs eager) | on (compile errors fail the run) | off
     length_buckets: int = 0  # forward passes per batch: texts sorted by length, cut into this many groups with the fewest padded tokens (2: queries and documents apart), each padded to its own longest; same loss and gradients; 1: one pass padded to the longest text; 0 auto: 2 on CUDA, 1 on CPU (where a second pass costs more than the padding it saves)
+    use_liger_kernel: str = "auto"  # Liger's fused RMSNorm, RoPE and SwiGLU kernels for the families it covers (Qwen2/Qwen3, Llama, Mistral, Gemma, ...): auto (on with CUDA when liger-kernel is installed; the GPU image has it) | on (refused without it) | off; ms-swift's true / false work too
+    padding_free: str = "auto"  # pack each forward pass's texts into one row (position_ids restarting per text, no padding; decoders only): auto (on for a decoder on CUDA with flash-attn installed: its varlen kernels) | on (also with sdpa's block-diagonal mask, e.g. on CPU) | off
     pad_to_multiple_of: int = 0  # > 0: padded lengths rounded up to a multiple of this (fewer distinct shapes for compiled kernels); 0: each pass's longest text
 
 

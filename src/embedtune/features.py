@@ -6,7 +6,9 @@
 
 The sequence tensors are those shaped like `attention_mask` on their first two dimensions (`input_ids`,
 `attention_mask`, and any `position_ids` / `token_type_ids` a collator adds); any other tensor rides along
-whole per row (a future image's `pixel_values` must then be laid out one row per text). Code that batches,
+whole per row (a future image's `pixel_values` must then be laid out one row per text). A model that runs
+padding-free packs the texts it is given into one row at its forward pass (`pack`): batches, chunks and buckets
+stay one row per text. Code that batches,
 chunks or buckets texts (`batching`, `gradcache`, `speed`) only ever takes rows (`take`) and cuts padding
 columns (`cut`, `trim`) through the helpers here, so a new key needs no new signature anywhere: the model's
 `forward(features)` is the one place that reads the keys.
@@ -51,6 +53,27 @@ def trim(features: Features) -> Features:
     outputs do not change (beyond float rounding)."""
     width = int(features["attention_mask"].any(0).nonzero().max()) + 1
     return cut(features, width)
+
+
+def pack(features: Features) -> Features:
+    """Padding-free: the real tokens of every text in one row, `(1, N)` for N real tokens, with `position_ids`
+    restarting at 0 for each text and no attention mask: transformers' decoders then build a block-diagonal causal
+    mask from the positions (sdpa, flex; flash-attention 2 takes them as varlen boundaries), so each text attends
+    only to itself, as when padded. Either padding side. `unpack_*` read the outputs back per text."""
+    mask = features["attention_mask"].bool()
+    out = {
+        k: v[mask].unsqueeze(0)
+        for k, v in features.items()
+        if k != "attention_mask" and _is_sequence(v, mask)
+    }
+    out["position_ids"] = (mask.long().cumsum(1) - 1)[mask].unsqueeze(0)
+    return out
+
+
+def segments(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T,) start of each text's tokens in the packed row, and (T,) its length."""
+    n = lengths(features)
+    return n.cumsum(0) - n, n
 
 
 def round_up(n: int, multiple: int) -> int:

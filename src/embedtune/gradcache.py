@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 
 from embedtune.distributed import max_over_ranks
-from embedtune.features import Features, count, take, trim
+from embedtune.features import Features, count, lengths, take, trim
 
 
 def _cuda_in_use() -> bool:
@@ -78,14 +78,30 @@ class Chunk:
     real: bool = True
 
 
-def plan(n: int, chunk_size: int, device: torch.device | str = "cpu") -> list[Chunk]:
-    """Chunks of a batch of `n` texts: at most `chunk_size` texts each, the same number on every rank.
+def plan(
+    n: int, chunk_size: int, device: torch.device | str = "cpu", lengths=None, chunk_tokens: int = 0
+) -> list[Chunk]:
+    """Chunks of a batch of `n` texts: at most `chunk_size` texts each (0: no cap on texts), or with
+    `chunk_tokens` at most that many padded tokens each (texts x the chunk's longest, `lengths` per text:
+    the same memory per chunk whatever the lengths; a text longer than the budget gets a chunk of its own);
+    the same number of chunks on every rank.
 
-    The count is the largest `ceil(n_r / chunk_size)` over the ranks (one all_reduce under torchrun); each
-    rank cuts its own `n` into that many near-equal consecutive parts (sizes differ by at most one, so a
-    rank with a few texts less runs no nearly empty chunk). A rank with fewer texts than chunks pads with
-    stand-ins. `device`: where the all_reduce's tensor lives (the batch's device: CUDA under NCCL).
+    The count is the largest over the ranks (one all_reduce under torchrun). By texts, each rank cuts its own
+    `n` into that many near-equal consecutive parts (sizes differ by at most one, so a rank with a few texts
+    less runs no nearly empty chunk); by tokens, consecutive texts are taken while the budget holds. A rank with
+    fewer chunks pads with stand-ins. `device`: where the all_reduce's tensor lives (CUDA under NCCL).
     """
+    if chunk_tokens > 0:
+        bounds, longest = [0], 0
+        for i, length in enumerate(lengths):
+            taken = i - bounds[-1]
+            longest = max(longest, int(length))
+            if taken and ((taken + 1) * longest > chunk_tokens or (chunk_size and taken >= chunk_size)):
+                bounds.append(i)
+                longest = int(length)
+        bounds.append(n)
+        cuts = [Chunk(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return cuts + [Chunk(slice(0, 1), real=False)] * (max_over_ranks(len(cuts), device) - len(cuts))
     chunks = max_over_ranks(-(-n // chunk_size), device)
     bounds = [n * i // chunks for i in range(chunks + 1)]
     return [
@@ -95,11 +111,12 @@ def plan(n: int, chunk_size: int, device: torch.device | str = "cpu") -> list[Ch
 
 
 def encode_without_graph(
-    encode: Callable[[Features], torch.Tensor], features: Features, chunk_size: int
+    encode: Callable[[Features], torch.Tensor], features: Features, chunk_size: int, chunk_tokens: int = 0
 ) -> tuple[torch.Tensor, list[Chunk], list[RngState]]:
     """Pass 1: every text's output, chunk by chunk, without a graph; returns `(outputs (T, ...), chunks,
     the RNG state before each chunk)`. Also the eval loss path: the memory of one chunk, same outputs."""
-    chunks = plan(count(features), chunk_size, features["attention_mask"].device)
+    mask = features["attention_mask"]
+    chunks = plan(count(features), chunk_size, mask.device, lengths(features).tolist(), chunk_tokens)
     states, outs = [], []
     with torch.no_grad():
         for chunk in chunks:
@@ -121,6 +138,7 @@ def cached_backward(
     chunk_size: int,
     backward: Callable[[torch.Tensor, bool], None] = _backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    chunk_tokens: int = 0,
 ) -> torch.Tensor:
     """The three passes (module docstring); the parameters' gradients accumulate as after
     `loss_of(encode(features)).backward()`. Returns the loss, detached.
@@ -131,14 +149,15 @@ def cached_backward(
         loss_of: the batch's outputs `(T, ...)` -> scalar loss (any scaling, e.g. for gradient accumulation,
             included). Called once, on a leaf tensor: only its gradient with respect to the outputs is used.
         features: the model inputs of every text of the batch (`embedtune.features`, T rows).
-        chunk_size: at most this many texts per forward pass.
+        chunk_size: at most this many texts per forward pass (0 with `chunk_tokens`: no cap on texts).
         backward: `backward(scalar, last)` back-propagates one chunk's surrogate scalar (`last`: the batch's
             final chunk, after which an engine may reduce gradients and step). Default: `.backward()`. A
             scalar, not `out.backward(g)`, because engines (DeepSpeed) take a scalar loss and scale it
             (fp16 loss scaling) the same way they would scale the uncached loss.
         no_sync: a context for every chunk but the last (DDP's `no_sync`: all-reduce once, not per chunk).
+        chunk_tokens: > 0: also at most this many padded tokens per forward pass (`plan`).
     """
-    outputs, chunks, states = encode_without_graph(encode, features, chunk_size)
+    outputs, chunks, states = encode_without_graph(encode, features, chunk_size, chunk_tokens)
     leaf = outputs.detach().requires_grad_()
     loss = loss_of(leaf)
     (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)  # (T, ...) d loss / d outputs

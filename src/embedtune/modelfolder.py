@@ -217,9 +217,11 @@ def reranker_head(path: str, head: str = "auto", trust_remote_code: bool = False
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "classifier"
-    if (
-        any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-        or getattr(config, "model_type", "") in DECODERS
-    ):
-        return "generative"
-    return "classifier"
+    return "generative" if is_decoder(config) else "classifier"
+
+
+def is_decoder(config) -> bool:
+    """A causal LM backbone (a `ForCausalLM` architecture, or a decoder model type)."""
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return causal or getattr(config, "model_type", "") in DECODERS

@@ -33,6 +33,7 @@ from torch import nn
 
 from embedtune.config import QWEN3_RERANKER_INSTRUCTION
 from embedtune.errors import EmbedtuneError
+from embedtune.features import pack
 from embedtune.io import read_json, write_json
 from embedtune.modelfolder import (  # noqa: F401 (META_FILE, read_meta, ...: also reached through this module)
     ADAPTER_FILE,
@@ -51,12 +52,16 @@ from embedtune.modelfolder import (  # noqa: F401 (META_FILE, read_meta, ...: al
     write_meta,
     write_st_files,
 )
-
-POOLINGS = ("last", "mean", "cls")
+from embedtune.pooling import POOLINGS, pool, pool_packed
 
 RERANKER_SYSTEM = 'Judge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
 RERANKER_PREFIX = f"<|im_start|>system\n{RERANKER_SYSTEM}<|im_end|>\n<|im_start|>user\n"
 RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def _attention(implementation: str | None) -> dict:
+    """`from_pretrained`'s attention kwarg when one is asked for (flash-attention 2 for padding-free), else none."""
+    return {"attn_implementation": implementation} if implementation else {}
 
 
 def _load_backbone(path: str, auto_cls, trust_remote_code: bool, dtype, **kwargs):
@@ -99,21 +104,6 @@ def append_eos_post_processor(tokenizer) -> None:
     assert tokenizer("a")["input_ids"][-1] == eos_id
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, L, H) hidden states + (B, L) mask -> (B, H), independent of the padding side."""
-    if pooling == "mean":  # summed in fp32: a bf16 sum over hundreds of tokens would lose the low bits
-        m = mask.unsqueeze(-1).to(torch.float32)
-        return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    if pooling == "last":
-        idx = (mask.long() * positions).argmax(1)  # index of the last 1 in each row
-    elif pooling == "cls":
-        idx = mask.long().argmax(1)  # index of the first 1 in each row
-    else:
-        raise EmbedtuneError(f"unknown pooling {pooling!r}: choose one of {POOLINGS}")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-
-
 def _batches_by_length(lengths: Sequence[int], batch_size: int):
     """Index batches of similar length (longest first), so padding is small; callers restore the order."""
     order = np.argsort([-n for n in lengths], kind="stable")
@@ -145,6 +135,7 @@ class Wrapper(nn.Module):
     """
 
     INNER = ""
+    padding_free = False  # the texts of a forward pass packed into one row (`features.pack`); decoders only
 
     @property
     def inner(self) -> nn.Module:
@@ -182,6 +173,7 @@ class Embedder(Wrapper):
         max_length: int | None = None,
         trust_remote_code: bool = False,
         dtype: torch.dtype = torch.float32,
+        attn_implementation: str | None = None,
     ) -> Embedder:
         """Load an embedtune folder, a sentence-transformers folder, any HF model, or an adapter folder.
 
@@ -207,7 +199,9 @@ class Embedder(Wrapper):
             )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        backbone = _load_backbone(path, AutoModel, trust_remote_code, dtype)
+        backbone = _load_backbone(
+            path, AutoModel, trust_remote_code, dtype, **_attention(attn_implementation)
+        )
         return cls(backbone, tokenizer, pooling, query_instruction, max_length)
 
     @property
@@ -232,6 +226,9 @@ class Embedder(Wrapper):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Model inputs of B texts (`embedtune.features`: `input_ids`, `attention_mask`, (B, L)) -> (B, H)
         unit-norm embeddings. Every feature goes to the backbone."""
+        if self.padding_free:
+            hidden = self.backbone(**pack(features)).last_hidden_state[0]  # (N, H), N real tokens
+            return F.normalize(pool_packed(hidden, features, self.pooling).float(), p=2, dim=-1)
         hidden = self.backbone(**features).last_hidden_state
         return F.normalize(pool(hidden, features["attention_mask"], self.pooling).float(), p=2, dim=-1)
 
@@ -349,6 +346,7 @@ class Reranker(Wrapper):
         negative_token: str | None = None,
         trust_remote_code: bool = False,
         dtype: torch.dtype = torch.float32,
+        attn_implementation: str | None = None,
     ) -> Reranker:
         """Load a reranker folder (full or adapter); unset arguments come from its embedtune.json."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -357,7 +355,9 @@ class Reranker(Wrapper):
         check_sources(path, trust_remote_code)
         meta = read_meta(path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        lm = _load_backbone(path, AutoModelForCausalLM, trust_remote_code, dtype)
+        lm = _load_backbone(
+            path, AutoModelForCausalLM, trust_remote_code, dtype, **_attention(attn_implementation)
+        )
         return cls(
             lm,
             tokenizer,
@@ -387,8 +387,12 @@ class Reranker(Wrapper):
         shard its own forward gathers) the whole head runs: (B, V) logits instead of (B, L, V).
         """
         lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        hidden = lm.get_decoder()(**features).last_hidden_state
-        last, head = pool(hidden, features["attention_mask"], "last"), lm.get_output_embeddings()  # (B, H)
+        if self.padding_free:
+            hidden = lm.get_decoder()(**pack(features)).last_hidden_state[0]  # (N, H), N real tokens
+            last = pool_packed(hidden, features, "last")
+        else:
+            last = pool(lm.get_decoder()(**features).last_hidden_state, features["attention_mask"], "last")
+        head = lm.get_output_embeddings()  # last: (B, H)
         if type(head) is not nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
             logits = head(last).float()  # (B, V)
             return logits[:, self.yes_id] - logits[:, self.no_id]
@@ -608,9 +612,11 @@ HEAD_MODULES = (
 )  # a classification head's modules (BERT / decoders / ModernBERT)
 
 
-def add_lora(model: Embedder | Reranker, rank: int, alpha: int, dropout: float, target: str) -> None:
-    """Wrap the model's inner HF model in a PEFT LoRA (in place). `target`: all-linear or module names. A
-    classifier reranker's head is trained in full (PEFT `modules_to_save`: saved with the adapter)."""
+def add_lora(
+    model: Embedder | Reranker, rank: int, alpha: int, dropout: float, target: str, use_dora: bool = False
+) -> None:
+    """Wrap the model's inner HF model in a PEFT LoRA (in place; `use_dora`: PEFT's DoRA). `target`: all-linear
+    or module names. A classifier reranker's head is trained in full (`modules_to_save`: saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
 
     kind = "FEATURE_EXTRACTION" if isinstance(model, Embedder) else "CAUSAL_LM"
@@ -625,5 +631,6 @@ def add_lora(model: Embedder | Reranker, rank: int, alpha: int, dropout: float, 
         target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
         task_type=kind,
         modules_to_save=head or None,
+        use_dora=use_dora,
     )
     model.set_inner(get_peft_model(model.inner, lora))

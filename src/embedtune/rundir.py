@@ -221,6 +221,15 @@ def finished_result(out: Path, cfg: TrainConfig) -> dict | None:
     return result
 
 
+def adapter_key(name: str) -> str:
+    """The key PEFT saves a trainable parameter of the adapter under (its adapter name dropped; DoRA's magnitude
+    vector also its `.weight`)."""
+    name = name.replace(".modules_to_save.default", "")
+    if "lora_magnitude_vector" in name:
+        name = name.replace(".default.weight", "")
+    return name.replace(".default", "")
+
+
 def check_saved_weights(out: Path, model: Embedder | Reranker, train_type: str) -> None:
     """Fail loudly if the saved weights are not whole (e.g. ZeRO-3 shards saved without gathering)."""
     from safetensors import safe_open
@@ -239,7 +248,7 @@ def check_saved_weights(out: Path, model: Embedder | Reranker, train_type: str) 
 
     if train_type == "lora":  # the adapter: the LoRA matrices, and the modules trained in full (a head)
         expected = {
-            n.replace(".modules_to_save.default", "").replace(".default", ""): shape(p)
+            adapter_key(n): shape(p)
             for n, p in inner.named_parameters()
             if "lora_" in n or ".modules_to_save." in n
         }

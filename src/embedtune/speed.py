@@ -16,6 +16,9 @@ that can run on a CPU is tested there against the plain path (tests/test_speed.p
   and batch size, so recompiles stay bounded whatever the data (`pad_to_multiple_of` narrows the lengths
   further). auto: on for CUDA, except under ZeRO-3, whose parameter-gathering hooks run inside each layer;
   a layer that fails to compile then runs eager (`on`: the error fails the run).
+- `deepspeed` (train): auto is none for one process, zero3 for more (`resolve_deepspeed`): on one GPU ZeRO-3
+  has nothing to shard and turns the regional compile off, so the commonest run (a one-GPU pipeline task) gets
+  compile and the fused AdamW on master weights instead.
 - `length_buckets` (train): a batch's texts are sorted by length and cut into this many forward passes, each
   padded to its own longest text (`bucket_cuts` picks the cuts that minimise the padded tokens: with 2,
   queries and documents land apart). Every text is encoded on its own (attention never crosses texts), so
@@ -23,6 +26,9 @@ that can run on a CPU is tested there against the plain path (tests/test_speed.p
   where a second pass over short texts cost more than the padding it saved (MiniLM, STS-B pairs: ~1.3x
   slower step with 2, measured on this 2-core machine).
 - `pad_to_multiple_of` (train): padded lengths rounded up to a multiple (fewer distinct shapes).
+- `use_liger_kernel` (train): Liger's fused RMSNorm, RoPE and SwiGLU kernels (`apply_liger_kernel`).
+- `padding_free` (train): the texts of each forward pass packed into one row (`features.pack`), positions
+  restarting per text, pooled straight from the packed output (`resolve_padding_free`).
 """
 
 from __future__ import annotations
@@ -96,6 +102,88 @@ class Precision:
             trainer_bf16=resolved == "autocast",
             master_weights=bf16,
         )
+
+
+DEEPSPEED = ("auto", "zero3", "zero2", "none")
+
+
+def resolve_deepspeed(setting: str, processes: int) -> str:
+    """`auto`: none for one process (nothing to shard, and the regional compile stays on), zero3 for more."""
+    check_choice("deepspeed", setting, DEEPSPEED)
+    if setting != "auto":
+        return setting
+    return "zero3" if processes > 1 else "none"
+
+
+def flash_attention_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_padding_free(setting: str, decoder: bool, cuda: bool | None = None) -> tuple[bool, str | None]:
+    """(pack the texts?, attention implementation to load the backbone with, or None for the default sdpa).
+
+    on: packed (a decoder only: an encoder attends both ways over the whole row); flash-attention 2's varlen
+    kernels when installed on CUDA, else sdpa with the block-diagonal mask transformers builds from the
+    positions (on CPU that costs more than padding: every text attends over the whole row's scores, masked).
+    auto: on where it pays, a decoder on CUDA with flash-attention installed; off elsewhere.
+    """
+    check_choice("padding_free", setting, SWITCHES)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    flash = cuda and flash_attention_installed()
+    if setting == "off" or (setting == "auto" and not (decoder and flash)):
+        return False, None
+    if not decoder:
+        raise EmbedtuneError("padding_free: on needs a decoder backbone (Qwen2/Qwen3, Llama, Mistral, Gemma)")
+    return True, "flash_attention_2" if flash else None
+
+
+# ------------------------------------------------------------------------------------------------ liger
+LIGER_SWITCHES = {
+    "auto": "auto",
+    "on": "on",
+    "off": "off",
+    "true": "on",
+    "false": "off",
+}  # + ms-swift's booleans
+
+
+def apply_liger_kernel(model: nn.Module, setting: str, cuda: bool | None = None) -> bool:
+    """Liger's fused kernels (RMSNorm, RoPE, SwiGLU) swapped into an HF model of a family Liger covers
+    (Qwen2/Qwen3, Llama, Mistral, Gemma, ...; its `MODEL_TYPE_TO_APPLY_LIGER_FN`), in place, before LoRA wraps
+    the linear layers (Liger's SwiGLU still calls them). `setting`: on (refused without liger-kernel or for a
+    family it does not cover) | off | auto (on with CUDA when liger-kernel is installed and covers the model).
+    Its RoPE is patched module-wide (every model of that family in the process), so it runs on CUDA only.
+    Returns whether the kernels are in."""
+    import importlib.util
+    import inspect
+
+    mode = LIGER_SWITCHES.get(str(setting).lower())
+    if mode is None:
+        raise EmbedtuneError(f"use_liger_kernel: {setting!r} is not one of auto | on | off")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if mode == "off" or (mode == "auto" and not (cuda and installed)):
+        return False
+    if not installed:
+        raise EmbedtuneError(
+            "use_liger_kernel: on needs liger-kernel (pip install liger-kernel; the GPU image has it)"
+        )
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(inner.config, "model_type", "")
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        if mode == "on":
+            raise EmbedtuneError(f"use_liger_kernel: Liger has no kernels for model type {model_type!r}")
+        return False
+    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+              "fused_linear_cross_entropy": False, "model": inner}  # fmt: skip
+    params = inspect.signature(apply).parameters
+    apply(**{k: v for k, v in wanted.items() if k in params})
+    return True
 
 
 def resolve_buckets(length_buckets: int, cuda: bool | None = None) -> int:

@@ -62,6 +62,7 @@ class TrainModel(nn.Module):
         objective: Objective,
         loss_knobs: dict,
         chunk_size: int = 0,
+        chunk_tokens: int = 0,
         length_buckets: int = 1,
         pad_to_multiple_of: int = 0,
         matryoshka: tuple[list[int], list[float]] = ([], []),
@@ -72,6 +73,7 @@ class TrainModel(nn.Module):
         self.objective, self.loss_knobs = objective, loss_knobs
         self.loss_fn, self.layout = objective.function, LAYOUTS[objective.layout]
         self.chunk_size = chunk_size  # > 0: the gradient cache's texts per forward pass
+        self.chunk_tokens = chunk_tokens  # > 0: the gradient cache's padded tokens per forward pass
         self.length_buckets, self.pad_to_multiple_of = length_buckets, pad_to_multiple_of
         self.matryoshka_dims, self.matryoshka_weights = matryoshka
 
@@ -82,9 +84,14 @@ class TrainModel(nn.Module):
         then needs the memory of one chunk too, for the same outputs. Otherwise in `length_buckets` passes
         over length-sorted groups, each padded to its own longest text (`speed.encode_in_buckets`).
         """
-        if self.chunk_size > 0 and not torch.is_grad_enabled():
-            return encode_without_graph(self.model, features, self.chunk_size)[0]
+        if self.cached and not torch.is_grad_enabled():
+            return encode_without_graph(self.model, features, self.chunk_size, self.chunk_tokens)[0]
         return encode_in_buckets(self.model, features, self.length_buckets, self.pad_to_multiple_of)
+
+    @property
+    def cached(self) -> bool:
+        """A step runs the gradient cache (a chunk size in texts or in tokens is set)."""
+        return self.chunk_size > 0 or self.chunk_tokens > 0
 
     def loss_from_outputs(self, out: torch.Tensor, **extras) -> torch.Tensor:
         """The loss of a batch from `encode`'s outputs of all its texts (in the collator's order) and the
@@ -167,7 +174,7 @@ class EmbedtuneTrainer(Trainer):
         `backward` does for an uncached step). Under DDP, every chunk but the last runs in `no_sync`.
         """
         train_model = self.accelerator.unwrap_model(model)
-        if train_model.chunk_size <= 0:
+        if not train_model.cached:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as the Trainer does
@@ -200,6 +207,7 @@ class EmbedtuneTrainer(Trainer):
             train_model.chunk_size,
             backward,
             no_sync=contextlib.nullcontext if deepspeed else (lambda: acc.no_sync(model)),
+            chunk_tokens=train_model.chunk_tokens,
         )
 
     def evaluation_loop(

@@ -66,6 +66,7 @@ from embedtune.evaldata import METRIC_NAMES, PRIMARY, measurable
 from embedtune.io import read_json, write_json
 from embedtune.launch import LAUNCHED, inside_torchrun, job_topology, joined, torchrun
 from embedtune.losses import matryoshka_spec
+from embedtune.modelfolder import hf_config, is_decoder
 from embedtune.modeling import ClassifierReranker, Embedder, Reranker, add_lora, reranker_head
 from embedtune.objectives import (
     TASKS,
@@ -89,7 +90,17 @@ from embedtune.rundir import (
     resumed_step,
     save_final,
 )
-from embedtune.speed import Precision, check_train_knobs, peak_memory_gb, regional_compile, resolve_buckets
+from embedtune.speed import (
+    DEEPSPEED,
+    Precision,
+    apply_liger_kernel,
+    check_train_knobs,
+    peak_memory_gb,
+    regional_compile,
+    resolve_buckets,
+    resolve_deepspeed,
+    resolve_padding_free,
+)
 from embedtune.trainer import EmbedtuneTrainer, StepLog, TrainModel, training_arguments
 from embedtune.trainjob import check_submit, run_on_nodes
 
@@ -106,6 +117,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, task_type=task, reranker_head=head)
     topology = job_topology()  # this process is a node of a multi-node job (PET_* set), or None
     cfg = joined(cfg, topology)  # a node of a multi-node job: the job's nodes and processes per node
+    cfg = dataclasses.replace(cfg, deepspeed=resolve_deepspeed(cfg.deepspeed, cfg.nproc * cfg.nodes))
     precision = check_knobs(cfg)  # the dtype decided once (`speed.Precision`), passed down from here
     if cfg.nodes > 1 and topology is None:
         check_submit(cfg)
@@ -172,8 +184,11 @@ def run(cfg: TrainConfig) -> dict:
     trainer.pop_callback(PrinterCallback)
     step_log = StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None)
     trainer.add_callback(step_log)
-    if cfg.gradient_cache_chunk_size > 0:
-        say("train", f"gradient cache: {cfg.gradient_cache_chunk_size} texts per forward pass")
+    if cfg.gradient_cache_chunk_size > 0 or cfg.gradient_cache_chunk_tokens > 0:
+        say(
+            "train",
+            f"gradient cache: {cfg.gradient_cache_chunk_size or 'any'} texts, {cfg.gradient_cache_chunk_tokens or 'any'} tokens per pass",
+        )
     say(
         "train", f"resuming from {resume} (step {resumed_step(resume)})" if resume else "starting from step 0"
     )
@@ -276,8 +291,8 @@ def check_knobs(cfg: TrainConfig) -> Precision:
         )
     if cfg.train_type not in ("full", "lora"):
         raise EmbedtuneError(f"train_type: {cfg.train_type!r} is not one of full, lora")
-    if cfg.deepspeed not in ("zero3", "zero2", "none"):
-        raise EmbedtuneError(f"deepspeed: {cfg.deepspeed!r} is not one of zero3, zero2, none")
+    if cfg.deepspeed not in DEEPSPEED:
+        raise EmbedtuneError(f"deepspeed: {cfg.deepspeed!r} is not one of {', '.join(DEEPSPEED)}")
     if min(cfg.nproc, cfg.nodes, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) < 1:
         raise EmbedtuneError(
             "nproc, nodes, per_device_train_batch_size and gradient_accumulation_steps must be >= 1"
@@ -286,8 +301,8 @@ def check_knobs(cfg: TrainConfig) -> Precision:
         raise EmbedtuneError(f"warmup_ratio: {cfg.warmup_ratio} is not in [0, 1)")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise EmbedtuneError("set num_train_epochs > 0 or max_steps > 0")
-    if cfg.gradient_cache_chunk_size < 0:
-        raise EmbedtuneError(f"gradient_cache_chunk_size: {cfg.gradient_cache_chunk_size} must be >= 0")
+    if min(cfg.gradient_cache_chunk_size, cfg.gradient_cache_chunk_tokens) < 0:
+        raise EmbedtuneError("gradient_cache_chunk_size and gradient_cache_chunk_tokens must be >= 0")
     obj = objective(cfg.loss_type)
     if problems := knob_problems(obj, resolve_knobs(obj, cfg)):
         raise EmbedtuneError("; ".join(problems))
@@ -325,36 +340,33 @@ def load_rows(path: str, cfg: TrainConfig) -> tuple[list[dict], int]:
 # -------------------------------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
     """Embedder or Reranker from `cfg.model`, what it trains as: weights in `precision.load` (bf16 weights:
-    `embedtune.speed`), with `train_type=lora` a PEFT LoRA on its inner model, with `torch_compile` each
-    layer compiled in place."""
-    dtype = precision.load
+    `embedtune.speed`), padding-free when `padding_free` says so, with `train_type=lora` a PEFT LoRA on its
+    inner model, with `torch_compile` each layer compiled in place."""
+    packed, attn = resolve_padding_free(
+        cfg.padding_free, is_decoder(hf_config(cfg.model, cfg.trust_remote_code))
+    )
+    common = {"max_length": cfg.max_length, "trust_remote_code": cfg.trust_remote_code, "dtype": precision.load,
+              "attn_implementation": attn}  # fmt: skip
     if cfg.task_type == "embedding":
-        model = Embedder.from_pretrained(
-            cfg.model,
-            pooling=cfg.pooling,
-            query_instruction=cfg.query_instruction or None,  # empty: the model's own query prompt, if any
-            max_length=cfg.max_length,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-        )
+        # an empty query_instruction: the model's own query prompt, if any
+        model = Embedder.from_pretrained(cfg.model, cfg.pooling, cfg.query_instruction or None, **common)
     elif reranker_head(cfg.model, cfg.reranker_head, cfg.trust_remote_code) == "classifier":
-        model = ClassifierReranker.from_pretrained(cfg.model, cfg.max_length, cfg.trust_remote_code, dtype)
+        if packed:
+            raise EmbedtuneError(
+                "padding_free: not for a classifier reranker (its head finds the last token by padding)"
+            )
+        model = ClassifierReranker.from_pretrained(cfg.model, **common)
     else:
-        model = Reranker.from_pretrained(
-            cfg.model,
-            instruction=cfg.reranker_instruction,
-            max_length=cfg.max_length,
-            positive_token=cfg.positive_token,
-            negative_token=cfg.negative_token,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-        )
+        model = Reranker.from_pretrained(cfg.model, cfg.reranker_instruction, positive_token=cfg.positive_token,
+                                         negative_token=cfg.negative_token, **common)  # fmt: skip
+    model.padding_free = packed
+    apply_liger_kernel(model.inner, cfg.use_liger_kernel)  # before LoRA wraps the linear layers
     dims, _ = matryoshka_spec(cfg.matryoshka_dims)
     if dims and max(dims) > model.dim:
         raise EmbedtuneError(f"matryoshka_dims: {max(dims)} is larger than the model's dimension {model.dim}")
     if cfg.train_type == "lora":
         torch.manual_seed(cfg.seed)  # LoRA's A is random: same seed, same adapter, whatever ran before
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, cfg.use_dora)
     regional_compile(model.inner, cfg.torch_compile, cfg.deepspeed)  # each layer in place, when enabled
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     kind = f"{cfg.task_type} ({model.HEAD} head)" if isinstance(model, Reranker) else cfg.task_type
@@ -370,6 +382,7 @@ def train_module(model: Embedder | Reranker, cfg: TrainConfig) -> TrainModel:
         obj,
         resolve_knobs(obj, cfg),
         chunk_size=cfg.gradient_cache_chunk_size,
+        chunk_tokens=cfg.gradient_cache_chunk_tokens,
         length_buckets=resolve_buckets(cfg.length_buckets),
         pad_to_multiple_of=cfg.pad_to_multiple_of,
         matryoshka=matryoshka_spec(cfg.matryoshka_dims, cfg.matryoshka_weights),
