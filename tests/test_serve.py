@@ -348,7 +348,9 @@ def test_probes_models_and_metrics(plain):
 # ------------------------------------------------------------------------------------------- lifecycle
 def test_sigterm_answers_the_request_in_flight_then_exits_cleanly(minilm_path, tmp_path):
     server = Server(minilm_path, tmp_path / "serve.log", "--max-batch-tokens", "512")
-    texts = [f"text number {i} about " + "rivers and mountains " * 8 for i in range(600)]
+    # ~17 passes: a few seconds alone, well inside the 30 s grace even on a loaded 2-core machine (600 texts
+    # took ~10 s alone and ran past the grace under `make test`'s two workers: uvicorn then cancels, HTTP 500)
+    texts = [f"text number {i} about " + "rivers and mountains " * 8 for i in range(200)]
     answer: dict = {}
 
     def call():
@@ -361,7 +363,8 @@ def test_sigterm_answers_the_request_in_flight_then_exits_cleanly(minilm_path, t
         time.sleep(0.05)
     status, stdout = server.stop()
     caller.join(timeout=120)
-    assert answer["r"].status_code == 200 and len(answer["r"].json()["data"]) == 600
+    assert answer["r"].status_code == 200, server.log.read_text()[-2000:]
+    assert len(answer["r"].json()["data"]) == 200
     assert status == 0 and json.loads(stdout)["requests"] >= 1
 
 
