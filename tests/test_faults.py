@@ -471,3 +471,22 @@ def test_disk_full_during_trains_final_save_fails_clearly_and_keeps_the_checkpoi
     # checkpoint makes transformers 5.23 train one step more: its stop check comes after a step)
     result = train.run(TrainConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "roomy")}))
     assert result["resumed_from_step"] == 4 and result["global_step"] == 4
+
+
+def test_disk_full_during_a_checkpoint_save_fails_clearly_and_keeps_the_earlier_checkpoint(
+    small_disk, tiny_qwen3_path, fixtures_dir, tmp_path
+):
+    disk = small_disk(
+        "2m"
+    )  # room for the first checkpoint of the tiny model (1.4 MB with Adam), not a second
+    cfg = TrainConfig(model=str(tiny_qwen3_path), train_data=str(fixtures_dir / "train" / "infonce.jsonl"),
+                      output_dir=str(tmp_path / "out"), checkpoint_dir=str(disk / "ckpt"), deepspeed="none",
+                      max_steps=4, save_steps=2, save_total_limit=2, per_device_train_batch_size=4, max_length=32)  # fmt: skip
+    with pytest.raises(
+        EmbedtuneError, match=rf"checkpoint_dir: {disk / 'ckpt'}: cannot write checkpoint-4: "
+    ):
+        train.run(cfg)
+    assert sorted(p.name for p in (disk / "ckpt").iterdir()) == ["checkpoint-2"]  # the cut one removed
+    assert (
+        disk / "ckpt" / "checkpoint-2" / "trainer_state.json"
+    ).is_file()  # whole: what a rerun resumes from

@@ -205,9 +205,8 @@ def test_passthrough_copies_the_rows_byte_for_byte(tmp_path):
     ],
 )
 def test_bad_knobs_are_refused_before_any_model_is_loaded(tmp_path, knobs, match):
-    c = cfg(tmp_path, "no-such-model", **knobs)
-    with pytest.raises(EmbedtuneError, match=match):
-        mine.run(c)
+    with pytest.raises(EmbedtuneError, match=match):  # when the config is built, or before any work
+        mine.run(cfg(tmp_path, "no-such-model", **knobs))
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from components import COMPONENTS
+from embedtune import knobs
 from embedtune.config import ENV_DEFAULTS, STEP_CONFIGS, field_help
 from images.refs import STEP_IMAGES
 from pipelines import client as kfp_client
@@ -121,6 +122,10 @@ def test_component_body_passes_every_input_to_its_config_field(step, tmp_path, m
             kwargs[name] = FakeArtifact(tmp_path / name)
         else:
             kwargs[name] = {str: f"v-{name}", int: 3, float: 0.25, bool: True}[hints[name]]
+            rule = knobs.rule_for(step, name)
+            if rule is not None and rule.choices:  # a value the knob table accepts, not the default
+                default = getattr(cls, name, None)
+                kwargs[name] = next(c for c in knobs.choices_of(rule) if c not in (default, ""))
     for name in component.component_spec.outputs or {}:
         if name != "Output":
             kwargs[name] = FakeArtifact(tmp_path / name)

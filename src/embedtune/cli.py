@@ -29,6 +29,13 @@ from embedtune.progress import error_line
 from embedtune.safety import mask_credentials
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`embedtune train: error: argument --lora-rank: ...`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, mask_credentials(f"{self.prog}: error: {message}") + "\n")
+
+
 def _bool_flag(raw: str) -> bool:
     try:
         return parse_bool(raw)
@@ -74,7 +81,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="embedtune",
         description="Fine-tune embedding models and rerankers: convert -> split -> [mine] -> train -> evaluate -> merge -> "
         "register, then serve. The Kubeflow pipeline is submitted from the repository: make submit (pipelines/client.py).",
@@ -96,8 +103,8 @@ def config_from_args(name: str, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args.step, args)
     try:
+        cfg = config_from_args(args.step, args)  # every knob checked here (knobs.check_config)
         # Libraries print to stdout (DeepSpeed's logger binds it at import): send that to stderr so stdout
         # carries only the JSON result.
         with contextlib.redirect_stdout(sys.stderr):

@@ -6,8 +6,8 @@ ms-swift or Hugging Face `TrainingArguments` already names a knob, we use that n
 
 The trailing comment on each field is its help text (`field_help`): `embedtune train --help`, the Kubeflow
 components and the pipeline (the descriptions the Kubeflow UI shows) all read it from here, so keep it on
-the field's line (this file is left out of `ruff format`, which would wrap long ones). Stdlib only: this
-module is imported by the components at compile time on machines without torch.
+the field's line (this file is left out of `ruff format`, which would wrap long ones). Stdlib only (and
+`knobs`, the table every field is checked against when a config is built): this module is imported by the components at compile time on machines without torch.
 
 Knobs whose default can come from an environment variable (ms-swift compatibility: INFONCE_TEMPERATURE, ...)
 default to `None` here; `resolve_env_defaults` fills them (explicit values win) and the effective values are
@@ -26,6 +26,8 @@ import textwrap
 import tokenize
 from dataclasses import dataclass
 
+from embedtune.knobs import check_config
+
 # ms-swift's environment variables and the config field each one is a default for.
 ENV_DEFAULTS = {
     "infonce_temperature": ("INFONCE_TEMPERATURE", float, 0.01),
@@ -36,11 +38,20 @@ ENV_DEFAULTS = {
     "negative_token": ("GENERATIVE_RERANKER_NEGATIVE_TOKEN", str, "no"),
 }
 
+
+
+class Checked:
+    """Base of every step config: its fields are checked when it is built (`knobs.check_config`)."""
+
+    def __post_init__(self):
+        check_config(self)
+
+
 QWEN3_RERANKER_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
 @dataclass(frozen=True)
-class ConvertConfig:
+class ConvertConfig(Checked):
     """convert: any supported source -> canonical ms-swift rows (`query, response, rejected_response, label`)."""
 
     source: str  # local JSONL/JSON/CSV/TSV/Parquet file or folder, or a Hugging Face dataset `name[:subset]`
@@ -55,7 +66,7 @@ class ConvertConfig:
 
 
 @dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(Checked):
     """split: canonical rows -> train / eval files, grouped by query so no query text is in both."""
 
     dataset: str  # canonical JSONL from convert
@@ -68,7 +79,7 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
-class MineConfig:
+class MineConfig(Checked):
     """mine: add hard negatives to canonical rows, mined from a corpus with the base model."""
 
     dataset: str  # canonical JSONL rows to mine negatives for (in the pipeline: split's train rows)
@@ -94,7 +105,7 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """train: fine-tune an embedder or a reranker with the HF Trainer (DeepSpeed ZeRO-3/2 or plain)."""
 
     model: str  # base model: local folder (HF or sentence-transformers) or a Hugging Face hub id
@@ -136,7 +147,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     logging_steps: int = 10  # log loss, lr and samples/s every N steps
     eval_steps: int = 0  # evaluate every N steps (0: at the end only, when eval_data is given)
-    save_steps: int = 500  # checkpoint every N steps (what a preempted run resumes from)
+    save_steps: int = 500  # checkpoint every N steps (what a preempted run resumes from); 0: no checkpoints
     save_total_limit: int = 2  # checkpoints kept on disk
     margin: float = 0.5  # contrastive / online_contrastive: margin on the cosine distance
     infonce_temperature: float | None = None  # logits = cos / temperature; default: env INFONCE_TEMPERATURE, else 0.01
@@ -161,7 +172,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Checked):
     """evaluate: metrics of a trained model (and its base) on canonical eval rows."""
 
     model: str  # model folder from train/merge (or any sentence-transformers / HF model)
@@ -177,7 +188,7 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class MergeConfig:
+class MergeConfig(Checked):
     """merge: fold a LoRA adapter into its base weights and prove the result equals the adapter model."""
 
     adapter: str  # model folder written by train with train_type=lora (a full-training folder passes through)
@@ -188,7 +199,7 @@ class MergeConfig:
 
 
 @dataclass(frozen=True)
-class RegisterConfig:
+class RegisterConfig(Checked):
     """register: log the model to MLflow, register a version, set aliases behind a champion gate."""
 
     model: str  # model folder to register (merged or full)
@@ -203,7 +214,7 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
-class DeployConfig:
+class DeployConfig(Checked):
     """deploy: serve this run's registered model with `embedtune serve` as a KServe InferenceService, if it is the champion."""
 
     name: str  # registered model name in MLflow (what register wrote)
@@ -229,7 +240,7 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(Checked):
     """serve: OpenAI-compatible /v1/embeddings and Cohere/Jina-compatible /v1/rerank for a model embedtune wrote, with dynamic batching."""
 
     model: str  # model folder (train or merge output, full or LoRA adapter), models:/NAME@ALIAS or models:/NAME/VERSION of the MLflow registry, or a Hugging Face hub id

@@ -87,10 +87,15 @@ def _short(value: Any) -> str:
 # Characters that show nothing: spaces and separators (Zs, Zl, Zp), controls (Cc: \n, \t, NUL, ...) and
 # format characters (Cf: zero-width space, BOM, soft hyphen, direction marks, ...).
 BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+# Letters and symbols that render as nothing (used to fake "non-empty" names and texts): the Hangul fillers
+# (U+3164, U+115F, U+1160, U+FFA0) and the blank Braille pattern (U+2800).
+FILLER_CHARS = frozenset("\u3164\u115f\u1160\uffa0\u2800")
+BLANK_FILLERS = dict.fromkeys(map(ord, FILLER_CHARS))  # a str.translate table that deletes them
 
 
 def is_blank(text: str) -> bool:
-    """True when every character of `text` is whitespace or invisible (`BLANK_CATEGORIES`); "" is blank.
+    """True when every character of `text` is whitespace or invisible (`BLANK_CATEGORIES`, `BLANK_FILLERS`);
+    "" is blank.
 
     Fast for real text: Python's `str.isprintable` is false exactly for Cc, Cf, Zl, Zp, Zs (but the ASCII
     space), unassigned and private-use characters, so a printable first character that is not a space is
@@ -98,9 +103,11 @@ def is_blank(text: str) -> bool:
     run of zero-width spaces costs seconds, not minutes).
     """
     c = text[:1]
-    if c and c != " " and c.isprintable():
+    if c and c != " " and c.isprintable() and ord(c) not in BLANK_FILLERS:
         return False
-    text = text.strip()  # str.isspace characters: all of Zs, Zl, Zp and the whitespace controls
+    text = text.translate(
+        BLANK_FILLERS
+    ).strip()  # str.isspace characters: all of Zs, Zl, Zp and the whitespace controls
     category = unicodedata.category
     for i in range(0, len(text), 4096):
         if not BLANK_CATEGORIES.issuperset(map(category, text[i : i + 4096])):

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from embedtune.data import IMAGE_TAG, canonical
+from embedtune.knobs import SAMPLINGS  # noqa: F401  (one source: the knob table)
 from embedtune.overlap import read_text_records, record_texts, text_key
 
 QUERY_BLOCK = 1024  # queries scored together: (QUERY_BLOCK, DOC_BLOCK) float32 = 64 MiB of scores
 DOC_BLOCK = 16384
-SAMPLINGS = ("top", "random")
 PERCENTILES = (5, 25, 50, 75, 95)
 
 

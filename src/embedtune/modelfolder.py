@@ -25,6 +25,7 @@ import torch
 from embedtune import __version__
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import read_json, write_json
+from embedtune.knobs import HEADS  # noqa: F401  (one source: the knob table)
 from embedtune.safety import check_model_folder
 
 META_FILE = "embedtune.json"
@@ -67,7 +68,10 @@ def adapter_base(path: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on (embedtune.json first, then PEFT's own config)."""
     base = read_meta(path).get("base_model")
     if not base:
-        base = json.loads((Path(path) / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
+        try:
+            base = json.loads((Path(path) / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            raise EmbedtuneError(f"{Path(path) / ADAPTER_FILE}: not a JSON object") from None
     if not base:
         raise EmbedtuneError(f"{path}: adapter folder names no base model")
     return base
@@ -117,11 +121,70 @@ def st_max_length(path: str) -> int | None:
 
 
 def check_sources(path: str, trust_remote_code: bool) -> None:
-    """Before anything of `path` is read: refuse pickles that would run code and, unless trusted, a model's
-    own Python code (`embedtune.safety`), in the folder and, for an adapter, in its base model's folder."""
+    """Before anything of `path` is read: a model folder that is whole (`check_model_path`), no pickles that
+    would run code and, unless trusted, no model's own Python code (`embedtune.safety`), in the folder and,
+    for an adapter, in its base model's folder."""
+    check_model_path(path)
     check_model_folder(path, trust_remote_code)
     if is_adapter(path):
+        check_model_path(adapter_base(path))
         check_model_folder(adapter_base(path), trust_remote_code)
+
+
+MODEL_FILES = ("config.json", ADAPTER_FILE, "modules.json")  # a folder with none of these is not a model
+JSON_FILES = ("config.json", ADAPTER_FILE, META_FILE, "modules.json", "tokenizer_config.json")
+
+
+def is_local(path: str) -> bool:
+    """A path on this machine rather than a hub id (`org/name`: one slash, no leading `/`, `.` or `~`)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.exists(path)
+
+
+def check_model_path(path: str) -> None:
+    """One line naming the path for a local model that cannot load: missing, not a folder, no model files,
+    a JSON file that does not parse, a safetensors file cut short. A hub id passes (the hub answers)."""
+    if not is_local(path):
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise EmbedtuneError(f"{path}: no such folder (a Hugging Face hub id is `org/name`)")
+    if not folder.is_dir():
+        raise EmbedtuneError(f"{path}: not a folder (a model is a folder with config.json)")
+    if not any((folder / name).is_file() for name in MODEL_FILES):
+        raise EmbedtuneError(f"{path}: not a model folder (no {', '.join(MODEL_FILES)})")
+    for name in JSON_FILES:
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_bytes())
+            except (ValueError, OSError) as e:
+                raise EmbedtuneError(f"{folder / name}: not valid JSON ({e})") from None
+    for f in sorted(folder.glob("*.safetensors")):
+        if why := safetensors_problem(f):
+            raise EmbedtuneError(f"{f}: {why}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (from its header alone: 8-byte length, JSON, offsets)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            return f"not a safetensors file, or cut short ({size} bytes)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"not a safetensors file (its header is not JSON; {size} bytes)"
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return f"not a safetensors file (its header lists no tensor offsets; {size} bytes)"
+    need = 8 + n + max(ends, default=0)
+    return (
+        f"cut short: {size} bytes, its header needs {need} (a copy or download that did not finish)"
+        if size < need
+        else None
+    )
 
 
 def hf_config(path: str, trust_remote_code: bool):
@@ -199,7 +262,6 @@ def task_type_of(path: str | os.PathLike) -> str:
     return "embedding"
 
 
-HEADS = ("auto", "generative", "classifier")
 DECODERS = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma", "gemma2", "gemma3", "phi3", "gpt2"}
 
 
@@ -225,3 +287,23 @@ def is_decoder(config) -> bool:
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     return causal or getattr(config, "model_type", "") in DECODERS
+
+
+def fit_positions(config, max_length: int, given: bool) -> int:
+    """`max_length` within a model's table of absolute positions (BERT-likes: past it the forward indexes out
+    of range). A value the user gave past it is refused in one line; a default one is cut to it."""
+    absolute = (
+        getattr(config, "position_embedding_type", None) == "absolute" or config.model_type == "distilbert"
+    )
+    limit = getattr(config, "max_position_embeddings", None)
+    if not absolute or not isinstance(limit, int) or limit <= 0:
+        return max_length
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after the pad id
+        limit -= (config.pad_token_id or 0) + 1
+    if max_length <= limit:
+        return max_length
+    if given:
+        raise EmbedtuneError(
+            f"max_length: {max_length} is past the model's {limit} positions (max_position_embeddings)"
+        )
+    return limit

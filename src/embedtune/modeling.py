@@ -42,6 +42,7 @@ from embedtune.modelfolder import (  # noqa: F401 (META_FILE, read_meta, ...: al
     adapter_base,
     check_sources,
     detect_pooling,
+    fit_positions,
     hf_config,
     is_adapter,
     read_meta,
@@ -193,6 +194,7 @@ class Embedder(Wrapper):
         if query_instruction is None:
             query_instruction = meta.get("query_instruction", st_prompts(path).get("query", ""))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        given = bool(max_length)
         if not max_length:
             max_length = (
                 meta.get("max_length") or st_max_length(path) or min(int(tokenizer.model_max_length), 8192)
@@ -202,7 +204,9 @@ class Embedder(Wrapper):
         backbone = _load_backbone(
             path, AutoModel, trust_remote_code, dtype, **_attention(attn_implementation)
         )
-        return cls(backbone, tokenizer, pooling, query_instruction, max_length)
+        return cls(
+            backbone, tokenizer, pooling, query_instruction, fit_positions(backbone.config, max_length, given)
+        )
 
     @property
     def dim(self) -> int:
@@ -497,7 +501,7 @@ class ClassifierReranker(Reranker):
             path, AutoModelForSequenceClassification, trust_remote_code, dtype, num_labels=1
         )
         length = max_length or meta.get("max_length") or min(int(tokenizer.model_max_length), 512)
-        return cls(model, tokenizer, length, meta.get("reranker_prompt", "pair"),
+        return cls(model, tokenizer, fit_positions(model.config, length, bool(max_length)), meta.get("reranker_prompt", "pair"),
                    meta.get("reranker_instruction") or QWEN3_RERANKER_INSTRUCTION)  # fmt: skip
 
     def tokenize(

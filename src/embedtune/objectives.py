@@ -71,6 +71,7 @@ TASKS = {
 }
 # ms-swift's task names that pick a head too: (task, reranker_head)
 TASK_ALIASES = {"generative_reranker": ("reranker", "generative")}
+TASK_TYPES = (*TASKS, *TASK_ALIASES)  # what task_type accepts
 
 
 @dataclass(frozen=True)

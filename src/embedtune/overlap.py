@@ -37,8 +37,8 @@ from pathlib import Path
 
 import orjson
 
-from embedtune.errors import DataError, EmbedtuneError
-from embedtune.readers import open_text
+from embedtune.errors import DataError
+from embedtune.io import read_lines
 
 FINGERPRINT_SIZE = 2048
 FINGERPRINT_SCHEME = "bottom-k blake2b-64 of NFKC+casefold+whitespace-collapsed train queries and positives"
@@ -64,26 +64,35 @@ def read_text_records(path: str | Path) -> Iterator[tuple[int, dict | str]]:
     JSON line in a JSON Lines file raises `DataError` naming `FILE:LINE`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EmbedtuneError(f"{path}: file not found")
     is_json = None
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.strip()
-            if not text:
-                continue
-            if is_json is None:
-                is_json = text.startswith("{")
-            if not is_json:
-                yield lineno, text
-                continue
-            try:
-                record = orjson.loads(text)
-            except orjson.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    # .gz too; a folder, FIFO or missing file, a failing read: one line (io.read_lines)
+    for lineno, line in _lines(path):
+        text = line.strip()
+        if not text:
+            continue
+        if is_json is None:
+            is_json = text.startswith("{")
+        if not is_json:
+            yield lineno, text
+            continue
+        try:
+            record = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The decoded lines of `path`, numbered from 1; a line that is not UTF-8 is a `DataError` naming it
+    (decoded line by line, so the number is exact)."""
+    for lineno, raw in enumerate(read_lines(path), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
 def beir_text(record: dict) -> str | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gzip
 import io
 import json
 import zlib
@@ -30,6 +29,7 @@ from pathlib import Path
 import orjson
 
 from embedtune.errors import DataError, EmbedtuneError
+from embedtune.io import open_input
 
 FILE_KINDS = {
     ".jsonl": "jsonl",
@@ -53,7 +53,7 @@ class Bad:
 
 
 def open_text(path: Path, binary: bool = False):
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    raw = open_input(path)
     return raw if binary else io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
 
 
@@ -178,17 +178,31 @@ def csv_value(key: str, value):
 def csv_batches(path: Path, delimiter: str):
     csv.field_size_limit(1 << 30)
     with open_text(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+        reader = csv.DictReader(f, delimiter=delimiter, strict=True)  # strict: a quote left open is an error
         numbers, rows = [], []
-        try:
-            for record in reader:
-                numbers.append(reader.line_num)
-                rows.append({k: csv_value(k, v) for k, v in record.items() if k is not None})
-                if len(rows) >= BATCH_ROWS:
-                    yield numbers, rows
-                    numbers, rows = [], []
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
+        records = iter(reader)
+        shown = "a tab" if delimiter == "\t" else "a comma"
+        while True:
+            start = reader.line_num + 1  # a quote left open is reported where its record starts, not at EOF
+            try:
+                record = next(records)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(
+                    f"{path}:{max(start, 2)}: invalid CSV: {e} (in the record starting here)"
+                ) from None
+            numbers.append(max(start, 2))  # a record over several lines is named by its first
+            extra = record.pop(None, None)  # cells past the header's columns: a text's unquoted delimiter
+            if extra:
+                cells = [*(v or "" for v in record.values()), *extra]
+                rows.append(Bad(delimiter.join(cells).encode(), f"{len(extra)} more cell(s) than the header's "
+                                f"{len(reader.fieldnames)} columns ({shown} inside a text needs quotes)"))  # fmt: skip
+            else:
+                rows.append({k: csv_value(k, v) for k, v in record.items()})
+            if len(rows) >= BATCH_ROWS:
+                yield numbers, rows
+                numbers, rows = [], []
         if rows:
             yield numbers, rows
 
@@ -274,7 +288,7 @@ def sources(source: str, hf_split: str, exclude: set[Path]) -> list[tuple[str, s
         "parquet": parquet_batches,
     }
     if path.is_dir():
-        files = sorted(
+        found = sorted(
             p
             for p in path.rglob("*")
             if p.is_file()
@@ -283,6 +297,8 @@ def sources(source: str, hf_split: str, exclude: set[Path]) -> list[tuple[str, s
             and not p.name.endswith((".stats.json", ".rejected.jsonl"))  # convert's own side files
             and p.resolve() not in exclude
         )
+        seen: set[Path] = set()  # a file linked twice into the folder is read once
+        files = [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
         if not files:
             raise EmbedtuneError(f"{source}: no JSONL / JSON / CSV / TSV / Parquet files in this folder")
     elif path.is_file():
@@ -292,6 +308,8 @@ def sources(source: str, hf_split: str, exclude: set[Path]) -> list[tuple[str, s
                 "(expected .jsonl, .json, .csv, .tsv or .parquet, text ones optionally .gz)"
             )
         files = [path]
+    elif path.exists():
+        raise EmbedtuneError(f"{source}: not a regular file (a FIFO, socket or device)")
     elif source.startswith((".", "/", "~")) or file_kind(path) or source.count("/") > 1 or not source:
         raise EmbedtuneError(f"{source}: file not found")
     else:

@@ -17,21 +17,37 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from embedtune.errors import EmbedtuneError
+from embedtune.safety import mask_credentials
+
 DEFAULT_HOME = "~/.embedtune"  # local store: mlflow.db + mlartifacts/ (used when no URI is given)
 RUN_ID_TAG = "embedtune.pipeline_run_id"  # the idempotency key, set on the version as its last step
+
+
+# What MLflow 3 serves a tracking store from: a server, Databricks, a database, a local folder.
+TRACKING_SCHEMES = ("http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql", "file")
 
 
 def resolve_tracking_uri(flag: str) -> tuple[str, str | None]:
     """(tracking URI, artifact location for new experiments or None to let the server decide)."""
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        home = Path(DEFAULT_HOME).expanduser()
-        home.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{home / 'mlflow.db'}"
+        uri = f"sqlite:///{Path(DEFAULT_HOME).expanduser() / 'mlflow.db'}"
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""  # none: a local folder (MLflow's file store)
+    if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:  # postgresql+psycopg2: a driver
+        raise EmbedtuneError(
+            f"tracking_uri: {mask_credentials(uri)}: unsupported scheme {scheme!r} "
+            f"(use {', '.join(s + ':' for s in TRACKING_SCHEMES)}, or a folder)"
+        )
     if uri.startswith("sqlite:///"):
         # A local store would put model files in ./mlruns of whatever folder we run from: keep them beside it.
         db = Path(uri[len("sqlite:///") :])
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EmbedtuneError(
+                f"tracking_uri: cannot make the store's folder {db.parent}: {e.strerror or e}"
+            ) from None
         return uri, (db.parent / "mlartifacts").resolve().as_uri()
     return uri, None
 

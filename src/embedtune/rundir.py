@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from embedtune.config import TrainConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.io import read_json
 from embedtune.modeling import Embedder, Reranker
+from embedtune.outputs import temp_beside
 from embedtune.progress import rank, say
 from embedtune.safety import NEVER_LOADED, PICKLE_SUFFIXES, check_pickle
 
@@ -275,7 +275,7 @@ def save_final(out: Path, write) -> None:
     from safetensors import SafetensorError
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    tmp = temp_beside(out, folder=True)  # the umask's mode; a dead run's leftover folders removed
     try:
         write(tmp)
         for entry in sorted(tmp.iterdir()):

@@ -43,15 +43,14 @@ from torch import nn
 
 from embedtune.errors import EmbedtuneError
 from embedtune.features import Features, cut, lengths, round_up, take
+from embedtune.knobs import DEEPSPEED, DTYPES, SWITCHES  # noqa: F401  (the knob table)
 
-DTYPES = ("auto", "bf16", "autocast", "fp32", "fp16")
 TORCH_DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "fp32": torch.float32,
     "autocast": torch.float32,
 }
-SWITCHES = ("auto", "on", "off")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -102,9 +101,6 @@ class Precision:
             trainer_bf16=resolved == "autocast",
             master_weights=bf16,
         )
-
-
-DEEPSPEED = ("auto", "zero3", "zero2", "none")
 
 
 def resolve_deepspeed(setting: str, processes: int) -> str:
@@ -197,9 +193,7 @@ def check_train_knobs(
     precision: Precision, optim: str, torch_compile: str, length_buckets: int, pad_to_multiple_of: int
 ) -> None:
     """Refuse train speed knobs that cannot work, before anything is loaded (the dtype: `Precision.resolve`)."""
-    check_choice("compile", torch_compile, SWITCHES)
-    if length_buckets < 0 or pad_to_multiple_of < 0:
-        raise EmbedtuneError("length_buckets (0: auto) and pad_to_multiple_of must be >= 0")
+    check_choice("torch_compile", torch_compile, SWITCHES)  # also for callers that build no TrainConfig
     if precision.master_weights and optim not in ("adamw_torch", "adamw_torch_fused"):
         raise EmbedtuneError(
             f"optim: {optim!r}: dtype bf16 without DeepSpeed keeps fp32 master weights in AdamW; "

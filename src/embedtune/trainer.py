@@ -19,9 +19,11 @@ config, whose knobs are the Trainer's own.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
@@ -31,6 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from embedtune.batching import LAYOUTS, LengthGroupedSampler
 from embedtune.config import TrainConfig
 from embedtune.distributed import gather_over_ranks
+from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import EvalData
 from embedtune.features import Features
 from embedtune.gradcache import cached_backward, encode_without_graph
@@ -257,6 +260,21 @@ class EmbedtuneTrainer(Trainer):
             keys=keys,
             group=self.group_by_length,
         )
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint save; a failure (a full disk: torch.save raises RuntimeError, safetensors
+        its own error) is one line, and the checkpoint cut short is removed (it would never be resumed from:
+        `rundir.latest_checkpoint` skips it) so that the earlier ones are what is left."""
+        try:
+            return super()._save_checkpoint(model, trial)
+        except Exception as e:
+            step = self.state.global_step
+            if self.args.should_save:
+                shutil.rmtree(Path(self.args.output_dir) / f"checkpoint-{step}", ignore_errors=True)
+            text = " ".join(str(e).split())[:300]
+            raise EmbedtuneError(f"checkpoint_dir: {self.args.output_dir}: cannot write checkpoint-{step}: "
+                                 f"{type(e).__name__}: {text}; the earlier checkpoints are whole: free space "
+                                 "and rerun to resume") from None  # fmt: skip
 
 
 class StepLog(TrainerCallback):

@@ -53,23 +53,22 @@ import orjson
 
 from embedtune.config import ConvertConfig
 from embedtune.data import (
+    FILLER_CHARS,
     OPTIONAL,
     OPTIONAL_FIELDS,
     canonical,
     check_label,
-    check_loss_type,
     check_row,
     check_text,
     check_texts,
     format_problems,
 )
 from embedtune.errors import DataError, EmbedtuneError
-from embedtune.io import atomic_write
 from embedtune.objectives import objective
+from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import say
 from embedtune.readers import Bad, guarded, sources
 
-FORMATS = ("auto", "canonical", "mteb", "sts", "pairs")
 FOLD_ROWS = 1 << 16  # output rows between folds of the per-row statistics into the totals
 DISTINCT_CAP = 1 << 20  # exact distinct-query hashes kept before sampling starts
 EXACT_CHARS = 4096  # text lengths below this are histogrammed exactly; above, in 1% log bins
@@ -354,6 +353,7 @@ class Converter:
                 and set(map(type, texts)) == _STR
                 and (f := "".join(map(_first, texts))).isprintable()
                 and " " not in f
+                and FILLER_CHARS.isdisjoint(f)
             ):
                 self._slow(name, where, shape, n, row)
                 continue
@@ -399,6 +399,7 @@ class Converter:
                 and set(map(type, texts)) == _STR
                 and (f := "".join(map(_first, texts))).isprintable()
                 and " " not in f
+                and FILLER_CHARS.isdisjoint(f)
                 and (
                     (label is None and not required)
                     or (type(label) in (int, float) and check_label(label, loss) is None)
@@ -515,42 +516,28 @@ class Converter:
         }
 
 
-def _check_config(cfg: ConvertConfig) -> None:
-    if cfg.format not in FORMATS:
-        raise EmbedtuneError(f"format: unknown {cfg.format!r} (expected one of {', '.join(FORMATS)})")
-    if cfg.on_error not in ("fail", "skip"):
-        raise EmbedtuneError(f"on_error: unknown {cfg.on_error!r} (expected fail or skip)")
-    check_loss_type(cfg.loss_type)
-    if not cfg.score_scale > 0:
-        raise EmbedtuneError(f"score_scale: must be > 0, got {cfg.score_scale}")
-    if not 0 <= cfg.sts_positive_threshold <= 1:
-        raise EmbedtuneError(f"sts_positive_threshold: must be in [0, 1], got {cfg.sts_positive_threshold}")
-    if cfg.max_errors < 1:
-        raise EmbedtuneError(f"max_errors: must be >= 1, got {cfg.max_errors}")
-    if not cfg.output or not cfg.source:
-        raise EmbedtuneError("source and output: both are required")
-
-
 def run(cfg: ConvertConfig) -> dict:
     """Convert `cfg.source` to canonical JSONL at `cfg.output`; returns the statistics (also saved as JSON).
 
     Raises `DataError` (with `FILE:LINE: field: reason` lines) for bad rows under `on_error="fail"`, and
     `EmbedtuneError` for a missing source, an unknown shape or option; in both cases nothing is written.
     """
-    _check_config(cfg)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the knobs were checked when cfg was built (knobs.py)
     output = Path(cfg.output)
     stats_path = Path(f"{cfg.output}.stats.json")
     rejected_path = Path(f"{cfg.output}.rejected.jsonl")
     skip = cfg.on_error == "skip"
+    refuse_inputs({"source": cfg.source}, {"output": output, "stats": stats_path, "rejected": rejected_path})
     inputs = sources(cfg.source, cfg.hf_split, {p.resolve() for p in (output, stats_path, rejected_path)})
     try:
-        with (
-            contextlib.ExitStack() as stack
-        ):  # exits in reverse: stats, rejected, output renamed only on success
-            out = stack.enter_context(atomic_write(output))
-            rejected = stack.enter_context(atomic_write(rejected_path)) if skip else None
-            stats_file = stack.enter_context(atomic_write(stats_path))
+        # rows, stats and rejected rows appear together or not at all (a stale .rejected.jsonl from an earlier
+        # skip run goes with the commit: it would mislead); the stack exits first: the writer thread is done
+        with OutputSet() as outs, contextlib.ExitStack() as stack:
+            out = outs.open(output)
+            rejected = outs.open(rejected_path) if skip else None
+            if not skip:
+                outs.remove(rejected_path)
+            stats_file = outs.open(stats_path)
             conv = Converter(cfg, out, rejected)
             stack.callback(conv.out.stop)  # runs before out's own exit: the thread is done with the file
             hint = "fix the data, or pass --on-error skip to write the good rows and a .rejected.jsonl"
@@ -583,8 +570,6 @@ def run(cfg: ConvertConfig) -> dict:
             stats_file.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2 | _NL))
     except OSError as e:  # reading errors are DataErrors already (see `guarded`): this is the output side
         raise EmbedtuneError(f"{cfg.output}: cannot write: {e}") from None
-    if not skip:
-        rejected_path.unlink(missing_ok=True)  # a stale one from an earlier skip run would mislead
     for w in stats["warnings"]:
         say("convert", f"warning: {w}")
     if conv.rejected_rows:

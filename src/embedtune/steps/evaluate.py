@@ -33,9 +33,10 @@ import time
 from embedtune.config import EvaluateConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import PRIMARY, read_eval_data
-from embedtune.io import atomic_write, write_json
+from embedtune.io import json_bytes
 from embedtune.losses import matryoshka_spec
 from embedtune.modeling import read_meta, task_type_of
+from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.overlap import fingerprint_overlap
 from embedtune.progress import say
 from embedtune.report import overlap_text, render_report
@@ -58,6 +59,8 @@ def eval_texts(data) -> list[str]:
 
 def run(cfg: EvaluateConfig) -> dict:
     """Measure `cfg.model` (and `cfg.baseline_model`) on `cfg.eval_data`; write the JSON and the report."""
+    refuse_inputs({"model": cfg.model, "eval_data": cfg.eval_data, "baseline_model": cfg.baseline_model},
+                  {"output": cfg.output, "report": cfg.report or f"{cfg.output}.md"})  # fmt: skip
     data = read_eval_data(cfg.eval_data)
     try:
         dims, _ = matryoshka_spec(cfg.matryoshka_dims)
@@ -135,11 +138,11 @@ def run(cfg: EvaluateConfig) -> dict:
     )
     t = time.perf_counter()
     markdown = render_report(result, plot, base_plot)
-    with atomic_write(report_path, "w") as f:
-        f.write(markdown)
     seconds["report"] = time.perf_counter() - t
     result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    write_json(cfg.output, result)
+    with OutputSet() as outs:  # metrics and report together, or neither
+        outs.write_bytes(report_path, markdown.encode())
+        outs.write_bytes(cfg.output, json_bytes(result))
     say(
         "evaluate",
         f"{primary} = {metrics[primary]:.4f}"

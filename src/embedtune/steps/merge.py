@@ -42,7 +42,6 @@ import gc
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +50,7 @@ from embedtune.config import MergeConfig
 from embedtune.data import read_rows
 from embedtune.errors import EmbedtuneError
 from embedtune.io import write_json
+from embedtune.modelfolder import adapter_base
 from embedtune.modeling import (
     META_FILE,
     Reranker,
@@ -62,6 +62,7 @@ from embedtune.modeling import (
     task_type_of,
     to_classifier,
 )
+from embedtune.outputs import refuse_inputs, temp_beside
 from embedtune.progress import say
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
@@ -140,7 +141,7 @@ def _publish(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
         if any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = temp_beside(out, folder=True, suffix=".old")
             os.replace(out, old / out.name)
         else:
             out.rmdir()
@@ -163,8 +164,7 @@ def _write_errors(out: Path):
 @contextlib.contextmanager
 def _staging(out: Path):
     """A temporary folder beside `out` (same filesystem: the final rename is atomic), removed on error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_beside(out, folder=True)  # the umask's mode; a dead run's leftover folders removed
     try:
         yield tmp
     except BaseException:
@@ -177,8 +177,8 @@ def run(cfg: MergeConfig) -> dict:
     src, out = Path(cfg.adapter), Path(cfg.output)
     if not (src / "config.json").is_file() and not is_adapter(src):
         raise EmbedtuneError(f"{src}: not a model folder (no config.json or adapter_config.json)")
-    if src.resolve() == out.resolve():
-        raise EmbedtuneError(f"output: {out} is the input folder; choose another output")
+    base = adapter_base(src) if is_adapter(src) else ""
+    refuse_inputs({"adapter": src, "adapter's base model": base, "eval_data": cfg.eval_data}, {"output": out})
     _check_output(out)
 
     task_type = task_type_of(src)

@@ -26,20 +26,21 @@ Read top to bottom, `run(cfg)` is the whole step (the search and the filters are
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import torch.distributed as dist
 
 from embedtune.config import MineConfig
 from embedtune.data import read_rows
 from embedtune.distributed import gather_over_ranks, init_ranks
 from embedtune.errors import EmbedtuneError
-from embedtune.io import atomic_write, read_json, write_json, write_jsonl
+from embedtune.io import json_bytes, read_json, read_lines
 from embedtune.launch import inside_torchrun, torchrun
-from embedtune.mining import SAMPLINGS, build_corpus, distinct_queries, search_depth, select_negatives, top_k
+from embedtune.mining import build_corpus, distinct_queries, search_depth, select_negatives, top_k
+from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.overlap import split_paths, text_key
 from embedtune.progress import rank, say
 from embedtune.scoring import encode_unique, row_dots, scoring_model
@@ -117,7 +118,6 @@ def run(cfg: MineConfig) -> dict:
             rows, row_query, skip, corpus, doc_keys, scores, indices, positive_scores, cfg
         )
         by_row = iter(mined)
-        write_jsonl(cfg.output, [r if r.get("images") else next(by_row) for r in given])
         counts["rows_with_images_copied"] = len(given) - len(rows)
         t4 = time.perf_counter()
         result = {
@@ -142,7 +142,11 @@ def run(cfg: MineConfig) -> dict:
             },
             "rows_per_second": round(len(rows) / max(t4 - t0, 1e-9), 2),
         }
-        write_json(stats_path, result)
+        with OutputSet() as outs:  # rows and stats together, or neither
+            out = outs.open(cfg.output)
+            for r in given:
+                out.write(orjson.dumps(r if r.get("images") else next(by_row)) + b"\n")
+            outs.write_bytes(stats_path, json_bytes(result))
         say(
             "mine",
             f"{counts['negatives_mined']} negatives for {len(rows)} rows in {t4 - t0:.1f}s; "
@@ -162,33 +166,25 @@ KNOBS = ("num_negatives", "range_min", "range_max", "relative_margin", "max_scor
 
 
 def check_knobs(cfg: MineConfig) -> None:
-    """Reject knob values that cannot work, before anything is read or loaded."""
-    if cfg.num_negatives < 1:
-        raise EmbedtuneError(f"num_negatives: {cfg.num_negatives} must be >= 1")
-    if not 0 <= cfg.range_min < cfg.range_max:
+    """Reject knob combinations that cannot work, before anything is read or loaded (each knob's own range:
+    knobs.py, when cfg was built)."""
+    if not cfg.range_min < cfg.range_max:
         raise EmbedtuneError(
             f"range_min, range_max: need 0 <= range_min < range_max, got {cfg.range_min}, {cfg.range_max}"
         )
-    if not 0 <= cfg.relative_margin < 1:
-        raise EmbedtuneError(f"relative_margin: {cfg.relative_margin} is not in [0, 1)")
-    if cfg.sampling not in SAMPLINGS:
-        raise EmbedtuneError(f"sampling: {cfg.sampling!r} is not one of {', '.join(SAMPLINGS)}")
-    if cfg.nproc < 1 or cfg.per_device_eval_batch_size < 1:
-        raise EmbedtuneError("nproc and per_device_eval_batch_size must be >= 1")
-    if Path(cfg.output).resolve() == Path(cfg.dataset).resolve():
-        raise EmbedtuneError(f"output is the dataset itself: {cfg.output}")
+    refuse_inputs({"dataset": cfg.dataset, "corpus": split_paths(cfg.corpus), "model": cfg.model},
+                  {"output": cfg.output, "stats": f"{cfg.output}.stats.json"})  # fmt: skip
 
 
 def passthrough(cfg: MineConfig, stats_path: Path) -> dict:
-    """Copy the rows unchanged (byte for byte) and write stats saying so."""
-    src = Path(cfg.dataset)
-    if not src.is_file():
-        raise EmbedtuneError(f"{src}: file not found")
-    with open(src, "rb") as f, atomic_write(cfg.output) as out:
-        shutil.copyfileobj(f, out)
-    with open(src, "rb") as f:
-        n = sum(1 for line in f if line.strip())
+    """Copy the rows unchanged (byte for byte; a .gz input decompressed) and write stats saying so. The rows
+    are checked as train will check them (`FILE:LINE: field: reason`): garbage is not passed on."""
+    n = len(read_rows(cfg.dataset))
     result = {"dataset": cfg.dataset, "output": cfg.output, "passthrough": True, "rows": n}
-    write_json(stats_path, result)
+    with OutputSet() as outs:
+        out = outs.open(cfg.output)
+        for line in read_lines(cfg.dataset):
+            out.write(line)
+        outs.write_bytes(stats_path, json_bytes(result))
     say("mine", f"passthrough: {n} rows copied unchanged (no negatives mined)")
     return result

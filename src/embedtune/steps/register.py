@@ -299,8 +299,6 @@ def run(cfg: RegisterConfig) -> dict:
     for field in ("name", "run_id"):
         if re.search(r"['\"`\\]", getattr(cfg, field)):
             raise EmbedtuneError(f"--{field.replace('_', '-')}: quotes and backslashes are not allowed")
-    if not cfg.name:
-        raise EmbedtuneError("--name: the registered model name is required")
     model_dir = Path(cfg.model)
     meta = read_model_meta(model_dir)
     metrics = read_metrics(Path(cfg.metrics))

@@ -36,7 +36,8 @@ import orjson
 from embedtune.config import SplitConfig
 from embedtune.data import MAX_ERRORS, check_row, format_problems
 from embedtune.errors import DataError, EmbedtuneError
-from embedtune.io import atomic_write
+from embedtune.io import read_lines
+from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.overlap import exclusion_keys, split_paths, text_key
 from embedtune.progress import say
 
@@ -51,14 +52,10 @@ def query_key(query: str, seed: int) -> int:
 
 def run(cfg: SplitConfig) -> dict:
     """Split `cfg.dataset` into `cfg.train_data` and `cfg.eval_data`; returns rows and queries per side."""
-    ratio = cfg.split_dataset_ratio
-    if not 0 < ratio < 1:  # also rejects NaN
-        raise EmbedtuneError(f"split_dataset_ratio: must be in (0, 1), got {ratio}")
-    path = Path(cfg.dataset)
-    if not path.is_file():
-        raise EmbedtuneError(f"{cfg.dataset}: file not found")
-    if Path(cfg.train_data).resolve() == Path(cfg.eval_data).resolve():
-        raise EmbedtuneError(f"train_data and eval_data are the same file: {cfg.train_data}")
+    ratio = cfg.split_dataset_ratio  # in (0, 1): checked when cfg was built (knobs.py)
+    path = Path(cfg.dataset)  # .gz too; missing, a folder, a FIFO: one line (io.read_lines)
+    refuse_inputs({"dataset": cfg.dataset, "exclude_data": split_paths(cfg.exclude_data)},
+                  {"train_data": cfg.train_data, "eval_data": cfg.eval_data})  # fmt: skip
 
     excluded, n_excluded_texts = exclusion_keys(split_paths(cfg.exclude_data))
 
@@ -66,31 +63,30 @@ def run(cfg: SplitConfig) -> dict:
     # text keys of each row's query and positive (for the leakage guard).
     row_keys, keys, problems = array("Q"), set(), []
     query_texts, positive_texts = array("Q"), array("Q")
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                row_keys.append(0)
-                query_texts.append(0)
-                positive_texts.append(0)
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
-            else:
-                problems += [f"{path}:{lineno}: {p}" for p in check_row(row)]
-            if problems:
-                if len(problems) >= MAX_ERRORS:
-                    break
-                row_keys.append(0)
-                query_texts.append(0)
-                positive_texts.append(0)
-                continue
-            key = query_key(row["query"], cfg.seed) or 1  # 0 is reserved for blank lines
-            row_keys.append(key)
-            keys.add(key)
-            query_texts.append(text_key(row["query"]))
-            positive_texts.append(text_key(row["response"]))
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            row_keys.append(0)
+            query_texts.append(0)
+            positive_texts.append(0)
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
+        else:
+            problems += [f"{path}:{lineno}: {p}" for p in check_row(row)]
+        if problems:
+            if len(problems) >= MAX_ERRORS:
+                break
+            row_keys.append(0)
+            query_texts.append(0)
+            positive_texts.append(0)
+            continue
+        key = query_key(row["query"], cfg.seed) or 1  # 0 is reserved for blank lines
+        row_keys.append(key)
+        keys.add(key)
+        query_texts.append(text_key(row["query"]))
+        positive_texts.append(text_key(row["response"]))
     if problems:
         hint = "split reads canonical rows; run `embedtune convert` on other shapes"
         raise DataError(
@@ -146,12 +142,9 @@ def run(cfg: SplitConfig) -> dict:
 
     # Pass 2: copy each row, unchanged, to its side.
     try:
-        with (
-            atomic_write(cfg.train_data) as train,
-            atomic_write(cfg.eval_data) as evalf,
-            open(path, "rb") as f,
-        ):
-            for side, line in zip(sides, f, strict=False):
+        with OutputSet() as outs:  # both files appear together, or neither
+            train, evalf = outs.open(cfg.train_data), outs.open(cfg.eval_data)
+            for side, line in zip(sides, read_lines(path), strict=False):
                 if side:
                     (evalf if side == EVAL else train).write(line if line.endswith(b"\n") else line + b"\n")
     except OSError as e:

@@ -77,6 +77,7 @@ from embedtune.objectives import (
     resolve_knobs,
     resolve_task,
 )
+from embedtune.outputs import refuse_inputs
 from embedtune.overlap import train_fingerprint
 from embedtune.progress import rank, say
 from embedtune.rundir import (
@@ -91,7 +92,6 @@ from embedtune.rundir import (
     save_final,
 )
 from embedtune.speed import (
-    DEEPSPEED,
     Precision,
     apply_liger_kernel,
     check_train_knobs,
@@ -192,7 +192,7 @@ def run(cfg: TrainConfig) -> dict:
     say(
         "train", f"resuming from {resume} (step {resumed_step(resume)})" if resume else "starting from step 0"
     )
-    train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)  # a failed save: 1 line
     # The last step's evaluation, unless eval_steps already ran it (every rank holds the same log history).
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if evals and evals[-1]["step"] == trainer.state.global_step:
@@ -281,28 +281,15 @@ def log_env_knobs(given: TrainConfig, cfg: TrainConfig) -> None:
 
 def check_knobs(cfg: TrainConfig) -> Precision:
     """Reject knob combinations that cannot work, before anything is loaded; returns the resolved precision.
-    `cfg`'s env-var knobs must be resolved (`resolve_env_defaults`)."""
-    if cfg.task_type not in TASKS:
-        raise EmbedtuneError(f"task_type: {cfg.task_type!r} is not one of {', '.join(TASKS)}")
+    `cfg`'s env-var knobs must be resolved (`resolve_env_defaults`); each knob's own range was checked when
+    cfg was built (knobs.py)."""
     if cfg.loss_type not in losses_for(cfg.task_type):
         raise EmbedtuneError(
             f"loss_type: {cfg.loss_type!r} is not for task_type {cfg.task_type!r}; "
             f"choose one of {', '.join(sorted(losses_for(cfg.task_type)))}"
         )
-    if cfg.train_type not in ("full", "lora"):
-        raise EmbedtuneError(f"train_type: {cfg.train_type!r} is not one of full, lora")
-    if cfg.deepspeed not in DEEPSPEED:
-        raise EmbedtuneError(f"deepspeed: {cfg.deepspeed!r} is not one of {', '.join(DEEPSPEED)}")
-    if min(cfg.nproc, cfg.nodes, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) < 1:
-        raise EmbedtuneError(
-            "nproc, nodes, per_device_train_batch_size and gradient_accumulation_steps must be >= 1"
-        )
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise EmbedtuneError(f"warmup_ratio: {cfg.warmup_ratio} is not in [0, 1)")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise EmbedtuneError("set num_train_epochs > 0 or max_steps > 0")
-    if min(cfg.gradient_cache_chunk_size, cfg.gradient_cache_chunk_tokens) < 0:
-        raise EmbedtuneError("gradient_cache_chunk_size and gradient_cache_chunk_tokens must be >= 0")
     obj = objective(cfg.loss_type)
     if problems := knob_problems(obj, resolve_knobs(obj, cfg)):
         raise EmbedtuneError("; ".join(problems))
@@ -314,6 +301,8 @@ def check_knobs(cfg: TrainConfig) -> Precision:
         raise EmbedtuneError(
             f"matryoshka_dims: only for task_type embedding (a {cfg.task_type} has no embedding)"
         )
+    refuse_inputs({"model": cfg.model, "train_data": cfg.train_data, "eval_data": cfg.eval_data},
+                  {"output_dir": cfg.output_dir, "checkpoint_dir": cfg.checkpoint_dir}, distinct=False)  # fmt: skip
     precision = Precision.resolve(cfg.dtype, cfg.deepspeed)  # fp16 and unknown values refused
     check_train_knobs(precision, cfg.optim, cfg.torch_compile, cfg.length_buckets, cfg.pad_to_multiple_of)
     return precision
