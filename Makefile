@@ -7,6 +7,7 @@ CRON ?= 0 0 3 * * 0
 TEST_WORKERS ?= 2
 # The CPU kernels `make test-kernels` reruns the numeric tests under: a CPU without AVX2, and one with AVX2 but no
 # AVX-512 (torch's ATen, oneDNN and MKL dispatch, inductor's vector ISA, numpy's OpenBLAS core, each capped).
+# Each kernel set compiles into its own inductor cache: a precompiled header of this CPU's ISA breaks the others.
 KERNELS ?= default avx2
 KERNELS_default := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 OPENBLAS_CORETYPE=Nehalem
 KERNELS_avx2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell
@@ -28,7 +29,7 @@ test: $(VENV) ## Set up, then run the whole test suite (includes 2-rank DeepSpee
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-kernels: $(VENV) ## Rerun the numeric tests (-m numeric) under other CPUs' kernels (KERNELS='default avx2'; this CPU's own skipped)
-	@native=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability().lower())'); $(foreach k,$(KERNELS),if [ "$$native" = "$(k)" ]; then echo "== kernels $(k): this CPU's own (make test ran them)"; else echo "== kernels $(k): $(KERNELS_$(k))" && env $(KERNELS_$(k)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m numeric -q -p no:cacheprovider || exit 1; fi;)
+	@native=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability().lower())'); $(foreach k,$(KERNELS),if [ "$$native" = "$(k)" ]; then echo "== kernels $(k): this CPU's own (make test ran them)"; else echo "== kernels $(k): $(KERNELS_$(k))" && env $(KERNELS_$(k)) TORCHINDUCTOR_CACHE_DIR=$${TMPDIR:-/tmp}/embedtune-inductor-$(k) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m numeric -q -p no:cacheprovider || exit 1; fi;)
 
 lint: $(VENV) ## ruff format check + ruff check + hadolint on both Dockerfiles
 	$(PY) -m ruff format --check . && $(PY) -m ruff check . && .venv/bin/hadolint images/cpu/Dockerfile images/gpu/Dockerfile
