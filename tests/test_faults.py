@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -490,3 +491,31 @@ def test_disk_full_during_a_checkpoint_save_fails_clearly_and_keeps_the_earlier_
     assert (
         disk / "ckpt" / "checkpoint-2" / "trainer_state.json"
     ).is_file()  # whole: what a rerun resumes from
+
+
+def test_a_rank_that_dies_at_exit_after_the_saved_model_does_not_fail_the_run(
+    tiny_qwen3_path, fixtures_dir, tmp_path, monkeypatch
+):
+    """gloo can abort a rank while it exits; once rank 0 has saved, checked and written the result (last), the
+    run stands (with a warning). A launch that fails before that result still fails."""
+    from embedtune.errors import EmbedtuneError as Err
+    from embedtune.rundir import RESULT_FILE
+    from embedtune.steps import train as train_step
+
+    cfg = TrainConfig(model=str(tiny_qwen3_path), train_data=str(fixtures_dir / "train" / "infonce.jsonl"),
+                      output_dir=str(tmp_path / "out"), nproc=2, max_steps=2)  # fmt: skip
+
+    def dies_after_the_result(step, c, nproc, topology=None):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / RESULT_FILE).write_text('{"global_step": 2}')
+        raise Err("train failed under torchrun with exit code 1: ... Signal 6 (SIGABRT)")
+
+    monkeypatch.setattr(train_step, "torchrun", dies_after_the_result)
+    assert train_step.run(cfg) == {"global_step": 2}
+
+    def dies_before(step, c, nproc, topology=None):
+        raise Err("train failed under torchrun with exit code 1")
+
+    monkeypatch.setattr(train_step, "torchrun", dies_before)
+    with pytest.raises(Err, match="exit code 1"):
+        train_step.run(dataclasses.replace(cfg, output_dir=str(tmp_path / "other")))

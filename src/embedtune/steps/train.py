@@ -136,7 +136,12 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.nodes > 1 and topology is None:
         return run_on_nodes(cfg)  # a TrainJob runs this same command on every node; its result
     if (cfg.nproc > 1 or cfg.deepspeed != "none" or topology) and not inside_torchrun():
-        torchrun("train", cfg, topology.nproc_per_node if topology else cfg.nproc, topology)
+        try:
+            torchrun("train", cfg, topology.nproc_per_node if topology else cfg.nproc, topology)
+        except EmbedtuneError as e:  # a rank that dies at exit (gloo teardown) after the saved, checked model
+            if not (out / RESULT_FILE).is_file():  # written last, by this launch (none before: see above)
+                raise
+            say("train", f"warning: a process failed after the model was saved and checked: {str(e)[:200]}")
         return read_json(out / RESULT_FILE)
 
     # ---------------------------------------------------------------- 4. model and tokens
