@@ -71,14 +71,14 @@ def _required_flags(cls) -> list[str]:
 def _cases():
     for step, cls in CLI_CONFIGS.items():
         for f in dataclasses.fields(cls):
-            for bad in _bad_values(step, f.name, knobs._hints(cls)[f.name][0]):
+            for bad in _bad_values(step, f.name, knobs.field_types(cls)[f.name][0]):
                 yield pytest.param(step, f.name, bad, id=f"{step}-{f.name}={bad or 'empty'}")
 
 
 def test_every_field_of_every_config_has_a_rule_or_takes_any_text():
     for step, cls in CLI_CONFIGS.items():
         for f in dataclasses.fields(cls):
-            kind = knobs._hints(cls)[f.name][0]
+            kind = knobs.field_types(cls)[f.name][0]
             covered = kind is bool or knobs.rule_for(step, f.name) is not None or f.name in knobs.FREE
             assert covered, f"{step}.{f.name}: add a rule to knobs.RULES (or to FREE if any text is valid)"
             if kind in (int, float) and f.name not in knobs.FREE:
@@ -472,3 +472,17 @@ def test_tracking_stores_that_cannot_work_are_one_line(tmp_path):
         "postgresql+psycopg2://db/mlflow",
         None,
     )
+
+
+def test_an_earlier_version_a_killed_commit_moved_aside_goes_back(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = outputs._HOST
+    (tmp_path / f".out.txt.{host}-{dead.pid}.a.old").write_text("earlier")  # moved aside, then killed
+    folder_old = tmp_path / f".model.{host}-{dead.pid}.b.old"
+    folder_old.mkdir()
+    (folder_old / "config.json").write_text("{}")
+    outputs.temp_beside(tmp_path / "out.txt")
+    outputs.temp_beside(tmp_path / "model", folder=True)
+    assert (tmp_path / "out.txt").read_text() == "earlier"
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"  # the folder itself, not nested

@@ -17,14 +17,13 @@ import contextlib
 import dataclasses
 import importlib
 import sys
-import types
-import typing
 
 import orjson
 
 from embedtune import __version__
 from embedtune.config import CLI_CONFIGS, field_help, parse_bool
 from embedtune.errors import EmbedtuneError
+from embedtune.knobs import field_types
 from embedtune.progress import error_line
 from embedtune.safety import mask_credentials
 
@@ -43,23 +42,11 @@ def _bool_flag(raw: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _base_type(annotation):
-    """`float | None` -> (float, True); `int` -> (int, False)."""
-    hint = annotation
-    optional = False
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(hint))
-        hint = args[0]
-    return hint, optional
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     helps = field_help(cls)
-    hints = typing.get_type_hints(cls)
+    types_ = field_types(cls)
     for f in dataclasses.fields(cls):
-        kind, optional = _base_type(hints[f.name])
+        kind, optional = types_[f.name]
         flags = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
             flags.append(f"--{f.name}")

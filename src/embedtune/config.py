@@ -7,7 +7,8 @@ ms-swift or Hugging Face `TrainingArguments` already names a knob, we use that n
 The trailing comment on each field is its help text (`field_help`): `embedtune train --help`, the Kubeflow
 components and the pipeline (the descriptions the Kubeflow UI shows) all read it from here, so keep it on
 the field's line (this file is left out of `ruff format`, which would wrap long ones). Stdlib only (and
-`knobs`, the table every field is checked against when a config is built): this module is imported by the components at compile time on machines without torch.
+`knobs`, the table every field is checked against when a config is built): this module is imported by the
+components at compile time on machines without torch.
 
 Knobs whose default can come from an environment variable (ms-swift compatibility: INFONCE_TEMPERATURE, ...)
 default to `None` here; `resolve_env_defaults` fills them (explicit values win) and the effective values are
@@ -37,7 +38,6 @@ ENV_DEFAULTS = {
     "positive_token": ("GENERATIVE_RERANKER_POSITIVE_TOKEN", str, "yes"),
     "negative_token": ("GENERATIVE_RERANKER_NEGATIVE_TOKEN", str, "no"),
 }
-
 
 
 class Checked:

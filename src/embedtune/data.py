@@ -105,9 +105,8 @@ def is_blank(text: str) -> bool:
     c = text[:1]
     if c and c != " " and c.isprintable() and ord(c) not in BLANK_FILLERS:
         return False
-    text = text.translate(
-        BLANK_FILLERS
-    ).strip()  # str.isspace characters: all of Zs, Zl, Zp and the whitespace controls
+    # fillers dropped, then str.strip: all of Zs, Zl, Zp and the whitespace controls
+    text = text.translate(BLANK_FILLERS).strip()
     category = unicodedata.category
     for i in range(0, len(text), 4096):
         if not BLANK_CATEGORIES.issuperset(map(category, text[i : i + 4096])):

@@ -19,14 +19,14 @@ from typing import IO, Any
 import orjson
 
 from embedtune.errors import DataError, EmbedtuneError
-from embedtune.outputs import OutputSet, temp_beside
+from embedtune.outputs import refuse_folder, temp_beside
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on success rename it to `path`, on error delete it."""
     path = Path(path)
-    OutputSet._refuse_folder(path)
+    refuse_folder(path)
     tmp = temp_beside(path)  # the mode open() would give; a dead run's leftovers removed
     try:
         with open(tmp, mode) as f:

@@ -194,8 +194,9 @@ def _choices(ref: str) -> tuple | None:
 
 
 @functools.cache
-def _hints(cls) -> dict[str, tuple[type, bool]]:
-    """field -> (its type, whether None is allowed), from the annotations."""
+def field_types(cls) -> dict[str, tuple[type, bool]]:
+    """field -> (its type, whether None is allowed), from the annotations: `float | None` -> (float, True).
+    What the check here and the CLI's flag types read."""
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
@@ -248,6 +249,6 @@ def check_config(cfg) -> None:
     """Raise `EmbedtuneError` (`field: value is not in [lo, hi]`, one line) for the first bad field of `cfg`."""
     step = type(cfg).__name__.removesuffix("Config").lower()
     for f in dataclasses.fields(cfg):
-        kind, optional = _hints(type(cfg))[f.name]
+        kind, optional = field_types(type(cfg))[f.name]
         if why := problem(step, f.name, getattr(cfg, f.name), kind, optional):
             raise EmbedtuneError(f"{f.name}: {why}")

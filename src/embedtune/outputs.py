@@ -82,9 +82,7 @@ def file_mode(dest: Path) -> int:
     """The mode a new file at `dest` gets: the existing file's, else 0666 less the umask (as `open()`)."""
     with contextlib.suppress(OSError):
         return dest.stat().st_mode & 0o7777
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def _pid_gone(pid: int) -> bool:
@@ -141,6 +139,12 @@ def _umask() -> int:
     return mask
 
 
+def refuse_folder(dest: Path) -> None:
+    """A file output where a folder is: refused before anything is written."""
+    if dest.is_dir():
+        raise EmbedtuneError(f"{dest}: is a folder; the output is a file: choose another path")
+
+
 def _rename(src: Path, dst: Path) -> None:
     """One rename of a commit (a function of its own, so tests can make the n-th one fail)."""
     os.replace(src, dst)
@@ -176,7 +180,7 @@ class OutputSet:
 
     def open(self, dest: str | os.PathLike, mode: str = "wb") -> IO:
         dest = Path(dest)
-        self._refuse_folder(dest)
+        refuse_folder(dest)
         tmp = temp_beside(dest)
         f = open(tmp, mode)  # noqa: SIM115 (closed by commit or discard)
         self.staged.append((tmp, dest))
@@ -194,11 +198,6 @@ class OutputSet:
 
     def remove(self, dest: str | os.PathLike) -> None:
         self.removals.append(Path(dest))
-
-    @staticmethod
-    def _refuse_folder(dest: Path) -> None:
-        if dest.is_dir():
-            raise EmbedtuneError(f"{dest}: is a folder; the output is a file: choose another path")
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is not None:

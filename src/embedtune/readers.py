@@ -23,13 +23,12 @@ import contextlib
 import csv
 import io
 import json
-import zlib
 from pathlib import Path
 
 import orjson
 
 from embedtune.errors import DataError, EmbedtuneError
-from embedtune.io import open_input
+from embedtune.io import READ_ERRORS, open_input
 
 FILE_KINDS = {
     ".jsonl": "jsonl",
@@ -262,7 +261,7 @@ def guarded(name: str, batches):
             return
         except UnicodeDecodeError as e:
             raise DataError(f"{name}: not UTF-8 text ({e.reason})") from None
-        except (OSError, EOFError, zlib.error) as e:
+        except READ_ERRORS as e:
             raise DataError(f"{name}: cannot read: {e}") from None
         except Exception as e:
             if type(e).__module__.startswith("pyarrow"):

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -62,7 +61,7 @@ from embedtune.modeling import (
     task_type_of,
     to_classifier,
 )
-from embedtune.outputs import refuse_inputs, temp_beside
+from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import say
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
@@ -135,21 +134,6 @@ def _check_output(out: Path) -> None:
         raise EmbedtuneError(f"output: {out} exists and is not a model folder; remove it or choose another")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary folder to `out`; a previous result there is replaced."""
-    _check_output(out)
-    old = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = temp_beside(out, folder=True, suffix=".old")
-            os.replace(out, old / out.name)
-        else:
-            out.rmdir()
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _write_errors(out: Path):
     """A full disk (or any write error) while staging: one line naming the output, not a traceback."""
@@ -159,17 +143,6 @@ def _write_errors(out: Path):
         yield
     except (OSError, SafetensorError) as e:
         raise EmbedtuneError(f"{out}: cannot write the merged model: {e}") from None
-
-
-@contextlib.contextmanager
-def _staging(out: Path):
-    """A temporary folder beside `out` (same filesystem: the final rename is atomic), removed on error."""
-    tmp = temp_beside(out, folder=True)  # the umask's mode; a dead run's leftover folders removed
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(cfg: MergeConfig) -> dict:
@@ -188,9 +161,9 @@ def run(cfg: MergeConfig) -> dict:
     if not is_adapter(src) and not export:
         trust = bool((read_meta(src).get("train_config") or {}).get("trust_remote_code", False))
         check_sources(str(src), trust)  # passed on to register: no pickle that runs code, no unasked-for code
-        with _write_errors(out), _staging(out) as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-            _publish(tmp, out)
+        with _write_errors(out), OutputSet() as outs:  # the folder replaces a previous result whole, or not
+            shutil.copytree(src, outs.folder(out), dirs_exist_ok=True)
+            _check_output(out)
         say("merge", f"{src} holds full weights (no adapter): copied to {out} unchanged")
         return {
             "merged": False,
@@ -222,7 +195,8 @@ def run(cfg: MergeConfig) -> dict:
     meta["merged_from_adapter"] = is_adapter(src)
     if export:
         meta["exported_classifier"] = True
-    with _write_errors(out), _staging(out) as tmp:
+    with _write_errors(out), OutputSet() as outs:  # the folder replaces a previous result whole, or not
+        tmp = outs.folder(out)
         model.save_pretrained(tmp, meta=meta)
         del model
         gc.collect()
@@ -246,7 +220,7 @@ def run(cfg: MergeConfig) -> dict:
             meta_file,
             {**json.loads(meta_file.read_text()), "merge_check": {**numbers, "tolerance": cfg.tolerance}},
         )
-        _publish(tmp, out)
+        _check_output(out)  # still nothing or a previous result, just before it is replaced
     say(
         "merge",
         f"{src} -> {out}: max |merged - adapter| = {result['max_abs_diff']:.3g} <= {cfg.tolerance:g} "
