@@ -13,6 +13,7 @@ from components.evaluate import evaluate
 from components.merge import merge
 from components.mine import mine
 from components.register import register
+from components.score import score
 from components.split import split
 from components.train import train
 
@@ -20,6 +21,7 @@ COMPONENTS = {
     "convert": convert,
     "split": split,
     "mine": mine,
+    "score": score,
     "train": train,
     "evaluate": evaluate,
     "merge": merge,
@@ -27,4 +29,15 @@ COMPONENTS = {
     "deploy": deploy,
 }
 
-__all__ = ["COMPONENTS", "convert", "deploy", "evaluate", "merge", "mine", "register", "split", "train"]
+__all__ = [
+    "COMPONENTS",
+    "convert",
+    "deploy",
+    "evaluate",
+    "merge",
+    "mine",
+    "register",
+    "score",
+    "split",
+    "train",
+]

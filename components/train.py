@@ -12,7 +12,8 @@ from images.refs import STEP_IMAGES
 @dsl.component(base_image=STEP_IMAGES["train"], install_kfp_package=False)
 @documented(
     field_help(TrainConfig),
-    train_data="Canonical train rows from mine (split's train rows, with mined negatives when asked).",
+    train_data="Canonical train rows from score (split's train rows, with mined negatives and teacher_scores when "
+    "asked).",
     eval_data="Canonical eval rows from split, evaluated before the first step, every eval_steps and at the end "
     "of training: eval loss and evaluate's metrics for the data's shape.",
     output_dir="The trained model folder (a LoRA adapter when train_type is lora).",
@@ -72,6 +73,13 @@ def train(
     infonce_use_batch: bool,
     infonce_hard_negatives: int,
     infonce_mask_fake_negative: bool,
+    infonce_include_qq: bool,
+    infonce_include_dd: bool,
+    infonce_hardness_strength: float,
+    cosent_scale: float,
+    distill_student_temperature: float,
+    distill_teacher_temperature: float,
+    distill_infonce_weight: float,
     positive_token: str,
     negative_token: str,
     listwise_temperature: float,

@@ -5,7 +5,7 @@ source (the KFP server caches on the image string, not its contents, so a moving
 replay stale results):
 
 - CPU (`images/cpu/Dockerfile`): convert, split, register, deploy. Slim Python + `pip install .` with CPU torch.
-- GPU (`images/gpu/Dockerfile`): train, merge, evaluate, mine, and the served model (`SERVE_IMAGE`: what the
+- GPU (`images/gpu/Dockerfile`): train, merge, evaluate, mine, score, and the served model (`SERVE_IMAGE`: what the
   deploy step's InferenceService runs). CUDA + torch + DeepSpeed + `pip install .[train]`.
 
 Push to your own registry by setting `EMBEDTUNE_IMAGE_REGISTRY` both when building (`make images`) and when
@@ -33,6 +33,7 @@ STEP_IMAGES = {
     "merge": GPU_IMAGE,
     "evaluate": GPU_IMAGE,
     "mine": GPU_IMAGE,
+    "score": GPU_IMAGE,
     "deploy": CPU_IMAGE,  # only API calls (MLflow, Kubernetes)
 }
 SERVE_IMAGE = GPU_IMAGE  # the image of the InferenceService predictor the deploy step creates

@@ -57,6 +57,7 @@ RESOURCES = {
     "convert": {"cpu": "2", "memory": "8Gi"},
     "split": {"cpu": "1", "memory": "4Gi"},
     "mine": {"cpu": "4", "memory": "32Gi"},
+    "score": {"cpu": "4", "memory": "32Gi"},
     "train": {"cpu": "8", "memory": "64Gi"},
     "merge": {"cpu": "4", "memory": "48Gi"},
     "evaluate": {"cpu": "4", "memory": "32Gi"},
@@ -67,6 +68,7 @@ TIMEOUT_S = {
     "convert": 2 * 3600,
     "split": 3600,
     "mine": 6 * 3600,
+    "score": 12 * 3600,  # resumable: a retried pod goes on from its last chunk
     "train": 48 * 3600,
     "merge": 2 * 3600,
     "evaluate": 6 * 3600,
@@ -76,7 +78,7 @@ TIMEOUT_S = {
 RETRIES = {"convert": 3, "register": 3, "deploy": 2}  # a retried deploy of the same version only waits
 RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
 NO_CACHE = {"convert", "train", "register", "deploy"}
-SHM_STEPS = {"train", "evaluate", "merge", "mine"}
+SHM_STEPS = {"train", "evaluate", "merge", "mine", "score"}
 SHM_SIZE = "16Gi"
 
 MLFLOW_SECRET = "mlflow-credentials"
@@ -91,7 +93,7 @@ MLFLOW_STEPS = {"register", "deploy"}
 # Hooks. A PVC name here mounts it at MODEL_CACHE_PATH on the steps that load models and points HF_HOME there.
 MODEL_CACHE_PVC: str | None = None
 MODEL_CACHE_PATH = "/cache/huggingface"
-MODEL_CACHE_STEPS = {"train", "merge", "evaluate", "register", "mine"}
+MODEL_CACHE_STEPS = {"train", "merge", "evaluate", "register", "mine", "score"}
 # A PVC name here mounts it at CHECKPOINT_PATH on train, which keeps its checkpoints there (per run id) and is
 # retried CHECKPOINT_RETRIES times: a preempted pod resumes instead of starting over.
 CHECKPOINT_PVC: str | None = None
@@ -108,6 +110,7 @@ TOLERATIONS: dict[str, list[dict]] = {
     "train": GPU_TOLERATIONS,
     "evaluate": GPU_TOLERATIONS,
     "mine": GPU_TOLERATIONS,
+    "score": GPU_TOLERATIONS,
 }
 IMAGE_PULL_SECRETS: list[str] = []
 

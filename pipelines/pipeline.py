@@ -1,4 +1,4 @@
-"""The embedtune DAG: convert -> split -> mine -> train -> evaluate vs base -> [good enough: merge if LoRA -> register].
+"""The embedtune DAG: convert -> split -> mine -> score -> train -> evaluate vs base -> [good enough: merge if LoRA -> register].
 
 One pipeline serves embedders and rerankers (`task_type`), like `swift sft --task_type embedding|reranker`:
 the DAG is the same, so is every step; the knobs of the other task type are simply not read by train (infonce
@@ -20,7 +20,9 @@ mine always runs, between split and train, on the train rows only: with `mine_ha
 hard negatives mined with the base model (`embedtune mine`), else it copies the rows unchanged
 (`MineConfig.passthrough`). Why not `dsl.If` around it: train would then need `dsl.OneOf` to take the mined
 or the original rows, and kfp.local (`make demo`, the DAG tests) cannot run `dsl.OneOf` over artifacts. The
-cost of the pass-through is a pod that copies a file (on CPU unless `mine_gpus` is set).
+cost of the pass-through is a pod that copies a file (on CPU unless `mine_gpus` is set). score, between mine
+and train, is the same kind of step: with a `teacher_model` it writes each row's teacher_scores (what the
+distillation losses train on: `loss_type` distill_kl / margin_mse), else it copies the rows.
 
 Multi-node training (`nodes` > 1) is no branch of this DAG: the one train task submits a Kubeflow Trainer
 TrainJob running the same `embedtune train` command on `nodes` pods and waits for it (`embedtune.trainjob`),
@@ -50,7 +52,7 @@ from pathlib import Path
 import yaml
 from kfp import dsl
 
-from components import COMPONENTS, convert, deploy, evaluate, merge, mine, register, split, train
+from components import COMPONENTS, convert, deploy, evaluate, merge, mine, register, score, split, train
 from components.describe import documented
 from embedtune.config import ENV_DEFAULTS, STEP_CONFIGS, TrainConfig, field_help
 from images.refs import SERVE_IMAGE, STEP_IMAGES
@@ -70,6 +72,8 @@ PIPELINE_ONLY = {
     "keep_original_negatives); false: train on split's rows as they are. Set mine_gpus too.",
     "mine_gpus": "GPUs for mine (the corpus is encoded in shards, one process per GPU); 0: one CPU process. "
     "Only worth it with mine_hard_negatives: otherwise mine only copies the rows.",
+    "score_gpus": "GPUs for score (one process per GPU); 0: one CPU process. Only worth it with a teacher_model: "
+    "otherwise score only copies the rows.",
     "deploy_model": "After register, serve this run's model with `embedtune serve` as a KServe InferenceService "
     "when it became the champion (the deploy step; its knobs: service_name, namespace, canary_traffic_percent, "
     "serve_gpus, min_replicas, max_replicas, ready_timeout_s, mlflow_secret, api_key_secret and the serve knobs "
@@ -87,8 +91,13 @@ NOT_IN_PIPELINE = {
     "mine.output": "an artifact: the train rows with mined negatives (or unchanged), passed to train",
     "mine.nproc": "derived: mine_gpus (one process per GPU), or 1 when mine_gpus is 0",
     "mine.passthrough": "derived: not mine_hard_negatives",
-    "train.train_data": "an artifact: mine's output (split's train rows, with mined negatives when asked)",
-    "train.eval_data": "an artifact: split's eval rows",
+    "score.dataset": "an artifact: mine's output (and, in a second task, split's eval rows)",
+    "score.output": "an artifact: the train rows with teacher_scores (or unchanged), passed to train",
+    "score.nproc": "derived: score_gpus (one process per GPU), or 1 when score_gpus is 0",
+    "score.passthrough": "derived: teacher_model is empty",
+    "train.train_data": "an artifact: score's output (split's train rows, with mined negatives and teacher "
+    "scores when asked)",
+    "train.eval_data": "an artifact: split's eval rows, through score (with teacher_scores when asked)",
     "train.output_dir": "an artifact: the trained model, passed to evaluate and merge / register",
     "train.checkpoint_dir": "a compile-time hook (cluster.CHECKPOINT_PVC): a volume cannot be mounted from a "
     "run-time value; the component adds the run id",
@@ -154,7 +163,8 @@ def knobs(component, params: dict, **given) -> dict:
 
 @dsl.pipeline(
     name="embedtune",
-    description="Fine-tune an embedding model or reranker: convert -> split -> [mine hard negatives] -> train "
+    description="Fine-tune an embedding model or reranker: convert -> split -> [mine hard negatives] -> [score with a "
+    "teacher] -> train "
     "(DeepSpeed ZeRO-3, full or "
     "LoRA) -> evaluate vs base -> if the primary metric is good enough: merge LoRA -> register to MLflow "
     "(champion alias behind a gate).",
@@ -186,6 +196,10 @@ def embedtune_pipeline(
     max_score: float = default("max_score"),
     sampling: str = default("sampling"),
     keep_original_negatives: bool = default("keep_original_negatives"),
+    teacher_model: str = default("teacher_model"),
+    teacher_task_type: str = default("teacher_task_type"),
+    score_batch_tokens: int = default("score_batch_tokens"),
+    score_chunk_rows: int = default("score_chunk_rows"),
     pooling: str = default("pooling"),
     query_instruction: str = default("query_instruction"),
     reranker_head: str = default("reranker_head"),
@@ -219,6 +233,13 @@ def embedtune_pipeline(
     infonce_use_batch: bool = default("infonce_use_batch"),
     infonce_hard_negatives: int = default("infonce_hard_negatives"),
     infonce_mask_fake_negative: bool = default("infonce_mask_fake_negative"),
+    infonce_include_qq: bool = default("infonce_include_qq"),
+    infonce_include_dd: bool = default("infonce_include_dd"),
+    infonce_hardness_strength: float = default("infonce_hardness_strength"),
+    cosent_scale: float = default("cosent_scale"),
+    distill_student_temperature: float = default("distill_student_temperature"),
+    distill_teacher_temperature: float = default("distill_teacher_temperature"),
+    distill_infonce_weight: float = default("distill_infonce_weight"),
     positive_token: str = default("positive_token"),
     negative_token: str = default("negative_token"),
     listwise_temperature: float = default("listwise_temperature"),
@@ -247,6 +268,7 @@ def embedtune_pipeline(
     cpu_procs: int = 2,
     accelerator_type: str = default("accelerator_type"),
     mine_gpus: int = 0,
+    score_gpus: int = 0,
     deploy_model: bool = False,
     service_name: str = default("service_name"),
     namespace: str = default("namespace"),
@@ -276,12 +298,19 @@ def embedtune_pipeline(
     mn = mine(**knobs(mine, params, dataset=spl.outputs["train_data"]))
     cluster.configure(mn, "mine", accelerator_type=accelerator_type, accelerators=mine_gpus)
 
+    # Always run too (pass-throughs when teacher_model is empty), for the same reason. The eval rows are
+    # scored as well: a distillation loss's eval loss needs their teacher scores (evaluate does not).
+    sc = score(**knobs(score, params, dataset=mn.outputs["output"]))
+    cluster.configure(sc, "score", accelerator_type=accelerator_type, accelerators=score_gpus)
+    sc_eval = score(**knobs(score, params, dataset=spl.outputs["eval_data"])).set_display_name("score-eval")
+    cluster.configure(sc_eval, "score", accelerator_type=accelerator_type, accelerators=score_gpus)
+
     trn = train(
         **knobs(
             train,
             params,
-            train_data=mn.outputs["output"],
-            eval_data=spl.outputs["eval_data"],
+            train_data=sc.outputs["output"],
+            eval_data=sc_eval.outputs["output"],
             checkpoint_dir=cluster.checkpoint_dir(),  # "" unless cluster.CHECKPOINT_PVC is set
             shared_dir=cluster.shared_dir(),  # "" unless cluster.SHARED_PVC is set (nodes > 1 needs it)
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,  # the same on every retry of the task: its checkpoints' folder

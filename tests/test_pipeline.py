@@ -33,7 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACT_TYPES = {f"system.{t}@0.0.1" for t in ("Dataset", "Model", "Metrics", "Markdown")}
 # Component inputs that are not config fields: train's launch knobs, which become TrainConfig.nproc;
 # mine's switch and GPU count, which become MineConfig.passthrough and .nproc.
-LAUNCH_INPUTS = {"train": {"gpus", "cpu_procs"}, "mine": {"mine_hard_negatives", "mine_gpus"}}
+LAUNCH_INPUTS = {
+    "train": {"gpus", "cpu_procs"},
+    "mine": {"mine_hard_negatives", "mine_gpus"},
+    "score": {"score_gpus"},
+}
 # Config fields a component derives from its inputs instead of taking them as they are.
 DERIVED = {"train": {"checkpoint_dir"}}
 PARAM_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
@@ -134,7 +138,7 @@ def test_component_body_passes_every_input_to_its_config_field(step, tmp_path, m
 
     def fake_run(cfg):
         seen.append(cfg)
-        if step in ("convert", "mine"):
+        if step in ("convert", "mine", "score"):
             (tmp_path / "output.stats.json").write_text("{}")
         return {"rows": 7, **FAKE_RESULTS.get(step, {})}
 
@@ -153,6 +157,9 @@ def test_component_body_passes_every_input_to_its_config_field(step, tmp_path, m
     if step == "mine":  # mine_hard_negatives=True, mine_gpus=3
         assert cfg.nproc == 3 and cfg.passthrough is False
         assert (tmp_path / "mine_stats").read_text() == "{}"
+    if step == "score":  # a teacher_model given, score_gpus=3
+        assert cfg.nproc == 3 and cfg.passthrough is False
+        assert (tmp_path / "score_stats").read_text() == "{}"
 
 
 @pytest.mark.parametrize("step", list(STEP_CONFIGS))
@@ -349,18 +356,24 @@ def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled
     good = "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= inputs.parameter_values['pipelinechannel--min_primary_metric']"
     lora = "inputs.parameter_values['pipelinechannel--train_type'] == 'lora'"
     assert set(conditions) == {
-        "convert", "split", "mine", "train", "evaluate", "merge", "register", "register-2", "deploy", "deploy-2",
+        "convert", "split", "mine", "score", "score-2", "train", "evaluate", "merge", "register", "register-2",
+        "deploy", "deploy-2",
     }  # fmt: skip
-    for name in ("convert", "split", "mine", "train", "evaluate"):
+    for name in ("convert", "split", "mine", "score", "score-2", "train", "evaluate"):
         assert conditions[name] == [], name
-    # mine always runs on split's train rows (a pass-through unless mine_hard_negatives), train takes its output
+    # mine always runs on split's train rows (a pass-through unless mine_hard_negatives), score on mine's
+    # (a pass-through unless teacher_model), train takes score's output
     assert inputs["mine"]["artifacts"]["dataset"] == {
         "taskOutputArtifact": {"outputArtifactKey": "train_data", "producerTask": "split"}
     }
-    assert inputs["train"]["artifacts"]["train_data"] == {
+    assert inputs["score"]["artifacts"]["dataset"] == {
         "taskOutputArtifact": {"outputArtifactKey": "output", "producerTask": "mine"}
     }
-    assert inputs["train"]["artifacts"]["eval_data"]["taskOutputArtifact"]["producerTask"] == "split"
+    assert inputs["train"]["artifacts"]["train_data"] == {
+        "taskOutputArtifact": {"outputArtifactKey": "output", "producerTask": "score"}
+    }
+    assert inputs["score-2"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "split"
+    assert inputs["train"]["artifacts"]["eval_data"]["taskOutputArtifact"]["producerTask"] == "score-2"
     assert conditions["merge"] == conditions["register"] == [good, lora]
     assert conditions["register-2"] == [good, f"!({lora})"]
     asked = "inputs.parameter_values['pipelinechannel--deploy_model'] == true"

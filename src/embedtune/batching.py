@@ -20,6 +20,10 @@ query_docs     B queries, B positives, K real hard negatives        neg_mask (B,
 text_pairs     B queries, B responses                               targets (B,) labels -> (a, b, labels)
 prompts        one prompt per (query, document): positive first     targets (T,) 1/label or 0 -> (z, labels)
 prompt_groups  per row the group [positive, negatives...]           group_sizes (B,) -> (z, group_sizes)
+scored_docs    as query_docs (rows carry teacher_scores)            as query_docs + teacher (B, 1 + N):
+                                                                    -> (q, pos, neg, neg_mask, teacher, ...)
+scored_groups  as prompt_groups (rows carry teacher_scores)         group_sizes, teacher (M,)
+                                                                    -> (z, group_sizes, teacher)
 =============  ==================================================  ===================================
 """
 
@@ -81,6 +85,7 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
                     "response": texts[1],
                     "negatives": negs,
                     "label": float(r.get("label", 1.0)),
+                    "teacher": r.get("teacher_scores"),  # [positive, *negatives] or None
                     "length": max(len(t) for t in texts),
                     # (query, positive, *negatives): duplicate-free batches and the loss's false-negative mask
                     "text_keys": (
@@ -104,7 +109,13 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
         start += len(ds)
         targets = [float(r.get("label", 1.0))] + [0.0] * (len(ds) - 1)
         feats.append(
-            {"idx": i, "pairs": pairs, "targets": targets, "length": max(len(ids_of(p)) for p in pairs)}
+            {
+                "idx": i,
+                "pairs": pairs,
+                "targets": targets,
+                "teacher": r.get("teacher_scores"),
+                "length": max(len(ids_of(p)) for p in pairs),
+            }
         )
     return feats
 
@@ -113,19 +124,38 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
 # collate(feats, **collate knobs) -> (texts to encode, extra tensors); loss(fn, out, **extras, **loss knobs).
 
 
-def _query_docs_collate(feats: list[dict], seed: int, hard_negatives: int | None = None):
+def _query_docs_collate(
+    feats: list[dict], seed: int, hard_negatives: int | None = None, scored: bool = False
+):
     # Resampling (hard_negatives > row's count) is seeded by the batch's rows: the same batch draws the same
-    # negatives, also after a resume.
+    # negatives, also after a resume. A resampled negative keeps its key and its teacher score.
     rng = random.Random(f"{seed}:{[f['idx'] for f in feats]}")
-    rows = [list(zip(f["negatives"], f["text_keys"][2:], strict=True)) for f in feats]
+    scores = [f["teacher"][1:] if scored else [0.0] * len(f["negatives"]) for f in feats]
+    rows = [
+        list(zip(f["negatives"], f["text_keys"][2:], s, strict=True))
+        for f, s in zip(feats, scores, strict=True)
+    ]
     negs, neg_mask = pad_negatives(rows, hard_negatives or None, rng)
     real = [t for row in negs for t in row if t is not None]  # row-major, as pack_negatives expects
     texts = (
-        [f["query"] for f in feats] + [f["response"] for f in feats] + [ids for ids, _ in real]
+        [f["query"] for f in feats] + [f["response"] for f in feats] + [ids for ids, _, _ in real]
     )  # B + B + K
     # per document (B positives, K negatives): its text key, and its row's query key if a positive
-    doc_keys = [(f["text_keys"][1], f["text_keys"][0]) for f in feats] + [(k, -1) for _, k in real]
-    return texts, {"neg_mask": neg_mask, "doc_keys": torch.tensor(doc_keys, dtype=torch.long).reshape(-1, 2)}
+    doc_keys = [(f["text_keys"][1], f["text_keys"][0]) for f in feats] + [(k, -1) for _, k, _ in real]
+    extras = {"neg_mask": neg_mask, "doc_keys": torch.tensor(doc_keys, dtype=torch.long).reshape(-1, 2)}
+    if scored:  # (B, 1 + N): the positive's score, then each slot's (0 in empty slots, which are masked)
+        extras["teacher"] = torch.tensor(
+            [
+                [f["teacher"][0]] + [0.0 if t is None else t[2] for t in row]
+                for f, row in zip(feats, negs, strict=True)
+            ],
+            dtype=torch.float32,
+        ).reshape(len(feats), 1 + neg_mask.shape[1])
+    return texts, extras
+
+
+def _scored_docs_collate(feats: list[dict], seed: int, hard_negatives: int | None = None):
+    return _query_docs_collate(feats, seed, hard_negatives, scored=True)
 
 
 def _query_docs_loss(fn, out, *, neg_mask, doc_keys, **knobs):
@@ -133,6 +163,23 @@ def _query_docs_loss(fn, out, *, neg_mask, doc_keys, **knobs):
     world, rank = world_and_rank()
     neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
     return fn(out[:b], out[b : 2 * b], neg, neg_mask, world_size=world, rank=rank, doc_keys=doc_keys, **knobs)
+
+
+def _scored_docs_loss(fn, out, *, neg_mask, doc_keys, teacher, **knobs):
+    b = neg_mask.shape[0]
+    world, rank = world_and_rank()
+    neg = pack_negatives(out[2 * b :], neg_mask)
+    return fn(
+        out[:b],
+        out[b : 2 * b],
+        neg,
+        neg_mask,
+        teacher,
+        world_size=world,
+        rank=rank,
+        doc_keys=doc_keys,
+        **knobs,
+    )
 
 
 def _text_pairs_collate(feats: list[dict], seed: int):
@@ -163,6 +210,18 @@ def _prompt_groups_loss(fn, out, *, group_sizes, **knobs):
     return fn(out, group_sizes, **knobs)
 
 
+def _scored_groups_collate(feats: list[dict], seed: int):
+    texts, extras = _prompt_groups_collate(feats, seed)
+    return texts, {
+        **extras,
+        "teacher": torch.tensor([t for f in feats for t in f["teacher"]], dtype=torch.float32),
+    }
+
+
+def _scored_groups_loss(fn, out, *, group_sizes, teacher, **knobs):
+    return fn(out, group_sizes, teacher, **knobs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     collate: Callable  # (row features, seed, **collate knobs) -> (texts' token ids, extra tensors)
@@ -174,6 +233,8 @@ LAYOUTS = {
     "text_pairs": Layout(_text_pairs_collate, _text_pairs_loss),
     "prompts": Layout(_prompts_collate, _prompts_loss),
     "prompt_groups": Layout(_prompt_groups_collate, _prompt_groups_loss),
+    "scored_docs": Layout(_scored_docs_collate, _scored_docs_loss),
+    "scored_groups": Layout(_scored_groups_collate, _scored_groups_loss),
 }
 
 

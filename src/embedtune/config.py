@@ -35,6 +35,8 @@ ENV_DEFAULTS = {
     "infonce_use_batch": ("INFONCE_USE_BATCH", "bool", True),
     "infonce_hard_negatives": ("INFONCE_HARD_NEGATIVES", int, 0),
     "infonce_mask_fake_negative": ("INFONCE_MASK_FAKE_NEGATIVE", "bool", False),
+    "infonce_include_qq": ("INFONCE_INCLUDE_QQ", "bool", False),
+    "infonce_include_dd": ("INFONCE_INCLUDE_DD", "bool", False),
     "positive_token": ("GENERATIVE_RERANKER_POSITIVE_TOKEN", str, "yes"),
     "negative_token": ("GENERATIVE_RERANKER_NEGATIVE_TOKEN", str, "no"),
 }
@@ -105,6 +107,23 @@ class MineConfig(Checked):
 
 
 @dataclass(frozen=True)
+class ScoreConfig(Checked):
+    """score: write a teacher's score of every (query, document) of each row into its teacher_scores."""
+
+    dataset: str  # canonical JSONL rows to score (in the pipeline: mine's output, so the mined negatives are scored)
+    output: str  # canonical JSONL to write: each row with teacher_scores (one per response, then per rejected_response); stats beside it (`<output>.stats.json`)
+    teacher_model: str = ""  # teacher model folder or hub id: a reranker embedtune loads (yes/no or classifier head: z = its logit) or an embedder (the cosine); required unless passthrough
+    teacher_task_type: str = "auto"  # auto (the folder's embedtune.json, a sequence-classification folder is a reranker, else an embedder) | reranker | embedding
+    max_length: int = 512  # tokens per query, document or reranker prompt; longer texts are cut
+    score_batch_tokens: int = 16384  # padded tokens per forward pass: texts sorted by length, each pass as many as fit
+    score_chunk_rows: int = 4096  # rows scored between two resume points: a rerun of a killed job goes on from the last whole chunk (`.<output>.partial`)
+    dtype: str = "auto"  # weights while scoring: auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32 | autocast
+    trust_remote_code: bool = False  # allow the teacher's own Python code from the hub
+    nproc: int = 1  # processes to launch with torchrun (one per GPU): each chunk's pairs are split across them
+    passthrough: bool = False  # copy the rows unchanged and score nothing (what the pipeline runs when teacher_model is empty)
+
+
+@dataclass(frozen=True)
 class TrainConfig(Checked):
     """train: fine-tune an embedder or a reranker with the HF Trainer (DeepSpeed ZeRO-3/2 or plain)."""
 
@@ -114,7 +133,7 @@ class TrainConfig(Checked):
     eval_data: str = ""  # optional canonical JSONL evaluated every `eval_steps`: eval loss + evaluate's metrics for its shape
     checkpoint_dir: str = ""  # where checkpoint-N folders go (deleted after the final save); empty = output_dir; point it at a persistent volume so a restarted pod resumes
     task_type: str = "embedding"  # embedding | reranker (its head: reranker_head) | generative_reranker (ms-swift's name: reranker with the yes/no head)
-    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; reranker: pointwise_reranker | listwise_reranker
+    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive | cosent | angle | distill_kl | margin_mse (the last two read rows' teacher_scores: embedtune score); reranker: pointwise_reranker | listwise_reranker | distill_kl_reranker | margin_mse_reranker
     train_type: str = "full"  # full | lora
     pooling: str = "auto"  # auto (from the model's sentence-transformers config, else last for decoders, cls/mean for encoders) | last | mean | cls
     query_instruction: str = ""  # embedding: prefix put before every query (e.g. 'Instruct: {task}\nQuery:'); stored with the model
@@ -153,7 +172,14 @@ class TrainConfig(Checked):
     infonce_temperature: float | None = None  # logits = cos / temperature; default: env INFONCE_TEMPERATURE, else 0.01
     infonce_use_batch: bool | None = None  # also score every other document of the global batch; default: env INFONCE_USE_BATCH, else true
     infonce_hard_negatives: int | None = None  # > 0: each row uses exactly N of its negatives (resampled, never the positive); default: env INFONCE_HARD_NEGATIVES, else all
-    infonce_mask_fake_negative: bool | None = None  # mask negatives scoring > positive + 0.1; default: env INFONCE_MASK_FAKE_NEGATIVE, else false
+    infonce_mask_fake_negative: bool | None = None  # mask negatives scoring > positive + 0.1 (in every block: documents, and the qq / dd terms when on); default: env INFONCE_MASK_FAKE_NEGATIVE, else false
+    infonce_include_qq: bool | None = None  # infonce (needs infonce_use_batch): every other query of the global batch joins each query's denominator (Qwen3-Embedding / GTE); default: env INFONCE_INCLUDE_QQ, else false
+    infonce_include_dd: bool | None = None  # infonce (needs infonce_use_batch): the positive against every other document of the global batch joins the denominator (its own hard negatives included, as ms-swift); default: env INFONCE_INCLUDE_DD, else false
+    infonce_hardness_strength: float = 0.0  # infonce: alpha * stopgrad(cosine) added to every negative's logit (harder negatives weigh more; sentence-transformers' hardness_strength, all negatives; 5-9 in the papers); 0: off
+    cosent_scale: float = 20.0  # cosent / angle: pair scores are multiplied by this (sentence-transformers' scale; 1 / temperature)
+    distill_student_temperature: float = 0.0  # distill_kl / margin_mse (and _reranker): student scores are divided by this; 0: 0.02 for an embedder's cosines (Tevatron, FlagEmbedding), 1 for a reranker's logits
+    distill_teacher_temperature: float = 1.0  # distill_kl / margin_mse: teacher_scores are divided by this (1: raw reranker logits, as FlagEmbedding); match it to the teacher's spread
+    distill_infonce_weight: float = 0.0  # distill_kl: weight of an infonce term (infonce knobs) added to the KL: 0 pure KL (Tevatron), 1 KL + InfoNCE (FlagEmbedding)
     positive_token: str | None = None  # reranker: token whose logit means relevant; default: env GENERATIVE_RERANKER_POSITIVE_TOKEN, else 'yes'
     negative_token: str | None = None  # reranker: token whose logit means irrelevant; default: env GENERATIVE_RERANKER_NEGATIVE_TOKEN, else 'no'
     listwise_temperature: float = 1.0  # listwise_reranker: scores are divided by this before the softmax
@@ -262,6 +288,7 @@ STEP_CONFIGS = {
     "convert": ConvertConfig,
     "split": SplitConfig,
     "mine": MineConfig,
+    "score": ScoreConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "merge": MergeConfig,

@@ -178,6 +178,7 @@ def check_row(row: Any, loss_type: str = "") -> list[str]:
 
 
 OPTIONAL = frozenset(OPTIONAL_FIELDS)
+FIELD_SOURCES = {"teacher_scores": "one per document, positive first: `embedtune score` writes them"}
 
 
 def check_optional(row: dict, texts_ok: bool = True) -> list[str]:
@@ -322,6 +323,9 @@ def check_loss_data(
         label = row.get("label")
         labelled = obj.labelled_negatives and is_number(label) and label < 1  # a (query, negative, 0) pair
         rows_with_negatives += len(negs) >= max(some, 1) or labelled
+        for field in obj.required_fields:
+            if row.get(field) is None:
+                bad(field, f"{loss_type} needs {field} in every row ({FIELD_SOURCES.get(field, '')})")
         if every and not negs:
             bad("rejected_response", f"{loss_type} needs rejected_response {every}")
         elif (label is None and obj.label_required) or (label is not None and check_label(label, loss_type)):

@@ -114,6 +114,10 @@ RULES: dict[str, Rule] = {
     "relative_margin": FRACTION,
     "max_score": Rule(lo=-1, hi=1),
     "sampling": one_of(*SAMPLINGS),
+    # score
+    "teacher_task_type": one_of("auto", "embedding", "reranker"),
+    "score_batch_tokens": at_least(1, BIG),
+    "score_chunk_rows": COUNT,
     # train
     "task_type": Rule(choices="embedtune.objectives:TASK_TYPES"),
     "train_type": one_of("full", "lora"),
@@ -139,6 +143,11 @@ RULES: dict[str, Rule] = {
     "infonce_temperature": POSITIVE,
     "infonce_hard_negatives": at_least(0, 1 << 16),
     "listwise_temperature": POSITIVE,
+    "infonce_hardness_strength": Rule(lo=0, hi=100),
+    "cosent_scale": POSITIVE,
+    "distill_student_temperature": Rule(lo=0, hi=100),
+    "distill_teacher_temperature": POSITIVE,
+    "distill_infonce_weight": Rule(lo=0, hi=100),
     "listwise_min_group_size": at_least(2, 1 << 16),  # a positive and at least one negative
     "dataloader_num_workers": at_least(0, 1024),
     "optim": Rule(choices="transformers.training_args:OptimizerNames"),
@@ -167,7 +176,7 @@ FREE = frozenset({
     "corpus", "exclude_data", "eval_data", "checkpoint_dir", "shared_dir", "run_id", "query_instruction",
     "reranker_instruction", "matryoshka_dims", "matryoshka_weights", "baseline_model", "primary_metric",
     "report", "tracking_uri", "dataset_stats", "image", "service_name", "namespace", "mlflow_secret",
-    "api_key_secret", "served_model_name", "api_key_env",
+    "api_key_secret", "served_model_name", "api_key_env", "teacher_model",
 })  # fmt: skip
 
 

@@ -192,6 +192,9 @@ def infonce_loss(
     rank: int = 0,
     gather: bool = True,
     doc_keys: torch.Tensor | None = None,
+    include_qq: bool = False,
+    include_dd: bool = False,
+    hardness_strength: float = 0.0,
 ) -> torch.Tensor:
     """InfoNCE (a.k.a. MultipleNegativesRankingLoss) over ragged hard negatives, exact across ranks.
 
@@ -215,6 +218,19 @@ def infonce_loss(
             row's query key for a positive, else -1. In-batch
             documents that are a copy of the row's positive, or another positive of the same query, are then
             left out of its softmax (the sampler keeps most batches free of them; the rest are made harmless).
+        include_qq: with ``use_batch``, every other query of the global batch joins query i's denominator
+            (Qwen3-Embedding / GTE; ms-swift's ``INFONCE_INCLUDE_QQ``): logits ``q_i . q_j / temperature``, its
+            own query (and copies of it, by ``doc_keys``) left out.
+        include_dd: with ``use_batch``, query i's denominator also holds ``pos_i . d_j / temperature`` for every
+            document d_j of the global batch (other rows' positives and negatives, and its own hard negatives;
+            ms-swift's ``INFONCE_INCLUDE_DD``): its own positive, copies of it and other positives of its query
+            are left out. The numerator stays ``q_i . pos_i``.
+        hardness_strength: alpha >= 0: every negative logit of the query-document block gets
+            ``alpha * stopgrad(cos)`` added (after the temperature; sentence-transformers' ``hardness_strength``
+            with ``hardness_mode="all_negatives"``, Lan et al. 2025), so harder negatives weigh more. 0: off.
+
+        With ``mask_fake_negative`` the threshold ``stopgrad(q_i . pos_i) + 0.1`` masks every block (qd, qq and dd,
+        as the Qwen3-Embedding paper's mask); ms-swift masks qd and qq only.
 
     Returns:
         Scalar loss. For query ``i``: ``logsumexp(logits_i) - logits_i[own positive]`` with every real
@@ -233,7 +249,7 @@ def infonce_loss(
         sims = torch.cat([(q * _up(pos)).sum(-1, keepdim=True), torch.einsum("bd,bnd->bn", q, _up(neg))], 1)
         allowed = torch.cat([neg_mask.new_ones(batch, 1), neg_mask.to(q.device)], 1)
         target = torch.zeros(batch, dtype=torch.long, device=q.device)
-        scale = 1.0 / batch
+        scale, extra = 1.0 / batch, []
     else:
         # Every real document of the batch, ordered [this rank's positives, this rank's real negatives]
         # per rank; padded negatives are dropped, so no column needs masking.
@@ -241,25 +257,55 @@ def infonce_loss(
             slots = neg_mask.to(neg.device).flatten().nonzero().squeeze(1)  # (K,) real negatives, row-major
             neg = neg.reshape(-1, neg.shape[-1]).index_select(0, slots)
         docs = torch.cat([pos, neg])  # (B + K, D)
-        offset, global_batch = 0, batch
+        offset, global_batch, own_keys = 0, batch, doc_keys
         if world_size > 1 and gather:
             docs, offset, global_batch, doc_keys = _gather_docs(docs, world_size, rank, batch, doc_keys)
         sims = q @ _up(docs).T  # (B, all documents of the global batch)
-        allowed = None
         target = offset + rows  # own positive's column
+        allowed = torch.ones_like(sims, dtype=torch.bool)
         if doc_keys is not None:
             allowed = ~_same_meaning(doc_keys.to(q.device), batch, offset)
-            allowed[rows, target] = True
+        extra = []  # (sims, allowed) of the qq and dd blocks: denominator only
+        if include_qq:
+            extra.append(_query_block(q, own_keys, world_size, rank, gather))
+        if include_dd:  # the documents' own "not a negative" columns are the qd block's, plus the positive
+            dd_allowed = allowed.clone()
+            dd_allowed[rows, target] = False
+            extra.append((_up(pos) @ _up(docs).T, dd_allowed))
+        allowed[rows, target] = True
         scale = world_size / global_batch if gather else 1.0 / batch
+    is_negative = torch.ones_like(sims, dtype=torch.bool)
+    is_negative[rows, target] = False
     if mask_fake_negative:
-        pos_sim = sims[rows, target].detach().unsqueeze(1)
-        fake = sims > pos_sim + FAKE_NEGATIVE_MARGIN
-        fake[rows, target] = False
-        allowed = ~fake if allowed is None else allowed & ~fake
+        threshold = sims[rows, target].detach().unsqueeze(1) + FAKE_NEGATIVE_MARGIN
+        allowed = allowed & ~((sims > threshold) & is_negative)
+        extra = [(s, a & ~(s > threshold)) for s, a in extra]
     logits = sims / temperature
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+    if hardness_strength:  # after the temperature: alpha * cos, not alpha * cos / temperature
+        logits = logits + hardness_strength * sims.detach() * is_negative
+    logits = torch.cat([logits, *(s / temperature for s, _ in extra)], 1)
+    allowed = torch.cat([allowed, *(a for _, a in extra)], 1)
+    logits = logits.masked_fill(~allowed, float("-inf"))
     return F.cross_entropy(logits, target, reduction="sum") * scale
+
+
+def _query_block(
+    q: torch.Tensor, doc_keys: torch.Tensor | None, world_size: int, rank: int, gather: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q . every query of the global batch (B, B_global), allowed (B, B_global))``: each query's own column
+    (and, with ``doc_keys``, every copy of its query) is left out. Other ranks' queries come with gradients."""
+    batch = q.shape[0]
+    q_keys = doc_keys[:batch, 1:].repeat(1, 2).to(q.device) if doc_keys is not None else None
+    queries, offset, keys = q, 0, q_keys
+    if world_size > 1 and gather:
+        queries, offset, _, keys = _gather_docs(q, world_size, rank, batch, q_keys)
+    sims = q @ _up(queries).T
+    if keys is not None:  # a copy of one's own query is no negative
+        allowed = keys[None, :, 0] != q_keys[:, 0, None]
+    else:
+        allowed = torch.ones_like(sims, dtype=torch.bool)
+    allowed[torch.arange(batch, device=q.device), offset + torch.arange(batch, device=q.device)] = False
+    return sims, allowed
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -314,6 +360,44 @@ def online_contrastive_loss(
     if not bool(hard.any()):
         return d.sum() * 0.0
     return _pair_terms(d[hard], labels[hard], margin).mean()
+
+
+def _ranked_pairs_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log(1 + sum over pairs (i, j) with label_i > label_j of exp(s_j - s_i))``: CoSENT's ranking of pair
+    scores ``(B,)`` (already scaled) by their labels ``(B,)``. ``(B, B)`` differences: batches are small."""
+    diff = scores[None, :] - scores[:, None]  # [i, j] = s_j - s_i
+    ranked = labels[:, None] > labels[None, :]  # label_i > label_j: j must score below i
+    terms = diff.masked_fill(~ranked, float("-inf")).flatten()
+    return torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), 0)
+
+
+def cosent_loss(
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, *, scale: float = 20.0
+) -> torch.Tensor:
+    """CoSENT (sentence-transformers' CoSENTLoss): every pair of pairs whose labels are ordered must have their
+    cosines ordered the same way; ``s = scale * cos(a_i, b_i)``. a, b: ``(B, D)``; labels any finite scores.
+    The batch is this rank's (as sentence-transformers under DDP)."""
+    cos = F.cosine_similarity(_up(a), _up(b), dim=-1)
+    return _ranked_pairs_loss(cos * scale, labels.to(cos))
+
+
+def angle_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """AnglE's pair score ``|cos + sin|`` of unit vectors whose halves are read as real and imaginary parts
+    (dimension i pairs with i + D/2; an odd D is padded with a zero): sentence-transformers' pairwise_angle_sim."""
+    a, b = _up(a), _up(b)
+    if a.shape[-1] % 2:
+        a, b = F.pad(a, (0, 1)), F.pad(b, (0, 1))
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    (a_re, a_im), (b_re, b_im) = a.chunk(2, dim=-1), b.chunk(2, dim=-1)
+    return ((a * b).sum(-1) + (a_im * b_re - a_re * b_im).sum(-1)).abs()
+
+
+def angle_loss(
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, *, scale: float = 20.0
+) -> torch.Tensor:
+    """AnglE (sentence-transformers' AnglELoss): CoSENT on :func:`angle_similarity` instead of the cosine."""
+    sim = angle_similarity(a, b)
+    return _ranked_pairs_loss(sim * scale, labels.to(sim))
 
 
 # --------------------------------------------------------------------------------------------------------

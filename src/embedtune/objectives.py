@@ -87,6 +87,7 @@ class Objective:
     knobs: dict[str, str] = field(default_factory=dict)  # loss keyword -> TrainConfig field
     collate_knobs: dict[str, str] = field(default_factory=dict)  # layout keyword -> TrainConfig field
     fields: tuple[str, ...] = ()  # optional row fields it reads (data.OPTIONAL_FIELDS), e.g. teacher_scores
+    required_fields: tuple[str, ...] = ()  # of those, the ones every row must hold
     every_row_negatives: Callable[[dict], str] = _no  # why every row needs a negative ("": it need not)
     some_row_negatives: Callable[[dict], int] = _none  # negatives at least one row must have
     labelled_negatives: bool = False  # a row labelled below 1 counts as a negative (pairs with 0/1 labels)
@@ -94,27 +95,67 @@ class Objective:
     skip_reason: str = ""  # why keep_row skips a row, for the message
     distinct_batches: Callable[[dict], bool] = _never  # batches must hold no text twice (in-batch negatives)
     positive: tuple[str, ...] = ()  # loss keywords that must be > 0
+    conflicts: Callable[[dict], list[str]] = lambda knobs: []  # knob combinations it refuses, as "field: why"
 
     @property
     def function(self) -> Callable:
-        from embedtune import losses
+        import importlib
 
-        return getattr(losses, self.loss)
+        module, _, name = self.loss.rpartition(".")  # "distillation.distill_kl_loss", or a name in losses.py
+        return getattr(importlib.import_module(f"embedtune.{module or 'losses'}"), name)
+
+
+def _infonce_conflicts(k: dict) -> list[str]:
+    # ms-swift ignores both without in-batch documents; a knob that silently does nothing is refused instead
+    return [
+        f"infonce_include_{side}: needs infonce_use_batch (the extra terms are other rows' texts)"
+        for side in ("qq", "dd")
+        if k.get(f"include_{side}") and not k["use_batch"]
+    ]
+
+
+INFONCE_KNOBS = {
+    "temperature": "infonce_temperature", "use_batch": "infonce_use_batch",
+    "mask_fake_negative": "infonce_mask_fake_negative", "include_qq": "infonce_include_qq",
+    "include_dd": "infonce_include_dd", "hardness_strength": "infonce_hardness_strength",
+}  # fmt: skip
+DISTILL_KNOBS = {
+    "student_temperature": "distill_student_temperature", "teacher_temperature": "distill_teacher_temperature",
+}  # fmt: skip
 
 
 # The table. Label rules (what ms-swift's data for each loss holds):
 #   infonce  any finite label (unused) | cosine_similarity [-1, 1], required | (online_)contrastive 0/1,
-#   required | pointwise_reranker [0, 1] (BCE target of the positive; default 1) | listwise_reranker unused.
+#   required | cosent / angle: any finite score, required (only their order matters) | pointwise_reranker
+#   [0, 1] (BCE target of the positive; default 1) | listwise_reranker unused | the distillation losses
+#   (distill_kl, margin_mse and their _reranker twins) read teacher_scores, every row must hold them.
 OBJECTIVES: dict[str, Objective] = {
     "infonce": Objective(
         task_type="embedding", label=FINITE, label_required=False, layout="query_docs", loss="infonce_loss",
-        knobs={"temperature": "infonce_temperature", "use_batch": "infonce_use_batch",
-               "mask_fake_negative": "infonce_mask_fake_negative"},
+        knobs=INFONCE_KNOBS,
         collate_knobs={"hard_negatives": "infonce_hard_negatives"},
         # without in-batch documents a query ranks only its own negatives: it needs some
         every_row_negatives=lambda k: "" if k["use_batch"] else "when infonce_use_batch is false",
         distinct_batches=lambda k: bool(k["use_batch"]),
-        positive=("temperature",),
+        positive=("temperature",), conflicts=_infonce_conflicts,
+    ),
+    "distill_kl": Objective(
+        task_type="embedding", label=FINITE, label_required=False, layout="scored_docs",
+        loss="distillation.distill_kl_loss",
+        knobs={**DISTILL_KNOBS, "infonce_weight": "distill_infonce_weight", **INFONCE_KNOBS},
+        collate_knobs={"hard_negatives": "infonce_hard_negatives"},
+        fields=("teacher_scores",), required_fields=("teacher_scores",),
+        some_row_negatives=lambda k: 1,  # a group of one has one outcome: nothing to distill
+        distinct_batches=lambda k: bool(k["infonce_weight"] and k["use_batch"]),
+        positive=("teacher_temperature", "temperature"),
+        conflicts=lambda k: _infonce_conflicts(k) if k["infonce_weight"] else [],
+    ),
+    "margin_mse": Objective(
+        task_type="embedding", label=FINITE, label_required=False, layout="scored_docs",
+        loss="distillation.margin_mse_loss", knobs=DISTILL_KNOBS,
+        collate_knobs={"hard_negatives": "infonce_hard_negatives"},
+        fields=("teacher_scores",), required_fields=("teacher_scores",),
+        some_row_negatives=lambda k: 1, positive=("teacher_temperature",),
     ),
     "cosine_similarity": Objective(
         task_type="embedding", label=in_range(-1.0, 1.0), label_required=True, layout="text_pairs",
@@ -128,6 +169,14 @@ OBJECTIVES: dict[str, Objective] = {
         task_type="embedding", label=BINARY, label_required=True, layout="text_pairs",
         loss="online_contrastive_loss", knobs={"margin": "margin"},
     ),
+    "cosent": Objective(
+        task_type="embedding", label=FINITE, label_required=True, layout="text_pairs", loss="cosent_loss",
+        knobs={"scale": "cosent_scale"}, positive=("scale",),
+    ),
+    "angle": Objective(
+        task_type="embedding", label=FINITE, label_required=True, layout="text_pairs", loss="angle_loss",
+        knobs={"scale": "cosent_scale"}, positive=("scale",),
+    ),
     "pointwise_reranker": Objective(
         task_type="reranker", label=in_range(0.0, 1.0), label_required=False, layout="prompts",
         loss="pointwise_reranker_loss", some_row_negatives=lambda k: 1, labelled_negatives=True,
@@ -140,6 +189,18 @@ OBJECTIVES: dict[str, Objective] = {
         keep_row=lambda row, k: 1 + len(row.get("rejected_response") or []) >= k["min_group_size"],
         skip_reason="group smaller than listwise_min_group_size",
         positive=("temperature",),
+    ),
+    "distill_kl_reranker": Objective(
+        task_type="reranker", label=FINITE, label_required=False, layout="scored_groups",
+        loss="distillation.distill_kl_reranker_loss", knobs=DISTILL_KNOBS,
+        fields=("teacher_scores",), required_fields=("teacher_scores",),
+        some_row_negatives=lambda k: 1, positive=("teacher_temperature",),
+    ),
+    "margin_mse_reranker": Objective(
+        task_type="reranker", label=FINITE, label_required=False, layout="scored_groups",
+        loss="distillation.margin_mse_reranker_loss", knobs=DISTILL_KNOBS,
+        fields=("teacher_scores",), required_fields=("teacher_scores",),
+        some_row_negatives=lambda k: 1, positive=("teacher_temperature",),
     ),
 }  # fmt: skip
 LOSS_TYPES = tuple(OBJECTIVES)
@@ -188,7 +249,7 @@ def knob_problems(obj: Objective, knobs: dict) -> list[str]:
         f"{obj.knobs[k]}: {knobs[k]} must be > 0"
         for k in obj.positive
         if not (knobs[k] is None or knobs[k] > 0)
-    ]
+    ] + obj.conflicts(knobs)
 
 
 def env_knobs(obj: Objective) -> list[str]:

@@ -1,0 +1,212 @@
+"""score: a teacher's score of every (query, document) of each row, written into its `teacher_scores`.
+
+    embedtune score --dataset work/train_mined.jsonl --teacher-model out/reranker --output work/train_scored.jsonl \\
+        [--teacher-task-type auto|reranker|embedding] [--score-batch-tokens 16384] [--nproc 8]
+
+What distillation trains on (`loss_type distill_kl | margin_mse`): mine negatives, score them with a stronger
+model, train the student on the scores. Read top to bottom, `run(cfg)` is the whole step (the scoring itself
+is `embedtune.teacher`):
+
+1. Check the knobs. `--passthrough`: copy the rows unchanged and stop (the pipeline always runs this step,
+   passing `passthrough` when no teacher_model is given, for the reason mine does).
+2. Read the rows (validated canonical rows). Rows with `images` are copied unscored (a text teacher cannot
+   score them; counted in the stats).
+3. `--nproc N` outside torchrun: relaunch under torchrun, one process per GPU, and return the stats rank 0
+   wrote.
+4. Resume: a killed run left `.<output>.partial` (the rows scored so far, whole chunks only) and its
+   `.json` (what it was scoring with, and how many rows and bytes are whole). When both match this run
+   (same dataset bytes, teacher and knobs), scoring goes on after the last whole chunk; anything else starts
+   over.
+5. Load the teacher (`scoring.scoring_model`: bf16 on a GPU that has it) and score `score_chunk_rows` rows
+   at a time (`teacher.score_rows`: batched by tokens, the passes split across ranks); after each chunk
+   rank 0 appends it to the partial file, syncs it and records the new resume point.
+6. Write the rows and `<output>.stats.json` together (`outputs.OutputSet`), then remove the partial files:
+   rows, pairs, score percentiles of positives and negatives, seconds, pairs/s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import orjson
+import torch.distributed as dist
+
+from embedtune.config import ScoreConfig
+from embedtune.data import read_rows
+from embedtune.distributed import gather_over_ranks, init_ranks
+from embedtune.errors import EmbedtuneError
+from embedtune.io import json_bytes, read_json, read_lines
+from embedtune.launch import inside_torchrun, torchrun
+from embedtune.mining import percentiles
+from embedtune.modeling import Embedder
+from embedtune.outputs import OutputSet, refuse_inputs
+from embedtune.progress import rank, say
+from embedtune.scoring import scoring_model
+from embedtune.teacher import score_rows
+
+KNOBS = ("teacher_model", "teacher_task_type", "max_length", "dtype")  # what a resume must share
+
+
+def run(cfg: ScoreConfig) -> dict:
+    """Score `cfg.dataset` into `cfg.output`; returns the stats (also written beside it)."""
+    # ---------------------------------------------------------------- 1. knobs, pass-through
+    partial, state_path, stats_path = partial_paths(cfg.output)
+    check_knobs(cfg, partial, state_path, stats_path)
+    if cfg.passthrough:
+        return passthrough(cfg, stats_path)
+
+    # ---------------------------------------------------------------- 2. rows
+    t0 = time.perf_counter()
+    given = read_rows(cfg.dataset)
+    todo = [i for i, r in enumerate(given) if not r.get("images")]
+    if not todo:
+        raise EmbedtuneError(f"{cfg.dataset}: every row has images; scoring image rows is not supported yet")
+
+    # ---------------------------------------------------------------- 3. several processes: relaunch
+    if cfg.nproc > 1 and not inside_torchrun():
+        torchrun("score", cfg, cfg.nproc)
+        return read_json(stats_path)
+    world, device = init_ranks()
+
+    # ---------------------------------------------------------------- 4. resume point
+    fingerprint = {"dataset_sha256": sha256(cfg.dataset), **{k: getattr(cfg, k) for k in KNOBS}}
+    done, size = resume_point(state_path, partial, fingerprint)
+    if rank() == 0:
+        with open(partial, "ab") as f:  # cut what a kill left after the last whole chunk
+            f.truncate(size)
+    say(
+        "score", f"{len(given)} rows, {len(todo)} to score" + (f", resuming after row {done}" if done else "")
+    )
+
+    # ---------------------------------------------------------------- 5. score, chunk by chunk
+    task = "" if cfg.teacher_task_type == "auto" else cfg.teacher_task_type
+    t1 = time.perf_counter()
+    pairs = 0
+    with scoring_model(
+        cfg.teacher_model, task, cfg.dtype, max_length=cfg.max_length, device=device,
+        trust_remote_code=cfg.trust_remote_code,
+    ) as teacher:  # fmt: skip
+        kind = "embedding" if isinstance(teacher, Embedder) else "reranker"
+        for start in range(done, len(given), cfg.score_chunk_rows):
+            chunk = given[start : start + cfg.score_chunk_rows]
+            scorable = [r for r in chunk if not r.get("images")]
+            scores = iter(score_rows(teacher, scorable, cfg.score_batch_tokens, shard=gather_over_ranks))
+            pairs += sum(1 + len(r.get("rejected_response") or []) for r in scorable)
+            if rank() == 0:
+                lines = b"".join(
+                    orjson.dumps(r if r.get("images") else {**r, "teacher_scores": next(scores)}) + b"\n"
+                    for r in chunk
+                )
+                size = append_synced(partial, lines)
+                write_state(state_path, {**fingerprint, "rows": start + len(chunk), "bytes": size})
+            say("score", f"{min(start + len(chunk), len(given))}/{len(given)} rows")
+    del teacher
+
+    # ---------------------------------------------------------------- 6. write rows and stats
+    result = None
+    if rank() == 0:
+        scored = [orjson.loads(line) for line in read_lines(partial)]
+        positive = [r["teacher_scores"][0] for r in scored if "teacher_scores" in r]
+        negative = [s for r in scored if "teacher_scores" in r for s in r["teacher_scores"][1:]]
+        t2 = time.perf_counter()
+        result = {
+            "dataset": cfg.dataset,
+            "output": cfg.output,
+            "passthrough": False,
+            "teacher_model": cfg.teacher_model,
+            "teacher_task_type": kind,
+            "rows": len(given),
+            "rows_scored": len(todo),
+            "rows_with_images_copied": len(given) - len(todo),
+            "resumed_after_row": done,
+            "pairs_scored_this_run": pairs,
+            "processes": world,
+            "positive_scores": percentiles(positive),
+            "negative_scores": percentiles(negative),
+            "seconds": {"read": round(t1 - t0, 3), "score": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
+            "pairs_per_second": round(pairs / max(t2 - t1, 1e-9), 2),
+        }
+        with OutputSet() as outs:  # rows and stats together, or neither
+            out = outs.open(cfg.output)
+            for line in read_lines(partial):
+                out.write(line)
+            outs.write_bytes(stats_path, json_bytes(result))
+        for path in (partial, state_path):
+            path.unlink(missing_ok=True)
+        say(
+            "score",
+            f"{pairs} pairs in {t2 - t1:.1f}s; positive p50 {result['positive_scores'].get('p50')}, "
+            f"negative p50 {result['negative_scores'].get('p50')}",
+        )
+    if world > 1:
+        dist.barrier()
+        result = result if result is not None else read_json(stats_path)
+        dist.destroy_process_group()
+    return result
+
+
+def partial_paths(output: str) -> tuple[Path, Path, Path]:
+    """(the partial rows, their resume state, the stats) of an output."""
+    out = Path(output)
+    partial = out.with_name(f".{out.name}.partial")
+    return partial, partial.with_name(partial.name + ".json"), Path(f"{output}.stats.json")
+
+
+def check_knobs(cfg: ScoreConfig, *paths: Path) -> None:
+    """Reject what cannot work before anything is read or loaded (each knob's own range: knobs.py)."""
+    if not cfg.passthrough and not cfg.teacher_model:
+        raise EmbedtuneError("teacher_model: empty (required unless passthrough)")
+    inputs = {"dataset": cfg.dataset, "teacher_model": cfg.teacher_model} if cfg.teacher_model else {}
+    refuse_inputs(
+        inputs or {"dataset": cfg.dataset}, {"output": cfg.output, **{p.name: str(p) for p in paths}}
+    )
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    for line in read_lines(path):
+        h.update(line)
+    return h.hexdigest()
+
+
+def resume_point(state_path: Path, partial: Path, fingerprint: dict) -> tuple[int, int]:
+    """(rows already scored, bytes of the partial file that hold them), or (0, 0) to start over."""
+    try:
+        state = orjson.loads(state_path.read_bytes())
+        whole = partial.stat().st_size >= state["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0
+    same = all(state.get(k) == v for k, v in fingerprint.items())
+    return (int(state["rows"]), int(state["bytes"])) if same and whole else (0, 0)
+
+
+def append_synced(path: Path, data: bytes) -> int:
+    """Append `data` and fsync; returns the file's new size (the next resume point)."""
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def write_state(path: Path, state: dict) -> None:
+    """The resume point, replaced atomically (a kill leaves the old one or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(json_bytes(state))
+    os.replace(tmp, path)
+
+
+def passthrough(cfg: ScoreConfig, stats_path: Path) -> dict:
+    """Copy the rows unchanged (a .gz input decompressed), checked as train will check them."""
+    n = len(read_rows(cfg.dataset))
+    result = {"dataset": cfg.dataset, "output": cfg.output, "passthrough": True, "rows": n}
+    with OutputSet() as outs:
+        out = outs.open(cfg.output)
+        for line in read_lines(cfg.dataset):
+            out.write(line)
+        outs.write_bytes(stats_path, json_bytes(result))
+    say("score", f"passthrough: {n} rows copied unchanged (no teacher)")
+    return result
