@@ -12,6 +12,7 @@ same) and `--deepspeed none` on 1 process.
     .venv/bin/python bench/quality.py --task rerank-wikiqa   # WikiQA dev, split by query into train / eval
     .venv/bin/python bench/quality.py --task rerank-semeval --seeds 1,2,3 --skip-zero3   # means over seeds
     .venv/bin/python bench/quality.py --task stsb --losses infonce --gradient-cache-batch 512 --gradient-cache-learning-rates 2e-5,1e-4
+    .venv/bin/python bench/quality.py --task stsb --recipe cosent --seeds 1,2,3  # a recipe vs its baseline (RECIPES)
 
 With 16-64 optimizer steps per epoch, the data order moves a single run by up to ~0.01: compare means over seeds.
 
@@ -43,6 +44,19 @@ TASKS = {
     "rerank-wikiqa": {"kind": "rerank", "folder": "wikiqa", "losses": ["infonce"]},
 }
 OURS, ST = "embedtune (none, 1 proc)", "sentence-transformers"
+# --recipe NAME: embedtune against itself, a recipe next to its baseline on the same rows, seeds and knobs
+# (one process, --deepspeed none). Per recipe: the tasks it is measured on and its columns, baseline first:
+# (column name, loss_type, training file of `prepare`, extra `embedtune train` flags).
+RECIPES = {
+    "cosent": {
+        "tasks": ("stsb", "sickr"),
+        "columns": [
+            ("cosine_similarity (baseline)", "cosine_similarity", "cosine_similarity", []),
+            ("cosent", "cosent", "cosine_similarity", []),
+            ("angle", "angle", "cosine_similarity", []),
+        ],
+    },
+}
 POSITIVE_LABEL = 0.75  # ms-swift's `stsb:positive`: pairs with score/5 >= 0.75 are infonce positives
 
 
@@ -185,6 +199,42 @@ def train_all(
     return runs
 
 
+def run_recipe(args, recipe: dict, files: dict, model: str, seeds: list[int], work: Path, evaluate) -> None:
+    """Every column of `recipe` once per seed; a table of means, and each column minus the baseline per seed."""
+    primary, scores, times = None, {}, {}
+    for seed in seeds:
+        for name, loss, train_file, flags in recipe["columns"]:
+            out = str(work / f"recipe-{loss}-{abs(hash(name)) % 10**6}-{seed}")
+            seconds, _ = timed(
+                embedtune, "train", "--model", model, "--train-data", str(files[train_file]), "--loss-type", loss,
+                "--num-train-epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
+                "--warmup-ratio", str(args.warmup_ratio), "--max-length", str(args.max_length), "--seed", str(seed),
+                "--save-steps", "0", "--logging-steps", "50", "--deepspeed", "none",
+                "--per-device-train-batch-size", str(args.batch_size), *flags, "--output-dir", out,
+            )  # fmt: skip
+            result = evaluate(out, Path(out).name)
+            primary = result["primary_metric"]
+            scores.setdefault(name, []).append(result["metrics"])
+            times.setdefault(name, []).append(seconds)
+        print(
+            f"seed {seed}: " + ", ".join(f"{n} {s[-1][primary]:.4f}" for n, s in scores.items()), flush=True
+        )
+    names = list(scores)
+    print(f"\n== recipe {args.recipe} on {args.task}: mean over seeds {','.join(map(str, seeds))} "
+          f"({args.epochs:g} epoch, batch {args.batch_size}, lr {args.learning_rate}) ==")  # fmt: skip
+    print(" | ".join(["metric", *names]))
+    for metric in [primary, *[m for m in scores[names[0]][0] if m != primary][:3]]:
+        print(" | ".join([metric, *(f"{statistics.fmean(s[metric] for s in scores[n]):.4f}" for n in names)]))
+    base = [s[primary] for s in scores[names[0]]]
+    for name in names[1:]:
+        diffs = [s[primary] - b for s, b in zip(scores[name], base, strict=True)]
+        wins = sum(d > 0 for d in diffs)
+        print(f"{name} - {names[0]}: {statistics.fmean(diffs):+.4f} {primary} (per seed: "
+              f"{', '.join(f'{d:+.4f}' for d in diffs)}; better on {wins}/{len(diffs)} seeds)")  # fmt: skip
+    print("training wall time (s, not a speed comparison when the machine is shared): "
+          + ", ".join(f"{k}: {statistics.fmean(v):.0f}" for k, v in times.items()))  # fmt: skip
+
+
 def cached_learning_rates(args) -> list[float]:
     """The gradient cache columns' learning rates (none without --gradient-cache-batch)."""
     if not args.gradient_cache_batch:
@@ -308,6 +358,11 @@ def main() -> None:
         action="store_true",
         help="rerank tasks: skip the tiny-decoder reranker smoke test",
     )
+    ap.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="embedtune recipe vs its baseline (see RECIPES) instead of vs ST",
+    )
     ap.add_argument("--st-recipe", help=argparse.SUPPRESS)  # internal: run the ST recipe from a JSON spec
     args = ap.parse_args()
     if args.st_recipe:
@@ -339,6 +394,12 @@ def main() -> None:
     base = evaluate(model, "base")
     primary = base["primary_metric"]
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    if args.recipe:
+        if args.task not in RECIPES[args.recipe]["tasks"]:
+            ap.error(f"--recipe {args.recipe} is measured on {', '.join(RECIPES[args.recipe]['tasks'])}")
+        run_recipe(args, RECIPES[args.recipe], files, model, seeds, work, evaluate)
+        print(f"\nwork dir (models, metrics): {work}")
+        return
     extra = shlex.split(args.train_args or "")
     losses = args.losses.split(",") if args.losses else task["losses"]
     for loss in losses:

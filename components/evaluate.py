@@ -16,6 +16,9 @@ from images.refs import STEP_IMAGES
     output="Metrics JSON (`primary_metric`, `primary_value`, `metrics`, `baseline_metrics`, `deltas`, ...); its "
     "metrics, `base_<metric>` and `delta_<metric>` are logged for the UI.",
     report="Markdown table of every metric, tuned vs base, with plots.",
+    eval_gpus="GPUs this task got (logged with the metrics). An input as well as the task's resources because "
+    "evaluate runs inside a condition (merge_method), and kfp.local resolves a parameter there only when a task "
+    "takes it as an input.",
 )
 def evaluate(
     model: Input[Model],
@@ -28,6 +31,9 @@ def evaluate(
     max_length: int,
     matryoshka_dims: str,
     dtype: str,
+    guard_data: str,
+    max_guard_drop: float,
+    eval_gpus: int,
 ) -> float:
     """Measure the model (and its base) and return the primary metric, which gates registration.
 
@@ -43,6 +49,9 @@ def evaluate(
         **result["metrics"],
         **{f"base_{k}": v for k, v in result.get("baseline_metrics", {}).items()},
         **result.get("deltas", {}),
+        **{f"guard_{n}_{g['primary_metric']}": g["value"] for n, g in result.get("guards", {}).items()},
+        "guard_failures": len(result.get("guard_failures", [])),
+        "eval_gpus": eval_gpus,
     }
     for key, value in scalars.items():
         output.log_metric(key, float(value))

@@ -22,6 +22,8 @@ def merge(
     output: Output[Model],
     metrics: Output[Metrics],
     tolerance: float,
+    merge_method: str,
+    merge_weight: float,
     export_classifier: bool,
 ):
     """Merge the adapter into a standalone model and check it matches the adapter model's outputs."""

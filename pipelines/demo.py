@@ -99,14 +99,16 @@ def run_local(arguments: dict, demo_dir: Path) -> dict:
     seconds = time.perf_counter() - start
     (run_dir,) = set(outputs.iterdir()) - before
 
-    # Only the branch that ran has a folder: register (LoRA, after merge) or register-2 (full training).
+    # Only the branch that ran has a folder: register (LoRA, after merge) or register-2 (full training), or
+    # with merge_method evaluate-2 and register-3 (the weights-merged branch).
     registered = sorted(run_dir.glob("register*/executor_output.json"))
     registration = json.loads(registered[0].read_text()) if registered else None
+    (evaluated,) = [p for p in sorted(run_dir.glob("evaluate*")) if p.is_dir()]
     return {
         "seconds": seconds,
         "run_dir": run_dir,
-        "metrics_json": run_dir / "evaluate" / "output",
-        "report": run_dir / "evaluate" / "report",
+        "metrics_json": evaluated / "output",
+        "report": evaluated / "report",
         "registered": registration is not None,
         "model_uri": registration["parameterValues"]["Output"] if registration else None,
         "registration": registration["artifacts"]["registration"]["artifacts"][0]["metadata"]

@@ -1,4 +1,4 @@
-"""The embedtune DAG: convert -> split -> mine -> score -> train -> evaluate vs base -> [good enough: merge if LoRA -> register].
+"""The embedtune DAG: convert -> split -> mine -> score -> train -> [merge weights] -> evaluate vs base -> [good enough: merge if LoRA -> register].
 
 One pipeline serves embedders and rerankers (`task_type`), like `swift sft --task_type embedding|reranker`:
 the DAG is the same, so is every step; the knobs of the other task type are simply not read by train (infonce
@@ -36,12 +36,12 @@ Gates (`dsl.If`): nothing is registered unless the tuned model's primary metric 
 register takes the merged or the trained folder. Promotion to the `champion` alias is decided by register
 itself (`min_improvement` over the current champion).
 
-evaluate runs once, on train's output: for LoRA that is the adapter, loaded on its base model, and merge
-proves the merged model gives the same outputs (within `tolerance`, or it fails), so the registered model is
-the evaluated one. Two reasons for this shape over "merge, then evaluate whichever model came out":
-kfp.local (`make demo`) cannot pick an artifact out of If/Else branches (`dsl.OneOf` over artifacts), and
-kfp 2.17's compiler does not pass a pipeline parameter used only in a task's resources (evaluate's
-`eval_gpus`) into a condition's sub-DAG. A bad model is also never merged.
+evaluate runs once, on train's output (with `merge_method` none): for LoRA that is the adapter, loaded on its
+base model, and merge proves the merged model gives the same outputs (within `tolerance`, or it fails), so the
+registered model is the evaluated one. A bad model is never merged. With `merge_method` linear or slerp the
+DAG takes its other branch (`dsl.If` on the parameter, so each branch holds its own evaluate and register,
+no `dsl.OneOf`, which kfp.local cannot run over artifacts): merge folds LoRA and merges the weights with the
+base first, and evaluate, the gate and register see that merged model.
 """
 
 import contextlib
@@ -247,6 +247,8 @@ def embedtune_pipeline(
     trust_remote_code: bool = default("trust_remote_code"),
     dataloader_num_workers: int = default("dataloader_num_workers"),
     matryoshka_dims: str = default("matryoshka_dims"),
+    guard_data: str = default("guard_data"),
+    max_guard_drop: float = default("max_guard_drop"),
     matryoshka_weights: str = default("matryoshka_weights"),
     dtype: str = default("dtype"),
     optim: str = default("optim"),
@@ -259,6 +261,8 @@ def embedtune_pipeline(
     primary_metric: str = default("primary_metric"),
     tolerance: float = default("tolerance"),
     export_classifier: bool = default("export_classifier"),
+    merge_method: str = default("merge_method"),
+    merge_weight: float = default("merge_weight"),
     min_primary_metric: float = 0.0,
     min_improvement: float = default("min_improvement"),
     experiment_name: str = default("experiment_name"),
@@ -318,21 +322,27 @@ def embedtune_pipeline(
     )
     cluster.configure(trn, "train", accelerator_type=accelerator_type, accelerators=gpus)
 
-    # The model as train wrote it: for LoRA the adapter, which evaluate loads on its base model. merge then
-    # proves the merged weights give the same outputs (max abs difference <= tolerance, or it fails), so the
-    # registered model is the evaluated one.
-    ev = evaluate(
-        **knobs(
-            evaluate,
-            params,
-            model=trn.outputs["output_dir"],
-            eval_data=spl.outputs["eval_data"],
-            baseline_model=model,
+    def _evaluate_and_register(tuned, fold_lora: bool):
+        # evaluate the model, gate on its primary metric, [fold LoRA,] register. For LoRA without a weight merge
+        # `tuned` is the adapter, which evaluate loads on its base model; merge then proves the merged weights
+        # give the same outputs (max abs difference <= tolerance, or it fails), so the registered model is the
+        # evaluated one.
+        ev = evaluate(
+            **knobs(evaluate, params, model=tuned, eval_data=spl.outputs["eval_data"], baseline_model=model)
         )
-    )
-    cluster.configure(ev, "evaluate", accelerator_type=accelerator_type, accelerators=eval_gpus)
+        cluster.configure(ev, "evaluate", accelerator_type=accelerator_type, accelerators=eval_gpus)
+        with dsl.If(ev.outputs["Output"] >= min_primary_metric, name="good-enough"):
+            if not fold_lora:  # already full weights (the weight merge folded LoRA first)
+                _register(tuned, ev)
+                return
+            with dsl.If(train_type == "lora", name="lora"):
+                mrg = merge(**knobs(merge, params, adapter=tuned, eval_data=spl.outputs["eval_data"]))
+                cluster.configure(mrg, "merge")
+                _register(mrg.outputs["output"], ev)
+            with dsl.Else(name="full"):
+                _register(tuned, ev)
 
-    def _register(tuned):
+    def _register(tuned, ev):
         reg = register(
             **knobs(
                 register,
@@ -351,15 +361,14 @@ def embedtune_pipeline(
             ).after(reg)
             cluster.configure(dep, "deploy")
 
-    with dsl.If(ev.outputs["Output"] >= min_primary_metric, name="good-enough"):
-        with dsl.If(train_type == "lora", name="lora"):
-            mrg = merge(
-                **knobs(merge, params, adapter=trn.outputs["output_dir"], eval_data=spl.outputs["eval_data"])
-            )
-            cluster.configure(mrg, "merge")
-            _register(mrg.outputs["output"])
-        with dsl.Else(name="full"):
-            _register(trn.outputs["output_dir"])
+    with dsl.If(merge_method == "none", name="unmerged"):
+        _evaluate_and_register(trn.outputs["output_dir"], fold_lora=True)
+    with dsl.Else(name="weights-merged"):  # merged with the base before evaluate: the gate judges the merge
+        wm = merge(
+            **knobs(merge, params, adapter=trn.outputs["output_dir"], eval_data=spl.outputs["eval_data"])
+        ).set_display_name("merge-weights")
+        cluster.configure(wm, "merge")
+        _evaluate_and_register(wm.outputs["output"], fold_lora=False)
 
 
 # Every pipeline `make compile-pipeline` writes, by file stem under pipelines/compiled/.

@@ -312,3 +312,48 @@ def test_retrieval_plot_shows_every_negative_of_a_small_corpus_and_a_bounded_sam
     monkeypatch.setattr(scoring, "PLOT_NEGATIVES", 100)
     plot = retrieval_plot(q, d, data)
     assert plot["negatives"] == "sampled" and 0 < (~plot["relevant"]).sum() <= 100
+
+
+def test_guard_sets_are_measured_for_the_model_and_its_baseline_and_a_drop_is_flagged(
+    minilm_path, tiny_qwen3_path, fixtures_dir, tmp_path
+):
+    """MiniLM against a random tiny Qwen3 as 'baseline' on two guard sets: every guard number equals a plain
+    evaluate of that file; the random model loses nothing, MiniLM gains, so swapping roles flags a drop."""
+    sts, ranking = fixtures_dir / "eval" / "sts.jsonl", fixtures_dir / "eval" / "ranking.jsonl"
+    guards = f"general={sts},qa={ranking}"
+    out = tmp_path / "m.json"
+    result = evaluate.run(EvaluateConfig(model=str(minilm_path), eval_data=str(ranking), output=str(out),
+                                         baseline_model=str(tiny_qwen3_path), guard_data=guards,
+                                         max_guard_drop=0.0))  # fmt: skip
+    assert result["guard_failures"] == [] and set(result["guards"]) == {"general", "qa"}
+    plain = evaluate.run(
+        EvaluateConfig(model=str(minilm_path), eval_data=str(sts), output=str(tmp_path / "p.json"))
+    )
+    g = result["guards"]["general"]
+    assert g["primary_metric"] == "spearman_cosine" and g["value"] == pytest.approx(
+        plain["primary_value"], abs=1e-9
+    )
+    assert g["delta"] == pytest.approx(g["value"] - g["baseline_value"]) and g["delta"] > 0.05
+    assert result["guards"]["qa"]["value"] == pytest.approx(result["primary_value"], abs=1e-9)  # same file
+    assert "## guard sets" in (tmp_path / "m.json.md").read_text()
+
+    swapped = evaluate.run(EvaluateConfig(model=str(tiny_qwen3_path), eval_data=str(ranking),
+                                          output=str(tmp_path / "s.json"), baseline_model=str(minilm_path),
+                                          guard_data=guards, max_guard_drop=0.05))  # fmt: skip
+    assert "general" in swapped["guard_failures"]
+    assert "**dropped**" in (tmp_path / "s.json.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("guard_data", "drop", "message"),
+    [
+        ("general", -1.0, "'general' is not NAME=FILE"),
+        ("a=x.jsonl,a=y.jsonl", -1.0, "'a' is named twice"),
+        ("", 0.1, "max_guard_drop: needs guard_data and a baseline_model"),
+        ("a=x.jsonl", -0.5, "must be -1 .off. or >= 0"),
+    ],
+)
+def test_bad_guard_knobs_are_one_line(tmp_path, guard_data, drop, message):
+    with pytest.raises(EmbedtuneError, match=message):
+        evaluate.run(EvaluateConfig(model="m", eval_data="e.jsonl", output=str(tmp_path / "o.json"),
+                                    guard_data=guard_data, max_guard_drop=drop, baseline_model="b" if drop != 0.1 else ""))  # fmt: skip

@@ -75,7 +75,9 @@ def test_registry_names_every_loss_once():
     assert not embedding & reranker and {o.task_type for o in OBJECTIVES.values()} == set(TASKS)
     from embedtune import distillation
 
-    for obj in OBJECTIVES.values():  # each entry names a pure function (losses.py, or module.name) and a layout
+    for (
+        obj
+    ) in OBJECTIVES.values():  # each entry names a pure function (losses.py, or module.name) and a layout
         module, _, name = obj.loss.rpartition(".")
         owner = {"": losses, "distillation": distillation}[module]
         assert obj.function is getattr(owner, name) and callable(obj.function) and obj.layout in LAYOUTS

@@ -163,3 +163,73 @@ def test_rerun_replaces_a_previous_result(tiny_qwen3_path, tmp_path):
     merge.run(MergeConfig(adapter=str(full), output=str(out)))
     assert not (out / "stale.txt").exists() and json.loads((out / "embedtune.json").read_text())
     assert leftovers(tmp_path) == []
+
+
+# --- weight merging with the base (merge_method) ------------------------------------------------------------
+
+
+def test_slerp_is_the_spherical_formula_and_falls_back_to_linear_on_parallel_tensors():
+    from embedtune.weightmerge import lerp, merge_states, slerp
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)  # 90 degrees apart, different norms
+    got, fell_back = slerp(a, b, 0.5)
+    s = np.sin(np.pi / 4) / np.sin(np.pi / 2)  # sin((1 - t) W) / sin W with W = pi / 2
+    assert not fell_back and torch.allclose(got, torch.tensor([[s, 2 * s], [0.0, 0.0]], dtype=torch.float64))
+    for t in (0.0, 1.0):  # the ends are the two models
+        assert torch.allclose(slerp(a, b, t)[0], a if t == 0 else b)
+    near = a + 1e-4 * b  # |cos| > 0.9995
+    got, fell_back = slerp(a, near, 0.3)
+    assert fell_back and torch.equal(got, lerp(a, near, 0.3))
+    merged, counts = merge_states(
+        {"w": a.float(), "ids": torch.tensor([1, 2])}, {"w": b.float(), "ids": torch.tensor([3, 4]), "head": b},
+        "linear", 0.25,
+    )  # fmt: skip
+    assert torch.allclose(merged["w"], (0.75 * a + 0.25 * b).float()) and merged["w"].dtype == torch.float32
+    assert torch.equal(merged["ids"], torch.tensor([3, 4])) and torch.equal(merged["head"], b)
+    assert counts == {"merged": 1, "linear_fallback": 0, "kept_tuned": 2}
+
+
+def full_model(tiny_qwen3_path, out):
+    """A 'fully trained' embedder: the base with every weight moved a little (what train would save)."""
+    model = Embedder.from_pretrained(tiny_qwen3_path)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.save_pretrained(out, meta={"base_model": str(tiny_qwen3_path), "train_type": "full"})
+    return out
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_merge_with_the_base_moves_the_model_between_its_ends(tiny_qwen3_path, tmp_path, method):
+    tuned = full_model(tiny_qwen3_path, tmp_path / "tuned")
+    base_emb = Embedder.from_pretrained(tiny_qwen3_path).encode(TEXTS)
+    tuned_emb = Embedder.from_pretrained(tuned).encode(TEXTS)
+    assert np.abs(tuned_emb - base_emb).max() > 1e-2
+    ends = {}
+    for w in (0.0, 0.5, 1.0):
+        out = tmp_path / f"m{w}"
+        result = merge.run(
+            MergeConfig(adapter=str(tuned), output=str(out), merge_method=method, merge_weight=w)
+        )
+        info = result["weight_merge"]
+        assert info["method"] == method and info["merged"] > 0 and result["max_abs_diff"] <= 1e-4
+        assert read_meta(out)["weight_merge"] == info
+        ends[w] = Embedder.from_pretrained(out).encode(TEXTS)
+    assert np.abs(ends[0.0] - base_emb).max() < 1e-5 and np.abs(ends[1.0] - tuned_emb).max() < 1e-5
+    # halfway is neither end (the model is not linear in its weights, so no closer bound holds)
+    assert np.abs(ends[0.5] - base_emb).max() > 1e-3 and np.abs(ends[0.5] - tuned_emb).max() > 1e-3
+
+
+def test_lora_adapter_is_folded_and_checked_before_the_weight_merge(embedder_adapter, tmp_path):
+    out = tmp_path / "m"
+    result = merge.run(MergeConfig(adapter=str(embedder_adapter), output=str(out), merge_method="linear",
+                                   merge_weight=0.5))  # fmt: skip
+    assert result["merged"] is True and result["weight_merge"]["vs_tuned_max_diff"] > 1e-4
+    adapter = Embedder.from_pretrained(embedder_adapter).encode(TEXTS)
+    merged = Embedder.from_pretrained(out).encode(TEXTS)
+    base = Embedder.from_pretrained(read_meta(embedder_adapter)["base_model"]).encode(TEXTS)
+    assert np.abs(merged - adapter).max() > 1e-4 and np.abs(merged - base).max() > 1e-4
+    with pytest.raises(EmbedtuneError, match="merge_method"):
+        MergeConfig(adapter="a", output="o", merge_method="ties")

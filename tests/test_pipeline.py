@@ -37,6 +37,7 @@ LAUNCH_INPUTS = {
     "train": {"gpus", "cpu_procs"},
     "mine": {"mine_hard_negatives", "mine_gpus"},
     "score": {"score_gpus"},
+    "evaluate": {"eval_gpus"},
 }
 # Config fields a component derives from its inputs instead of taking them as they are.
 DERIVED = {"train": {"checkpoint_dir"}}
@@ -354,13 +355,23 @@ def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled
 
     walk(spec["root"]["dag"], [])
     good = "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= inputs.parameter_values['pipelinechannel--min_primary_metric']"
+    good_2 = good.replace("evaluate-Output", "evaluate-2-Output")
     lora = "inputs.parameter_values['pipelinechannel--train_type'] == 'lora'"
+    none = "inputs.parameter_values['pipelinechannel--merge_method'] == 'none'"
+    merged = f"!({none})"
     assert set(conditions) == {
         "convert", "split", "mine", "score", "score-2", "train", "evaluate", "merge", "register", "register-2",
-        "deploy", "deploy-2",
+        "deploy", "deploy-2", "merge-2", "evaluate-2", "register-3", "deploy-3",
     }  # fmt: skip
-    for name in ("convert", "split", "mine", "score", "score-2", "train", "evaluate"):
+    for name in ("convert", "split", "mine", "score", "score-2", "train"):
         assert conditions[name] == [], name
+    # merge_method none: evaluate train's output; else merge-2 merges the weights first and evaluate-2 measures it
+    assert conditions["evaluate"] == [none] and conditions["evaluate-2"] == conditions["merge-2"] == [merged]
+    assert inputs["evaluate-2"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "merge-2"
+    assert inputs["register-3"]["artifacts"]["model"] == {
+        "componentInputArtifact": "pipelinechannel--merge-2-output"
+    }
+    assert conditions["register-3"] == [merged, good_2]
     # mine always runs on split's train rows (a pass-through unless mine_hard_negatives), score on mine's
     # (a pass-through unless teacher_model), train takes score's output
     assert inputs["mine"]["artifacts"]["dataset"] == {
@@ -374,14 +385,12 @@ def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled
     }
     assert inputs["score-2"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "split"
     assert inputs["train"]["artifacts"]["eval_data"]["taskOutputArtifact"]["producerTask"] == "score-2"
-    assert conditions["merge"] == conditions["register"] == [good, lora]
-    assert conditions["register-2"] == [good, f"!({lora})"]
+    assert conditions["merge"] == conditions["register"] == [none, good, lora]
+    assert conditions["register-2"] == [none, good, f"!({lora})"]
     asked = "inputs.parameter_values['pipelinechannel--deploy_model'] == true"
-    assert conditions["deploy"] == [good, lora, asked] and conditions["deploy-2"] == [
-        good,
-        f"!({lora})",
-        asked,
-    ]
+    assert conditions["deploy"] == [none, good, lora, asked]
+    assert conditions["deploy-2"] == [none, good, f"!({lora})", asked]
+    assert conditions["deploy-3"] == [merged, good_2, asked]
     # The LoRA branch registers merge's output, the full branch train's; evaluate measures train's output.
     assert inputs["register"]["artifacts"]["model"] == {
         "taskOutputArtifact": {"outputArtifactKey": "output", "producerTask": "merge"}
@@ -389,7 +398,9 @@ def test_register_needs_min_primary_metric_and_merge_runs_only_for_lora(compiled
     assert inputs["register-2"]["artifacts"]["model"] == {
         "componentInputArtifact": "pipelinechannel--train-output_dir"
     }
-    assert inputs["evaluate"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train"
+    assert inputs["evaluate"]["artifacts"]["model"] == {
+        "componentInputArtifact": "pipelinechannel--train-output_dir"
+    }
 
 
 def test_cluster_settings_reach_the_compiled_tasks(compiled):
@@ -757,6 +768,43 @@ def test_tiny_preset_with_lora_and_mined_negatives_merges_before_registering(
         int(MlflowClient(out["tracking_uri"]).get_model_version_by_alias("tiny-lora", "champion").version)
         == 1
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tiny_preset_distilled_from_a_teacher_and_merged_with_its_base_before_evaluate(
+    tmp_path, minilm_path, monkeypatch
+):
+    """The recipe branches in one run: mine, then score with a teacher (MiniLM's cosine) on the train and
+    eval rows, train with distill_kl, then merge_method linear: the weights are merged with the base before
+    evaluate, so evaluate, the gate and register see the merged model."""
+    import json
+
+    from embedtune.io import read_jsonl
+    from embedtune.modeling import read_meta
+    from pipelines.demo import run_local, tiny_arguments
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    arguments = tiny_arguments(
+        model=str(minilm_path), name="tiny-kd", loss_type="distill_kl", distill_infonce_weight=1.0,
+        mine_hard_negatives=True, num_negatives=2, range_max=20, teacher_model=str(minilm_path),
+        merge_method="linear", merge_weight=0.5, deepspeed="none", cpu_procs=1,
+    )  # fmt: skip
+    out = run_local(arguments, tmp_path)
+    run_dir = out["run_dir"]
+    for task, source in (
+        ("score", run_dir / "mine" / "output"),
+        ("score-2", run_dir / "split" / "eval_data"),
+    ):
+        stats = json.loads((run_dir / task / "score_stats").read_text())
+        assert stats["passthrough"] is False and stats["teacher_task_type"] == "embedding"
+        rows = read_jsonl(run_dir / task / "output")
+        assert [r["query"] for r in rows] == [r["query"] for r in read_jsonl(source)]
+        assert all(len(r["teacher_scores"]) == 1 + len(r.get("rejected_response", [])) for r in rows)
+    merged = run_dir / "merge-2" / "output"  # the weights-merged branch's merge task
+    assert read_meta(merged)["weight_merge"]["method"] == "linear"
+    assert not (run_dir / "evaluate").exists() and (run_dir / "evaluate-2").is_dir()
+    assert out["registered"]
 
 
 @pytest.mark.slow

@@ -312,3 +312,24 @@ def test_cli_prints_one_line_and_exits_2_on_a_bad_metrics_file(embedder_dir, tmp
     assert main(["register", "--model", str(embedder_dir), "--metrics", str(bad), "--name", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"embedtune register: error: {bad}: invalid JSON")
+
+
+def test_a_guard_failure_keeps_the_champion_and_guard_metrics_are_logged(
+    mlflow_server, embedder_dir, tmp_path
+):
+    name = new_name()
+    register.run(cfg(mlflow_server, embedder_dir, metrics_file(tmp_path, 0.70), name))
+    path = metrics_file(tmp_path, 0.90)  # much better on its own eval set, but it lost general ability
+    data = json.loads(path.read_text())
+    data["guards"] = {"general": {"primary_metric": "spearman_cosine", "value": 0.61, "baseline_value": 0.80,
+                                  "delta": -0.19, "data_shape": "sts"}}  # fmt: skip
+    data["guard_failures"] = ["general"]
+    path.write_text(json.dumps(data))
+    result = register.run(cfg(mlflow_server, embedder_dir, path, name))
+    assert not result["promoted"] and result["aliases"] == ["challenger"]
+    assert "guard set(s) general fell more than max_guard_drop" in result["decision"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    run = client.get_run(client.get_model_version(name, result["version"]).run_id)
+    assert run.data.metrics["guard_general_spearman_cosine"] == pytest.approx(0.61)
+    assert run.data.metrics["delta_guard_general_spearman_cosine"] == pytest.approx(-0.19)

@@ -211,6 +211,8 @@ class EvaluateConfig(Checked):
     report: str = ""  # Markdown report path; default `<output>.md`
     matryoshka_dims: str = ""  # embedders: also report every metric at these truncated dimensions, as <metric>_dim<d> (comma-separated)
     dtype: str = "auto"  # weights and activations while encoding: auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32 | autocast (fp32 weights, bf16 autocast)
+    guard_data: str = ""  # extra eval sets, NAME=FILE,NAME=FILE: each measured like eval_data (its own shape and primary metric), for the model and its baseline, reported as guards.NAME (what merging and distillation should not lose: general ability)
+    max_guard_drop: float = -1.0  # >= 0: a guard set whose primary metric falls more than this below the baseline's is a guard failure, and register keeps the champion (the version is registered, not promoted); -1: report only
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,8 @@ class MergeConfig(Checked):
     output: str  # merged model folder to write
     tolerance: float = 1e-4  # max abs difference allowed between merged and adapter outputs (fp32)
     eval_data: str = ""  # optional canonical JSONL; its first 16 rows join the check's built-in inputs
+    merge_method: str = "none"  # after folding LoRA, merge the weights with the base model they were trained from, tensor by tensor: none | linear ((1 - w) base + w tuned; LM-Cocktail) | slerp (spherical, per tensor; Qwen3-Embedding's merge; linear where tensors are nearly parallel)
+    merge_weight: float = 0.5  # merge_method: the tuned model's weight w (0: the base, 1: the tuned model unchanged)
     export_classifier: bool = False  # generative (yes/no) reranker: write it as a one-logit sequence classifier (Qwen3ForSequenceClassification: the yes row minus the no row of the LM head; what vLLM and TEI serve), checked to give the same scores; a full-training folder is converted too
 
 

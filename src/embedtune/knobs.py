@@ -158,6 +158,9 @@ RULES: dict[str, Rule] = {
     "pad_to_multiple_of": at_least(0, 1 << 16),
     # merge, register
     "tolerance": Rule(lo=0, hi=1, lo_open=True),
+    "merge_method": one_of("none", "linear", "slerp"),
+    "max_guard_drop": Rule(lo=-1, hi=2),  # -1: off; metrics span at most [-1, 1]
+    "merge_weight": Rule(lo=0, hi=1),
     "min_improvement": FINITE,
     # deploy, serve
     "canary_traffic_percent": at_least(1, 100),
@@ -176,7 +179,7 @@ FREE = frozenset({
     "corpus", "exclude_data", "eval_data", "checkpoint_dir", "shared_dir", "run_id", "query_instruction",
     "reranker_instruction", "matryoshka_dims", "matryoshka_weights", "baseline_model", "primary_metric",
     "report", "tracking_uri", "dataset_stats", "image", "service_name", "namespace", "mlflow_secret",
-    "api_key_secret", "served_model_name", "api_key_env", "teacher_model",
+    "api_key_secret", "served_model_name", "api_key_env", "teacher_model", "guard_data",
 })  # fmt: skip
 
 

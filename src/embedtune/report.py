@@ -116,6 +116,24 @@ def overlap_text(overlap: dict) -> str:
     )
 
 
+def guard_table(guards: dict, failed: list, max_drop: float) -> str:
+    """Markdown: one row per guard set (base | tuned | delta of its primary metric, and whether it held)."""
+    rows = [
+        "## guard sets",
+        "",
+        "| set | data | metric | base | tuned | delta | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, g in guards.items():
+        base = f"{g['baseline_value']:.4f}" if "baseline_value" in g else ""
+        delta = f"{g['delta']:+.4f}" if "delta" in g else ""
+        status = "**dropped**" if name in failed else ("held" if max_drop >= 0 else "")
+        rows.append(
+            f"| {name} | {g['data_shape']} | {g['primary_metric']} | {base} | {g['value']:.4f} | {delta} | {status} |"
+        )
+    return "\n".join(rows)
+
+
 def render_report(result: dict, plot: dict, base_plot: dict | None) -> str:
     """Markdown: headline, metrics table (base | tuned | delta), plots as embedded PNGs."""
     metrics, base = result["metrics"], result.get("baseline_metrics")
@@ -141,6 +159,11 @@ def render_report(result: dict, plot: dict, base_plot: dict | None) -> str:
     if overlap and overlap["found"]:
         lines.append(f"- **warning: {overlap_text(overlap)}**")
     lines += ["", metric_table(metrics, base, primary)]
+    if result.get("guards"):
+        lines += [
+            "",
+            guard_table(result["guards"], result.get("guard_failures") or [], result["max_guard_drop"]),
+        ]
     panels = ([("base", base_plot)] if base_plot else []) + [("tuned", plot)]
     kind = "score distribution, positives vs negatives" if "relevant" in plot else "predicted vs gold"
     lines += ["", f"## {kind}", "", f"![{kind}](data:image/png;base64,{_png(_score_figure(panels))})"]

@@ -18,6 +18,11 @@ Read top to bottom, `run(cfg)` is the whole step:
    Markdown report (`--report`, default `<output>.md`, `embedtune.report`): a base/tuned/delta table and
    PNG plots (score histograms of positives vs negatives, or predicted vs gold for STS, and a bar chart).
 
+`--guard-data general=stsb_dev.jsonl,...`: more eval sets, each measured like the eval data (its own shape and
+primary metric) for the model and the baseline, reported under `guards` (and in the report): what merging and
+distillation protect. With `--max-guard-drop D` (>= 0), a guard set whose primary metric falls more than D
+below the baseline's is listed in `guard_failures`, and register keeps the champion for that version.
+
 `--matryoshka-dims 512,256`: every metric is also reported on the embeddings truncated to d dimensions and
 re-normalized, as `<metric>_dim<d>` (e.g. `ndcg_at_10_dim256`), for the model and its baseline, from one
 encode. Leakage check: when the model's embedtune.json holds a training fingerprint (train records one,
@@ -57,11 +62,50 @@ def eval_texts(data) -> list[str]:
     return [*data.queries, *(data.docs[i] for i in set(positives.tolist()))]
 
 
+def parse_guards(spec: str) -> dict[str, str]:
+    """`NAME=FILE,NAME=FILE` -> {name: file}, in order; a bad or repeated entry is one line naming it."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, path = (x.strip() for x in part.partition("="))
+        if not sep or not name or not path:
+            raise EmbedtuneError(f"guard_data: {part!r} is not NAME=FILE")
+        if name in out:
+            raise EmbedtuneError(f"guard_data: {name!r} is named twice")
+        out[name] = path
+    return out
+
+
+def guard_results(
+    sets: dict, files: dict, tuned: dict, base: dict | None, max_drop: float
+) -> tuple[dict, list]:
+    """(per guard set: its primary metric for the model and the baseline and the delta, the names whose
+    primary metric fell more than `max_drop` below the baseline's; none when max_drop < 0)."""
+    guards = {}
+    for name, data in sets.items():
+        primary = PRIMARY[data.shape]
+        entry = {"eval_data": files[name], "data_shape": data.shape, "primary_metric": primary,
+                 "value": tuned[name][primary], "metrics": tuned[name]}  # fmt: skip
+        if base is not None:
+            entry.update(baseline_value=base[name][primary], delta=tuned[name][primary] - base[name][primary])
+        guards[name] = entry
+    failed = [n for n, g in guards.items() if max_drop >= 0 and g["delta"] < -max_drop]
+    return guards, failed
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Measure `cfg.model` (and `cfg.baseline_model`) on `cfg.eval_data`; write the JSON and the report."""
-    refuse_inputs({"model": cfg.model, "eval_data": cfg.eval_data, "baseline_model": cfg.baseline_model},
+    guard_files = parse_guards(cfg.guard_data)
+    refuse_inputs({"model": cfg.model, "eval_data": cfg.eval_data, "baseline_model": cfg.baseline_model,
+                   "guard_data": list(guard_files.values())},
                   {"output": cfg.output, "report": cfg.report or f"{cfg.output}.md"})  # fmt: skip
+    if cfg.max_guard_drop >= 0 and not (cfg.baseline_model and guard_files):
+        raise EmbedtuneError(
+            "max_guard_drop: needs guard_data and a baseline_model (the drop is measured against it)"
+        )
+    if -1 < cfg.max_guard_drop < 0:
+        raise EmbedtuneError(f"max_guard_drop: {cfg.max_guard_drop} must be -1 (off) or >= 0")
     data = read_eval_data(cfg.eval_data)
+    guard_sets = {name: read_eval_data(path) for name, path in guard_files.items()}
     try:
         dims, _ = matryoshka_spec(cfg.matryoshka_dims)
     except ValueError as e:
@@ -96,10 +140,11 @@ def run(cfg: EvaluateConfig) -> dict:
     with scoring_model(cfg.model, task_type, dtype, max_length=cfg.max_length) as model:
         seconds["load"] = time.perf_counter() - t
         metrics, plot, timing = measure(model, data, cfg.per_device_eval_batch_size, dims=dims)
+        guard_tuned = {n: measure(model, d, cfg.per_device_eval_batch_size)[0] for n, d in guard_sets.items()}
     seconds.update(timing)
     del model
 
-    base_metrics = base_plot = None
+    base_metrics = base_plot = guard_base = None
     if cfg.baseline_model:
         meta = read_meta(cfg.model)
         like = meta if _same_model(meta.get("base_model"), cfg.baseline_model) else None  # trained from it
@@ -107,6 +152,9 @@ def run(cfg: EvaluateConfig) -> dict:
             cfg.baseline_model, task_type, dtype, like=like, max_length=cfg.max_length
         ) as base:
             base_metrics, base_plot, timing = measure(base, data, cfg.per_device_eval_batch_size, dims=dims)
+            guard_base = {
+                n: measure(base, d, cfg.per_device_eval_batch_size)[0] for n, d in guard_sets.items()
+            }
         seconds["baseline_encode"], seconds["baseline_metrics"] = timing["encode"], timing["metrics"]
         del base
 
@@ -118,6 +166,15 @@ def run(cfg: EvaluateConfig) -> dict:
     if base_metrics is not None:
         result["baseline_metrics"] = base_metrics
         result["deltas"] = {f"delta_{k}": metrics[k] - base_metrics[k] for k in names}
+    if guard_sets:
+        result["guards"], result["guard_failures"] = guard_results(
+            guard_sets, guard_files, guard_tuned, guard_base, cfg.max_guard_drop
+        )
+        result["max_guard_drop"] = cfg.max_guard_drop
+        for name in result["guard_failures"]:
+            g = result["guards"][name]
+            say("evaluate", f"guard {name}: {g['primary_metric']} fell by {-g['delta']:.4f} > max_guard_drop "
+                            f"{cfg.max_guard_drop:g} (register keeps the champion)")  # fmt: skip
     report_path = cfg.report or f"{cfg.output}.md"
     result.update(
         n_rows=data.n_rows,

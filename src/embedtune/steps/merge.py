@@ -26,7 +26,14 @@ The merged folder keeps embedtune.json's `train_type` (`lora`, how it was traine
 adapter_config.json, so every loader treats it as a plain model. Weights are saved in fp32, the precision
 the check ran in.
 
-A folder without adapter_config.json (full training) is copied through unchanged (into a temporary folder,
+`--merge-method linear|slerp` (`--merge-weight W`, the tuned model's weight): after the LoRA fold is checked,
+the weights are merged with the base model they were trained from (`weightmerge`: LM-Cocktail's linear mix,
+or a per-tensor slerp as Qwen3-Embedding), a full-training folder too. The merged model is then the reference
+of the save-and-reload check; `weight_merge` in the result and in embedtune.json says how far it moved from
+the tuned and the base outputs. The pipeline runs this before evaluate (`merge_method`), so the champion gate
+judges the merged model.
+
+A folder without adapter_config.json (full training) and no merge_method is copied through unchanged (into a temporary folder,
 then renamed), reported as `mode: passthrough` with zero differences.
 
 `--export-classifier` (a generative yes/no reranker, adapter or full): after merging, the model is written as a
@@ -51,7 +58,9 @@ from embedtune.errors import EmbedtuneError
 from embedtune.io import write_json
 from embedtune.modelfolder import adapter_base
 from embedtune.modeling import (
+    HEAD_MODULES,
     META_FILE,
+    ClassifierReranker,
     Reranker,
     check_sources,
     is_adapter,
@@ -63,6 +72,7 @@ from embedtune.modeling import (
 )
 from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import say
+from embedtune.weightmerge import merge_states
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
 SAMPLE_ROWS = 16
@@ -145,6 +155,30 @@ def _write_errors(out: Path):
         raise EmbedtuneError(f"{out}: cannot write the merged model: {e}") from None
 
 
+def interpolate(model, src: Path, task_type: str, cfg: MergeConfig, queries, docs, tuned_out):
+    """Replace `model`'s weights (LoRA already folded) by their merge with the base model `src` was trained
+    from (`weightmerge`); returns (what was done and how far the outputs moved from each end, the base's)."""
+    meta = read_meta(src)
+    base_path = adapter_base(src) if is_adapter(src) else meta.get("base_model") or ""
+    if not base_path:
+        raise EmbedtuneError(f"merge_method: {src} does not name the base model it was trained from")
+    base = load_model(base_path, task_type, like=meta)
+    base_state = base.inner.state_dict()
+    if isinstance(model, ClassifierReranker) and task_type_of(base_path) != "reranker":
+        # the base had no classification head: the one it got on loading is random, never merged
+        base_state = {k: v for k, v in base_state.items() if k.split(".")[0] not in HEAD_MODULES}
+    base_out = outputs(base, queries, docs)
+    del base
+    merged, counts = merge_states(base_state, model.inner.state_dict(), cfg.merge_method, cfg.merge_weight)
+    model.inner.load_state_dict(merged)
+    out = outputs(model, queries, docs)
+    say("merge", f"{cfg.merge_method} merge with {base_path} at weight {cfg.merge_weight:g}: {counts}")
+    return {
+        "method": cfg.merge_method, "weight": cfg.merge_weight, "base_model": str(base_path), **counts,
+        "vs_tuned_max_diff": _max_diff(out, tuned_out), "vs_base_max_diff": _max_diff(out, base_out),
+    }, base_out  # fmt: skip
+
+
 def run(cfg: MergeConfig) -> dict:
     """Merge `cfg.adapter` into its base and write the checked result to `cfg.output` (or pass it through)."""
     src, out = Path(cfg.adapter), Path(cfg.output)
@@ -158,7 +192,8 @@ def run(cfg: MergeConfig) -> dict:
     export = cfg.export_classifier
     if export and (task_type != "reranker" or reranker_head(str(src)) != "generative"):
         raise EmbedtuneError(f"export_classifier: {src} is not a generative (yes/no) reranker")
-    if not is_adapter(src) and not export:
+    weights = cfg.merge_method != "none"
+    if not is_adapter(src) and not export and not weights:
         trust = bool((read_meta(src).get("train_config") or {}).get("trust_remote_code", False))
         check_sources(str(src), trust)  # passed on to register: no pickle that runs code, no unasked-for code
         with _write_errors(out), OutputSet() as outs:  # the folder replaces a previous result whole, or not
@@ -185,6 +220,14 @@ def run(cfg: MergeConfig) -> dict:
         if adapter_vs_base <= SAME:
             say("merge", f"warning: the adapter {src} does not change the outputs (untrained?)")
         merge_lora(model)
+    weight_merge = None
+    if weights:  # fold checked first, then the interpolated model is the reference every later check uses
+        folded = outputs(model, queries, docs)
+        check(_max_diff(folded, adapter_out), adapter_vs_base, _max_diff(folded, base_out), cfg.tolerance,
+              "after merging the adapter")  # fmt: skip
+        weight_merge, base_out = interpolate(model, src, task_type, cfg, queries, docs, folded)
+        adapter_out = outputs(model, queries, docs)
+        adapter_vs_base = 0.0  # a model close to its base is what was asked for
     if export:  # the yes row minus the no row as a one-logit head: the same z
         model = to_classifier(model)
     merged_out = outputs(model, queries, docs)
@@ -193,6 +236,8 @@ def run(cfg: MergeConfig) -> dict:
 
     meta = {k: v for k, v in read_meta(src).items() if k != "embedtune_version"}
     meta["merged_from_adapter"] = is_adapter(src)
+    if weight_merge:
+        meta["weight_merge"] = weight_merge
     if export:
         meta["exported_classifier"] = True
     with _write_errors(out), OutputSet() as outs:  # the folder replaces a previous result whole, or not
@@ -213,6 +258,7 @@ def run(cfg: MergeConfig) -> dict:
             "adapter_vs_base_max_diff": adapter_vs_base,
             "merged_vs_base_max_diff": merged_vs_base,
             "output": str(out),
+            **({"weight_merge": weight_merge} if weight_merge else {}),
         }
         numbers = {k: v for k, v in result.items() if k.endswith("diff")}
         meta_file = tmp / META_FILE

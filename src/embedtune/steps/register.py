@@ -172,9 +172,17 @@ def read_metrics(path: Path) -> dict:
     named = data.get("report") if isinstance(data.get("report"), str) else ""
     reports = [Path(named), path.parent / Path(named).name] if named else []
     reports.append(Path(f"{path}.md"))
+    guards = data.get("guards") if isinstance(data.get("guards"), dict) else {}
+    for name, g in guards.items():  # guard_<set>_<metric> and its delta, beside the eval set's own
+        key = metric_name(f"guard_{name}_{g.get('primary_metric')}")
+        if is_number(g.get("value")):
+            logged[key] = float(g["value"])
+        if is_number(g.get("delta")):
+            logged[f"delta_{key}"] = float(g["delta"])
     return {
         "primary": primary,
         "value": float(value),
+        "guard_failures": [str(n) for n in data.get("guard_failures") or []],
         "metrics": logged,
         "rows": rows,
         "extra": extra,
@@ -375,6 +383,10 @@ def run(cfg: RegisterConfig) -> dict:
                     metrics["primary"], metrics["value"], champ_version, champ_metric, champ_value,
                     cfg.min_improvement,
                 )  # fmt: skip
+                if metrics["guard_failures"]:  # evaluate's guard sets: general ability lost
+                    promote = False
+                    decision = (f"kept champion: guard set(s) {', '.join(metrics['guard_failures'])} fell more than "
+                                "max_guard_drop below the baseline; this version is challenger")  # fmt: skip
                 decision_tags = {
                     "embedtune.primary_metric": metrics["primary"],
                     "embedtune.primary_value": repr(metrics["value"]),
