@@ -522,3 +522,127 @@ def test_zero3_two_ranks_score_then_distill_then_cosent(tiny_qwen3_path, fixture
     result = train.run(train_cfg(tiny_qwen3_path, fixtures_dir / "train" / "sts.jsonl", tmp_path / "cs",
                                  deepspeed="zero3", nproc=2, loss_type="cosent", max_steps=2))  # fmt: skip
     assert result["world_size"] == 2 and (tmp_path / "cs" / "model.safetensors").exists()
+
+
+# --- mixed sources -------------------------------------------------------------------------------------------
+
+
+def source_rows(tmp_path, counts=(("nli", 10), ("qa", 10), ("code", 6))):
+    rows = [
+        {"query": f"{s} question {i} about things", "response": f"{s} answer {i} text", "source": s,
+         "rejected_response": [f"{s} wrong {i}"]}
+        for s, n in counts for i in range(n)
+    ]  # fmt: skip
+    return write_rows(tmp_path / "mixed.jsonl", rows), rows
+
+
+@pytest.mark.parametrize("sampling", ["round_robin", "proportional"])
+def test_one_source_batches_are_seeded_and_follow_the_mode(sampling):
+    from embedtune.batching import LengthGroupedSampler
+
+    sources = ["a"] * 17 + ["b"] * 9 + ["c"] * 30
+    lengths = [(i * 7) % 13 + 1 for i in range(len(sources))]
+    sampler = LengthGroupedSampler(lengths, 4, seed=5, sources=sources, sampling=sampling)
+    order = list(sampler)
+    assert len(order) == len(sampler) and len(set(order)) == len(order)  # every row at most once
+    batches = [order[i : i + 4] for i in range(0, len(order), 4)]
+    assert all(len(b) == 4 and len({sources[i] for i in b}) == 1 for b in batches)
+    of = [sources[b[0]] for b in batches]
+    if sampling == "round_robin":  # a, b, c in turn until b (2 full batches) runs out
+        assert of == ["a", "b", "c", "a", "b", "c"]
+    else:  # every full batch of every source, in a shuffled order
+        assert sorted(of) == ["a"] * 4 + ["b"] * 2 + ["c"] * 7 and of != sorted(of)
+    assert list(LengthGroupedSampler(lengths, 4, seed=5, sources=sources, sampling=sampling)) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_a_source_without_in_batch_negatives_scores_only_its_own_documents(tiny_qwen3_path, tmp_path):
+    from embedtune.batching import Collator, tokenize_rows
+    from embedtune.modeling import Embedder
+
+    _, rows = source_rows(tmp_path)
+    model = Embedder.from_pretrained(tiny_qwen3_path, max_length=32)
+    feats = tokenize_rows(model, rows)
+    obj = objective("infonce")
+    collate = Collator(obj, model.tokenizer.pad_token_id, knobs={}, without_in_batch=frozenset({"code"}))
+    assert "in_batch_negatives" not in collate(feats[:4])  # nli
+    assert "in_batch_negatives" not in collate([feats[0], feats[-1]])  # mixed (an eval batch): as configured
+    code = collate(feats[-4:])
+    assert not bool(code["in_batch_negatives"])
+    from embedtune.batching import LAYOUTS
+
+    out = model(code["features"]).double()
+    knobs = resolve_knobs(obj)
+    extras = {k: v for k, v in code.items() if k != "features"}
+    got = LAYOUTS["query_docs"].loss(obj.function, out, **extras, **knobs)
+    b = 4
+    own = infonce_loss(out[:b], out[b : 2 * b], out[2 * b :], code["neg_mask"],
+                       **{**knobs, "use_batch": False})  # fmt: skip
+    torch.testing.assert_close(got, own, **TOL)
+
+
+def test_queries_get_the_rows_instruction_then_the_sources_then_the_models(tiny_qwen3_path):
+    from embedtune.batching import tokenize_rows
+    from embedtune.modeling import Embedder
+
+    model = Embedder.from_pretrained(tiny_qwen3_path, max_length=32, query_instruction="M: ")
+    rows = [
+        {"query": "cats", "response": "a", "source": "qa", "instruction": "Own: "},
+        {"query": "cats", "response": "b", "source": "qa"},
+        {"query": "cats", "response": "c", "source": "nli"},
+    ]
+    feats = tokenize_rows(model, rows, {"qa": "Src: "})
+    want = ["Own: cats", "Src: cats", "M: cats"]
+    for f, text in zip(feats, want, strict=True):
+        assert f["query"].tolist() == model.tokenize([text], padding=False)["input_ids"][0]
+    assert len({f["text_keys"][0] for f in feats}) == 3  # three different queries to the model
+
+
+def test_source_knobs_are_checked_before_loading(fixtures_dir, tmp_path):
+    from embedtune.steps import train
+
+    data, _ = source_rows(tmp_path)
+    for kw, message in (
+        (
+            dict(source_in_batch_negatives='{"code": false}'),
+            "needs batch_sampling round_robin or proportional",
+        ),
+        (dict(source_instructions="{bad"), "source_instructions: not JSON"),
+        (dict(source_in_batch_negatives='{"code": "no"}'), "JSON object of source -> bool"),
+        (dict(batch_sampling="zipf"), "batch_sampling: 'zipf' is not one of"),
+    ):
+        with pytest.raises(EmbedtuneError, match=message):
+            train.run(train_cfg(tmp_path / "no-model", data, tmp_path / "o", **kw))
+    bare = write_rows(tmp_path / "bare.jsonl", [{"query": "q", "response": "r", "source": "code"}] * 2)
+    with pytest.raises(
+        DataError, match=r"bare.jsonl lines 1, 2: rejected_response: the row's source scores no in-batch"
+    ):
+        train.run(train_cfg(tmp_path / "no-model", bare, tmp_path / "o", batch_sampling="proportional",
+                            source_in_batch_negatives='{"code": false}'))  # fmt: skip
+
+
+def test_round_robin_training_resumes_exactly(tiny_qwen3_path, tmp_path, monkeypatch):
+    from embedtune.steps import train
+    from embedtune.trainer import StepLog
+
+    data, _ = source_rows(tmp_path, (("nli", 12), ("qa", 12), ("code", 8)))
+    kw = dict(batch_sampling="round_robin", source_in_batch_negatives='{"code": false}',
+              source_instructions='{"qa": "Q: "}', save_steps=2, max_steps=5, num_train_epochs=2)  # fmt: skip
+    whole = train.run(train_cfg(tiny_qwen3_path, data, tmp_path / "whole", **kw))
+
+    class Preempted(Exception):
+        pass
+
+    def die(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            raise Preempted
+
+    cfg = train_cfg(tiny_qwen3_path, data, tmp_path / "out", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(StepLog, "on_save", die, raising=False)
+        with pytest.raises(Preempted):
+            train.run(cfg)
+    result = train.run(cfg)
+    assert result["resumed_from_step"] == 4 and result["global_step"] == whole["global_step"] == 5
+    np.testing.assert_allclose(result["loss_history"], whole["loss_history"], rtol=1e-4)

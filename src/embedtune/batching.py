@@ -42,6 +42,7 @@ from embedtune.features import ids_of, pad, texts_of
 from embedtune.losses import pack_negatives, pad_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.objectives import Objective
+from embedtune.sources import query_instruction, source_of
 
 
 def text_key(ids: np.ndarray) -> int:
@@ -50,8 +51,11 @@ def text_key(ids: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little") >> 1
 
 
-def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
+def tokenize_rows(model: Embedder | Reranker, rows: list[dict], by_source: dict | None = None) -> list[dict]:
     """Token ids of every text, once, unpadded (int32 arrays); each distinct text is tokenized once.
+
+    An embedder's query gets the row's own `instruction`, else its source's (`by_source`, from
+    `source_instructions`), else the model's `query_instruction` (`sources.query_instruction`).
 
     Embedding features: `query`, `response` (arrays), `negatives` (list of arrays), `label`, `length`.
     Reranker features: `pairs` (one prompt per [positive, negatives...]), `targets`, `length`.
@@ -71,13 +75,22 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
 
     feats = []
     if isinstance(model, Embedder):
-        q = ids([r["query"] for r in rows], is_query=True)
+        by_source = by_source or {}
+        # a query with its own instruction is tokenized as that text (no model instruction): keyed apart
+        own = [query_instruction(r, by_source) for r in rows]
+        queries = [r["query"] if i is None else i + r["query"] for r, i in zip(rows, own, strict=True)]
+        plain = ids([t for t, i in zip(queries, own, strict=True) if i is None], is_query=True)
+        instructed = ids([t for t, i in zip(queries, own, strict=True) if i is not None])
+        q = {
+            (i is None, t): (plain if i is None else instructed)[t] for t, i in zip(queries, own, strict=True)
+        }
         d = ids([t for r in rows for t in [r["response"], *r.get("rejected_response", [])]])
-        q_keys = {t: text_key(a) for t, a in q.items()}
+        q_keys = {k: text_key(a) for k, a in q.items()}
         d_keys = {t: text_key(a) for t, a in d.items()}
         for i, r in enumerate(rows):
+            qk = (own[i] is None, queries[i])
             negs = [d[t] for t in r.get("rejected_response", [])]
-            texts = [q[r["query"]], d[r["response"]], *negs]
+            texts = [q[qk], d[r["response"]], *negs]
             feats.append(
                 {
                     "idx": i,
@@ -86,10 +99,11 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
                     "negatives": negs,
                     "label": float(r.get("label", 1.0)),
                     "teacher": r.get("teacher_scores"),  # [positive, *negatives] or None
+                    "source": source_of(r),
                     "length": max(len(t) for t in texts),
                     # (query, positive, *negatives): duplicate-free batches and the loss's false-negative mask
                     "text_keys": (
-                        q_keys[r["query"]],
+                        q_keys[qk],
                         d_keys[r["response"]],
                         *(d_keys[t] for t in r.get("rejected_response", [])),
                     ),
@@ -114,6 +128,7 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict]) -> list[dict]:
                 "pairs": pairs,
                 "targets": targets,
                 "teacher": r.get("teacher_scores"),
+                "source": source_of(r),
                 "length": max(len(ids_of(p)) for p in pairs),
             }
         )
@@ -158,14 +173,23 @@ def _scored_docs_collate(feats: list[dict], seed: int, hard_negatives: int | Non
     return _query_docs_collate(feats, seed, hard_negatives, scored=True)
 
 
-def _query_docs_loss(fn, out, *, neg_mask, doc_keys, **knobs):
+def _own_documents_only(knobs: dict, in_batch_negatives) -> dict:
+    """A batch of a source without in-batch negatives (`source_in_batch_negatives`): infonce on each row's own."""
+    if in_batch_negatives is None or bool(in_batch_negatives) or "use_batch" not in knobs:
+        return knobs
+    return {**knobs, "use_batch": False, "include_qq": False, "include_dd": False}
+
+
+def _query_docs_loss(fn, out, *, neg_mask, doc_keys, in_batch_negatives=None, **knobs):
+    knobs = _own_documents_only(knobs, in_batch_negatives)
     b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]
     world, rank = world_and_rank()
     neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
     return fn(out[:b], out[b : 2 * b], neg, neg_mask, world_size=world, rank=rank, doc_keys=doc_keys, **knobs)
 
 
-def _scored_docs_loss(fn, out, *, neg_mask, doc_keys, teacher, **knobs):
+def _scored_docs_loss(fn, out, *, neg_mask, doc_keys, teacher, in_batch_negatives=None, **knobs):
+    knobs = _own_documents_only(knobs, in_batch_negatives)
     b = neg_mask.shape[0]
     world, rank = world_and_rank()
     neg = pack_negatives(out[2 * b :], neg_mask)
@@ -249,9 +273,12 @@ class Collator:
     seed: int = 42
     pad_to_multiple_of: int = 0
     knobs: dict = dataclasses.field(default_factory=dict)
+    without_in_batch: frozenset = frozenset()  # sources whose batches score no in-batch negatives
 
     def __call__(self, feats: list[dict]) -> dict:
         texts, extras = LAYOUTS[self.objective.layout].collate(feats, self.seed, **self.knobs)
+        if self.without_in_batch and all(f["source"] in self.without_in_batch for f in feats):
+            extras["in_batch_negatives"] = torch.tensor(False)
         return {"features": pad(texts, self.pad_id, self.pad_to_multiple_of), **extras}
 
 
@@ -277,15 +304,50 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         mega: int = 50,
         keys: list[tuple[int, ...]] | None = None,
         group: bool = True,
+        sources: list[str] | None = None,
+        sampling: str = "mixed",
     ):
         self.lengths, self.batch_size, self.seed, self.mega, self.epoch = lengths, batch_size, seed, mega, 0
-        self.keys, self.group = keys, group
+        self.keys, self.group, self.sources, self.sampling = keys, group, sources, sampling
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        if self.sampling == "mixed":
+            return len(self.lengths)
+        return sum(
+            len(b) for b in self._one_source_batches(torch.Generator().manual_seed(self.seed + self.epoch))
+        )
+
+    def _batches(self, order: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Full batches of `order` (mega-batches of `mega` batches, each sorted by length when grouping), and
+        the rows left over."""
+        size = self.batch_size * self.mega
+        batches, left = [], []
+        for i in range(0, len(order), size):
+            chunk = left + order[i : i + size]
+            if self.group:
+                chunk.sort(key=self.lengths.__getitem__, reverse=True)
+            full, left = self._cut(chunk)
+            batches += full
+        return batches, left
+
+    def _one_source_batches(self, g: torch.Generator) -> list[list[int]]:
+        """round_robin / proportional: batches of one source each, in the order the mode says (see
+        `embedtune.sources`); each source's leftover rows are dropped this epoch."""
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        by_source: dict[str, list[int]] = {}
+        for i in order:
+            by_source.setdefault(self.sources[i], []).append(i)
+        per = {s: self._batches(rows)[0] for s, rows in sorted(by_source.items())}
+        for s, batches in per.items():  # length grouping sorted them: shuffle each source's batches
+            per[s] = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+        if self.sampling == "round_robin":
+            rounds = min((len(b) for b in per.values()), default=0)
+            return [per[s][r] for r in range(rounds) for s in per]
+        every = [b for batches in per.values() for b in batches]
+        return [every[j] for j in torch.randperm(len(every), generator=g).tolist()]
 
     def _cut(self, rows: list[int]) -> tuple[list[list[int]], list[int]]:
         """Full batches from length-sorted rows, and the rows left over (fewer than a batch, or clashing)."""
@@ -309,14 +371,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.sampling != "mixed":
+            return iter([i for b in self._one_source_batches(g) for i in b])
         order = torch.randperm(len(self.lengths), generator=g).tolist()
-        size = self.batch_size * self.mega
-        batches, left = [], []
-        for i in range(0, len(order), size):
-            chunk = left + order[i : i + size]
-            if self.group:
-                chunk.sort(key=self.lengths.__getitem__, reverse=True)
-            full, left = self._cut(chunk)
-            batches += full
+        batches, left = self._batches(order)
         shuffled = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
         return iter([i for b in shuffled for i in b] + left)

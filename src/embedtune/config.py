@@ -163,6 +163,9 @@ class TrainConfig(Checked):
     lr_scheduler_type: str = "linear"  # HF scheduler name: linear | cosine | constant | constant_with_warmup ...
     seed: int = 42  # seed for model init, shuffling and dropout
     group_by_length: bool = True  # batches of rows of similar length (less padding: faster); false: plain random batches
+    batch_sampling: str = "mixed"  # rows' source per batch: mixed (all sources shuffled together) | round_robin (every batch from one source, sources in turn until the smallest runs out) | proportional (every batch from one source, each source as often as it has batches)
+    source_instructions: str = ""  # embedding: JSON {"source": "query instruction"} for the rows of each source (a row's own instruction wins; else query_instruction)
+    source_in_batch_negatives: str = ""  # infonce / distill_kl: JSON {"source": false}: that source's batches score no in-batch negatives, only each row's own (NV-Embed stage 2; needs round_robin or proportional)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     logging_steps: int = 10  # log loss, lr and samples/s every N steps
     eval_steps: int = 0  # evaluate every N steps (0: at the end only, when eval_data is given)

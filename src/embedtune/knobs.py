@@ -121,6 +121,7 @@ RULES: dict[str, Rule] = {
     # train
     "task_type": Rule(choices="embedtune.objectives:TASK_TYPES"),
     "train_type": one_of("full", "lora"),
+    "batch_sampling": Rule(choices="embedtune.sources:BATCH_SAMPLINGS"),
     "reranker_head": one_of(*HEADS),
     "lora_rank": at_least(1, 1 << 16),
     "lora_alpha": at_least(1, 1 << 20),
@@ -179,7 +180,7 @@ FREE = frozenset({
     "corpus", "exclude_data", "eval_data", "checkpoint_dir", "shared_dir", "run_id", "query_instruction",
     "reranker_instruction", "matryoshka_dims", "matryoshka_weights", "baseline_model", "primary_metric",
     "report", "tracking_uri", "dataset_stats", "image", "service_name", "namespace", "mlflow_secret",
-    "api_key_secret", "served_model_name", "api_key_env", "teacher_model", "guard_data",
+    "api_key_secret", "served_model_name", "api_key_env", "teacher_model", "guard_data", "source_instructions", "source_in_batch_negatives",
 })  # fmt: skip
 
 

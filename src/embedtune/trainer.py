@@ -138,7 +138,8 @@ class EmbedtuneTrainer(Trainer):
     also report evaluate's metrics on `metric_data` (None: the eval loss only).
 
     `distinct_texts`: training batches hold no text twice (the objective's in-batch negatives);
-    `group_by_length`: batches of similar lengths; `master_weights`: AdamW on fp32 copies of a bf16 model
+    `group_by_length`: batches of similar lengths; `batch_sampling`: one source per batch or not
+    (`embedtune.sources`); `master_weights`: AdamW on fp32 copies of a bf16 model
     (`speed.MasterWeightAdamW`, dtype bf16 without DeepSpeed). The other arguments are the Trainer's.
     """
 
@@ -149,9 +150,14 @@ class EmbedtuneTrainer(Trainer):
         distinct_texts: bool = False,
         group_by_length: bool = True,
         master_weights: bool = False,
+        batch_sampling: str = "mixed",
         **kwargs,
     ):
-        self.metric_data, self.distinct_texts = metric_data, distinct_texts
+        self.metric_data, self.distinct_texts, self.batch_sampling = (
+            metric_data,
+            distinct_texts,
+            batch_sampling,
+        )
         self.group_by_length, self.master_weights = group_by_length, master_weights
         super().__init__(*args, **kwargs)
 
@@ -259,6 +265,8 @@ class EmbedtuneTrainer(Trainer):
             self.args.seed,
             keys=keys,
             group=self.group_by_length,
+            sources=[f["source"] for f in data],
+            sampling=self.batch_sampling,  # round_robin / proportional: one source per global batch
         )
 
     def _save_checkpoint(self, model, trial):

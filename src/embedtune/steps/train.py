@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from embedtune import sources
 from embedtune.batching import Collator, tokenize_rows
 from embedtune.config import ENV_DEFAULTS, TrainConfig, resolve_env_defaults
 from embedtune.data import check_loss_data, read_rows
@@ -162,8 +163,9 @@ def run(cfg: TrainConfig) -> dict:
         check_shared(sorted({out, ckpt_dir}), rank(), world)  # before hours of training, not at the save
     model = build_model(cfg, precision)
     t0 = time.perf_counter()
-    train_set = tokenize_rows(model, train_rows)
-    eval_set = sorted(tokenize_rows(model, eval_rows), key=lambda f: f["length"])
+    by_source = sources.instructions(cfg.source_instructions)
+    train_set = tokenize_rows(model, train_rows, by_source)
+    eval_set = sorted(tokenize_rows(model, eval_rows, by_source), key=lambda f: f["length"])
     tokenize_s = time.perf_counter() - t0
     say(
         "train",
@@ -183,6 +185,7 @@ def run(cfg: TrainConfig) -> dict:
         metric_data=metric_data,
         distinct_texts=obj.distinct_batches(resolve_knobs(obj, cfg)),
         group_by_length=cfg.group_by_length,
+        batch_sampling=cfg.batch_sampling,
         master_weights=precision.master_weights,
     )
     trainer.pop_callback(ProgressCallback)
@@ -298,6 +301,8 @@ def check_knobs(cfg: TrainConfig) -> Precision:
     obj = objective(cfg.loss_type)
     if problems := knob_problems(obj, resolve_knobs(obj, cfg)):
         raise EmbedtuneError("; ".join(problems))
+    sources.check_knobs(cfg.batch_sampling, cfg.source_instructions, cfg.source_in_batch_negatives,
+                        resolve_knobs(obj, cfg), cfg.task_type)  # fmt: skip
     try:
         dims, _ = matryoshka_spec(cfg.matryoshka_dims, cfg.matryoshka_weights)
     except ValueError as e:
@@ -325,6 +330,7 @@ def load_rows(path: str, cfg: TrainConfig) -> tuple[list[dict], int]:
     knobs = resolve_knobs(obj, cfg)
     rows = read_rows(path, cfg.loss_type, lines=True)
     check_loss_data(cfg.loss_type, rows, knobs, source=path)
+    sources.check_rows(rows, cfg.source_in_batch_negatives, path)
     kept = [r for r in rows if obj.keep_row(r, knobs)]
     if len(kept) < len(rows):
         say("train", f"{path}: {len(rows) - len(kept)} rows skipped: {obj.skip_reason}")
@@ -387,4 +393,5 @@ def collator(model: Embedder | Reranker, cfg: TrainConfig) -> Collator:
     """The batch collator of the config's loss (its layout and the layout's knobs)."""
     obj = objective(cfg.loss_type)
     knobs = resolve_knobs(obj, cfg, collate=True)
-    return Collator(obj, model.tokenizer.pad_token_id, cfg.seed, cfg.pad_to_multiple_of, knobs)
+    off = sources.without_in_batch(cfg.source_in_batch_negatives)
+    return Collator(obj, model.tokenizer.pad_token_id, cfg.seed, cfg.pad_to_multiple_of, knobs, off)
