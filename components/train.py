@@ -71,6 +71,7 @@ def train(
     eval_steps: int,
     save_steps: int,
     save_total_limit: int,
+    keep_checkpoint_weights: int,
     margin: float,
     infonce_temperature: float,
     infonce_use_batch: bool,

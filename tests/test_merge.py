@@ -233,3 +233,54 @@ def test_lora_adapter_is_folded_and_checked_before_the_weight_merge(embedder_ada
     assert np.abs(merged - adapter).max() > 1e-4 and np.abs(merged - base).max() > 1e-4
     with pytest.raises(EmbedtuneError, match="merge_method"):
         MergeConfig(adapter="a", output="o", merge_method="ties")
+
+
+def trained_with_checkpoints(tiny_qwen3_path, fixtures_dir, out, **kw):
+    from embedtune.config import TrainConfig
+    from embedtune.steps import train
+
+    cfg = TrainConfig(model=str(tiny_qwen3_path), train_data=str(fixtures_dir / "train" / "infonce.jsonl"),
+                      output_dir=str(out), deepspeed="none", max_steps=6, save_steps=2, save_total_limit=3,
+                      keep_checkpoint_weights=2, per_device_train_batch_size=4, max_length=32,
+                      learning_rate=1e-3, **kw)  # fmt: skip
+    train.run(cfg)
+    return out
+
+
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_merge_with_the_checkpoints_train_kept(tiny_qwen3_path, fixtures_dir, tmp_path, train_type):
+    """train keeps the last checkpoints' weights (not the final step's own: that is the model); merge_with
+    checkpoints at weight 1 is the tuned model, at weight 0 their mean, each loaded as the final model is."""
+    from safetensors.torch import load_file
+
+    out = trained_with_checkpoints(tiny_qwen3_path, fixtures_dir, tmp_path / "t", train_type=train_type,
+                                   lora_rank=4, lora_alpha=8)  # fmt: skip
+    kept = sorted(p.name for p in (out / "checkpoint-weights").iterdir())
+    assert kept == ["step-2.safetensors", "step-4.safetensors"] and not list(out.glob("checkpoint-[0-9]*"))
+    tuned = Embedder.from_pretrained(out)
+    names = set(tuned.inner.state_dict())
+    assert set(load_file(out / "checkpoint-weights" / "step-4.safetensors")) == names
+    ends = {}
+    for w in (0.0, 1.0):
+        res = merge.run(MergeConfig(adapter=str(out), output=str(tmp_path / f"m{w}"), merge_method="linear",
+                                    merge_with="checkpoints", merge_weight=w))  # fmt: skip
+        assert res["weight_merge"]["other"] == "step-2, step-4"
+        ends[w] = Embedder.from_pretrained(tmp_path / f"m{w}").encode(TEXTS)
+    assert np.abs(ends[1.0] - tuned.encode(TEXTS)).max() < 1e-5
+    means = []
+    for step in (2, 4):
+        m = Embedder.from_pretrained(out)
+        m.inner.load_state_dict(load_file(out / "checkpoint-weights" / f"step-{step}.safetensors"))
+        if train_type == "lora":
+            merge.merge_lora(m)
+        means.append({k: v.double() for k, v in m.inner.state_dict().items()})
+    m.inner.load_state_dict({k: ((means[0][k] + means[1][k]) / 2).float() for k in means[0]})
+    assert np.abs(ends[0.0] - m.encode(TEXTS)).max() < 1e-5
+    assert np.abs(ends[0.0] - ends[1.0]).max() > 1e-4  # the checkpoints differ from the final model
+
+
+def test_merge_with_checkpoints_without_kept_weights_is_one_line(tiny_qwen3_path, tmp_path):
+    tuned = full_model(tiny_qwen3_path, tmp_path / "tuned")
+    with pytest.raises(EmbedtuneError, match="holds no checkpoint-weights/"):
+        merge.run(MergeConfig(adapter=str(tuned), output=str(tmp_path / "m"), merge_method="slerp",
+                              merge_with="checkpoints"))  # fmt: skip

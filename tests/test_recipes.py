@@ -646,3 +646,29 @@ def test_round_robin_training_resumes_exactly(tiny_qwen3_path, tmp_path, monkeyp
     result = train.run(cfg)
     assert result["resumed_from_step"] == 4 and result["global_step"] == whole["global_step"] == 5
     np.testing.assert_allclose(result["loss_history"], whole["loss_history"], rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_zero3_two_ranks_keep_checkpoint_weights_that_merge_reads(
+    tiny_qwen3_path, fixtures_dir, tmp_path, train_type
+):
+    """Under ZeRO-3 the checkpoints' weights are gathered (stage3_gather_16bit_weights_on_model_save) and kept
+    whole; merge_with checkpoints loads them like the final model."""
+    from safetensors.torch import load_file
+
+    from embedtune.config import MergeConfig
+    from embedtune.modeling import Embedder
+    from embedtune.steps import merge, train
+
+    out = tmp_path / "t"
+    train.run(train_cfg(tiny_qwen3_path, fixtures_dir / "train" / "infonce.jsonl", out, deepspeed="zero3", nproc=2,
+                        max_steps=4, save_steps=1, save_total_limit=3, keep_checkpoint_weights=2,
+                        train_type=train_type, lora_rank=4, lora_alpha=8))  # fmt: skip
+    kept = sorted(p.name for p in (out / "checkpoint-weights").iterdir())
+    assert kept == ["step-2.safetensors", "step-3.safetensors"]
+    names = set(Embedder.from_pretrained(out).inner.state_dict())
+    assert all(set(load_file(out / "checkpoint-weights" / k)) == names for k in kept)
+    result = merge.run(MergeConfig(adapter=str(out), output=str(tmp_path / "m"), merge_method="slerp",
+                                   merge_with="checkpoints"))  # fmt: skip
+    assert result["weight_merge"]["other"] == "step-2, step-3" and result["weight_merge"]["merged"] > 0

@@ -171,6 +171,7 @@ class TrainConfig(Checked):
     eval_steps: int = 0  # evaluate every N steps (0: at the end only, when eval_data is given)
     save_steps: int = 500  # checkpoint every N steps (what a preempted run resumes from); 0: no checkpoints
     save_total_limit: int = 2  # checkpoints kept on disk
+    keep_checkpoint_weights: int = 0  # > 0: the model weights of the last N checkpoints (at most save_total_limit) are kept in the final folder (checkpoint-weights/step-S.safetensors), for merge --merge-with checkpoints; 0: all checkpoints deleted
     margin: float = 0.5  # contrastive / online_contrastive: margin on the cosine distance
     infonce_temperature: float | None = None  # logits = cos / temperature; default: env INFONCE_TEMPERATURE, else 0.01
     infonce_use_batch: bool | None = None  # also score every other document of the global batch; default: env INFONCE_USE_BATCH, else true
@@ -227,7 +228,8 @@ class MergeConfig(Checked):
     tolerance: float = 1e-4  # max abs difference allowed between merged and adapter outputs (fp32)
     eval_data: str = ""  # optional canonical JSONL; its first 16 rows join the check's built-in inputs
     merge_method: str = "none"  # after folding LoRA, merge the weights with the base model they were trained from, tensor by tensor: none | linear ((1 - w) base + w tuned; LM-Cocktail) | slerp (spherical, per tensor; Qwen3-Embedding's merge; linear where tensors are nearly parallel)
-    merge_weight: float = 0.5  # merge_method: the tuned model's weight w (0: the base, 1: the tuned model unchanged)
+    merge_weight: float = 0.5  # merge_method: the tuned model's weight w (0: the other end, 1: the tuned model unchanged)
+    merge_with: str = "base"  # merge_method's other end: base (the model it was trained from; LM-Cocktail) | checkpoints (the mean of the checkpoint weights train kept: keep_checkpoint_weights; Qwen3-Embedding merges checkpoints)
     export_classifier: bool = False  # generative (yes/no) reranker: write it as a one-logit sequence classifier (Qwen3ForSequenceClassification: the yes row minus the no row of the LM head; what vLLM and TEI serve), checked to give the same scores; a full-training folder is converted too
 
 

@@ -140,6 +140,7 @@ RULES: dict[str, Rule] = {
     "eval_steps": OPTIONAL_COUNT,
     "save_steps": OPTIONAL_COUNT,  # 0: no checkpoints
     "save_total_limit": COUNT,
+    "keep_checkpoint_weights": OPTIONAL_COUNT,
     "margin": Rule(lo=0, hi=2),  # a cosine distance is in [0, 2]
     "infonce_temperature": POSITIVE,
     "infonce_hard_negatives": at_least(0, 1 << 16),
@@ -160,6 +161,7 @@ RULES: dict[str, Rule] = {
     # merge, register
     "tolerance": Rule(lo=0, hi=1, lo_open=True),
     "merge_method": one_of("none", "linear", "slerp"),
+    "merge_with": one_of("base", "checkpoints"),
     "max_guard_drop": Rule(lo=-1, hi=2),  # -1: off; metrics span at most [-1, 1]
     "merge_weight": Rule(lo=0, hi=1),
     "min_improvement": FINITE,

@@ -158,6 +158,38 @@ def resumed_step(checkpoint: Path | None) -> int:
     return int(CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else 0
 
 
+CHECKPOINT_WEIGHTS = (
+    "checkpoint-weights"  # in a model folder: step-N.safetensors, for merge --merge-with checkpoints
+)
+
+
+def keep_checkpoint_weights(ckpt_dir: Path, dest: Path, k: int, trainer) -> list[int]:
+    """Copy the model weights of the newest `k` whole checkpoints (before the trainer's final step) into
+    `dest/checkpoint-weights/step-N.safetensors`, named as the inner model's own weights (the TrainModel's
+    `inner_weights`); returns their steps. Optimizer states are not kept."""
+    if k <= 0:
+        return []
+    final_step, to_inner = trainer.state.global_step, trainer.model.inner_weights
+    from safetensors.torch import load_file, save_file
+
+    whole = [c for c in checkpoints(ckpt_dir) if checkpoint_problem(c) is None and step_of(c) < final_step]
+    kept = []
+    for ckpt in whole[-k:]:
+        weights = ckpt / "model.safetensors"
+        if not weights.is_file():
+            say("train", f"warning: {ckpt} holds no model.safetensors; its weights are not kept")
+            continue
+        (dest / CHECKPOINT_WEIGHTS).mkdir(exist_ok=True)
+        state = {name: t.contiguous() for name, t in to_inner(load_file(weights)).items()}
+        save_file(state, dest / CHECKPOINT_WEIGHTS / f"step-{step_of(ckpt)}.safetensors")
+        kept.append(step_of(ckpt))
+    return kept
+
+
+def step_of(ckpt: Path) -> int:
+    return int(CHECKPOINT.match(ckpt.name).group(1))
+
+
 def remove_checkpoints(ckpt_dir: Path, out: Path) -> None:
     """Delete the run's checkpoint-N folders once its final model is saved and verified (they hold optimizer
     states, several times the model's size); a separate `ckpt_dir` goes too when left empty."""

@@ -61,13 +61,13 @@ def query_instruction(row: dict, by_source: dict[str, str]) -> str | None:
     return own if own is not None else by_source.get(source_of(row))
 
 
-def check_knobs(
-    batch_sampling: str, instructions_text: str, in_batch_text: str, loss_knobs: dict, task: str
-) -> None:
-    """The per-source knobs parse, and make sense together and with the loss (one line each)."""
-    if instructions(instructions_text) and task != "embedding":
+def check_knobs(cfg, loss_knobs: dict) -> None:
+    """A TrainConfig's per-source knobs parse, and make sense together and with the loss (`loss_knobs`, the
+    resolved keyword arguments of its loss); one line each."""
+    batch_sampling = cfg.batch_sampling
+    if instructions(cfg.source_instructions) and cfg.task_type != "embedding":
         raise EmbedtuneError("source_instructions: query instructions are for task_type embedding")
-    off = without_in_batch(in_batch_text)
+    off = without_in_batch(cfg.source_in_batch_negatives)
     if off and "use_batch" not in loss_knobs:
         raise EmbedtuneError(
             "source_in_batch_negatives: the loss scores no in-batch negatives (infonce, distill_kl)"

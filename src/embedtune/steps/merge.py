@@ -27,10 +27,12 @@ adapter_config.json, so every loader treats it as a plain model. Weights are sav
 the check ran in.
 
 `--merge-method linear|slerp` (`--merge-weight W`, the tuned model's weight): after the LoRA fold is checked,
-the weights are merged with the base model they were trained from (`weightmerge`: LM-Cocktail's linear mix,
-or a per-tensor slerp as Qwen3-Embedding), a full-training folder too. The merged model is then the reference
-of the save-and-reload check; `weight_merge` in the result and in embedtune.json says how far it moved from
-the tuned and the base outputs. The pipeline runs this before evaluate (`merge_method`), so the champion gate
+the weights are merged, tensor by tensor (`weightmerge`: LM-Cocktail's linear mix, or a per-tensor slerp as
+Qwen3-Embedding), with the other end: `--merge-with base` (the model it was trained from, the default) or
+`checkpoints` (the mean of the checkpoint weights train kept with `--keep-checkpoint-weights N`, each loaded and
+folded like the final model); a full-training folder too. The merged model is then the reference of the
+save-and-reload check; `weight_merge` in the result and in embedtune.json says how far it moved from the tuned
+and the other end's outputs. The pipeline runs this before evaluate (`merge_method`), so the champion gate
 judges the merged model.
 
 A folder without adapter_config.json (full training) and no merge_method is copied through unchanged (into a temporary folder,
@@ -72,6 +74,7 @@ from embedtune.modeling import (
 )
 from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import say
+from embedtune.rundir import CHECKPOINT_WEIGHTS
 from embedtune.weightmerge import merge_states
 
 SAME = 1e-6  # below this, two fp32 outputs are "the same" (the adapter changes nothing / merged == base)
@@ -155,18 +158,49 @@ def _write_errors(out: Path):
         raise EmbedtuneError(f"{out}: cannot write the merged model: {e}") from None
 
 
-def interpolate(model, src: Path, task_type: str, cfg: MergeConfig, queries, docs, tuned_out):
-    """Replace `model`'s weights (LoRA already folded) by their merge with the base model `src` was trained
-    from (`weightmerge`); returns (what was done and how far the outputs moved from each end, the base's)."""
+def base_end(model, src: Path, task_type: str):
+    """(the base model's weights, where they came from, the base model itself): the other end of a merge
+    with the base."""
     meta = read_meta(src)
     base_path = adapter_base(src) if is_adapter(src) else meta.get("base_model") or ""
     if not base_path:
         raise EmbedtuneError(f"merge_method: {src} does not name the base model it was trained from")
     base = load_model(base_path, task_type, like=meta)
-    base_state = base.inner.state_dict()
+    state = base.inner.state_dict()
     if isinstance(model, ClassifierReranker) and task_type_of(base_path) != "reranker":
         # the base had no classification head: the one it got on loading is random, never merged
-        base_state = {k: v for k, v in base_state.items() if k.split(".")[0] not in HEAD_MODULES}
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in HEAD_MODULES}
+    return state, str(base_path), base
+
+
+def checkpoints_end(src: Path, task_type: str):
+    """(the mean of the checkpoint weights train kept in `src`, where they came from, a model holding them):
+    each checkpoint is loaded as `src` is (an adapter on its base, LoRA then folded), in fp32."""
+    from safetensors.torch import load_file
+
+    files = sorted((src / CHECKPOINT_WEIGHTS).glob("step-*.safetensors"), key=lambda p: int(p.stem[5:]))
+    if not files:
+        raise EmbedtuneError(f"merge_with checkpoints: {src} holds no {CHECKPOINT_WEIGHTS}/ (train with "
+                             "keep_checkpoint_weights > 0 and save_steps below the run's steps)")  # fmt: skip
+    mean, model = None, None
+    for path in files:
+        model = load_model(src, task_type)
+        model.inner.load_state_dict(load_file(path))
+        if is_adapter(src):
+            merge_lora(model)
+        state = model.inner.state_dict()
+        mean = {k: v.double() / len(files) for k, v in state.items()} if mean is None else {
+            k: mean[k] + v.double() / len(files) for k, v in state.items()}  # fmt: skip
+    state = {k: v.to(model.inner.state_dict()[k].dtype) for k, v in mean.items()}
+    model.inner.load_state_dict(state)
+    return state, ", ".join(p.stem for p in files), model
+
+
+def interpolate(model, src: Path, task_type: str, cfg: MergeConfig, queries, docs, tuned_out):
+    """Replace `model`'s weights (LoRA already folded) by their merge with the other end, `merge_with`
+    (`weightmerge`); returns (what was done and how far the outputs moved from each end, the other end's)."""
+    ends = {"base": base_end, "checkpoints": lambda m, s, t: checkpoints_end(s, t)}
+    base_state, base_path, base = ends[cfg.merge_with](model, src, task_type)
     base_out = outputs(base, queries, docs)
     del base
     merged, counts = merge_states(base_state, model.inner.state_dict(), cfg.merge_method, cfg.merge_weight)
@@ -174,8 +208,8 @@ def interpolate(model, src: Path, task_type: str, cfg: MergeConfig, queries, doc
     out = outputs(model, queries, docs)
     say("merge", f"{cfg.merge_method} merge with {base_path} at weight {cfg.merge_weight:g}: {counts}")
     return {
-        "method": cfg.merge_method, "weight": cfg.merge_weight, "base_model": str(base_path), **counts,
-        "vs_tuned_max_diff": _max_diff(out, tuned_out), "vs_base_max_diff": _max_diff(out, base_out),
+        "method": cfg.merge_method, "weight": cfg.merge_weight, "with": cfg.merge_with, "other": base_path, **counts,
+        "vs_tuned_max_diff": _max_diff(out, tuned_out), "vs_other_max_diff": _max_diff(out, base_out),
     }, base_out  # fmt: skip
 
 

@@ -87,6 +87,7 @@ from embedtune.rundir import (
     check_saved_weights,
     check_shared,
     finished_result,
+    keep_checkpoint_weights,
     latest_checkpoint,
     remove_checkpoints,
     resumed_step,
@@ -229,6 +230,7 @@ def run(cfg: TrainConfig) -> dict:
             lambda tmp: (
                 model.save_pretrained(tmp, meta=meta, state_dict=weights),
                 check_saved_weights(tmp, model, cfg.train_type),
+                keep_checkpoint_weights(ckpt_dir, tmp, cfg.keep_checkpoint_weights, trainer),
             ),
         )
         history = trainer.state.log_history
@@ -301,8 +303,7 @@ def check_knobs(cfg: TrainConfig) -> Precision:
     obj = objective(cfg.loss_type)
     if problems := knob_problems(obj, resolve_knobs(obj, cfg)):
         raise EmbedtuneError("; ".join(problems))
-    sources.check_knobs(cfg.batch_sampling, cfg.source_instructions, cfg.source_in_batch_negatives,
-                        resolve_knobs(obj, cfg), cfg.task_type)  # fmt: skip
+    sources.check_knobs(cfg, resolve_knobs(obj, cfg))
     try:
         dims, _ = matryoshka_spec(cfg.matryoshka_dims, cfg.matryoshka_weights)
     except ValueError as e:
