@@ -672,3 +672,46 @@ def test_zero3_two_ranks_keep_checkpoint_weights_that_merge_reads(
     result = merge.run(MergeConfig(adapter=str(out), output=str(tmp_path / "m"), merge_method="slerp",
                                    merge_with="checkpoints"))  # fmt: skip
     assert result["weight_merge"]["other"] == "step-2, step-3" and result["weight_merge"]["merged"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("loss_type", "data", "extra"),
+    [
+        ("margin_mse", "scored", dict(matryoshka_dims="32,16")),
+        ("angle", "sts", dict(matryoshka_dims="32,16")),
+        (
+            "infonce",
+            "infonce",
+            dict(
+                infonce_include_qq=True,
+                infonce_include_dd=True,
+                infonce_hardness_strength=5.0,
+                matryoshka_dims="32,16",
+            ),
+        ),  # fmt: skip
+        (
+            "distill_kl_reranker",
+            "scored",
+            dict(task_type="reranker", reranker_instruction="rank", max_length=128),
+        ),
+        (
+            "margin_mse_reranker",
+            "scored",
+            dict(task_type="reranker", reranker_instruction="rank", max_length=128),
+        ),
+    ],
+)
+def test_zero3_two_ranks_with_the_gradient_cache_trains_every_new_loss(
+    tiny_qwen3_path, fixtures_dir, tmp_path, loss_type, data, extra
+):
+    from embedtune.steps import train
+
+    path = (
+        scored_rows(tmp_path, fixtures_dir) if data == "scored" else fixtures_dir / "train" / f"{data}.jsonl"
+    )
+    result = train.run(train_cfg(tiny_qwen3_path, path, tmp_path / "o", deepspeed="zero3", nproc=2, max_steps=2,
+                                 per_device_train_batch_size=2, gradient_cache_chunk_size=3, loss_type=loss_type,
+                                 **extra))  # fmt: skip
+    assert result["world_size"] == 2 and result["global_step"] == 2
+    assert all(np.isfinite([x for _, x in result["loss_history"]]))
