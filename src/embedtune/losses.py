@@ -9,9 +9,13 @@ Embedding losses take L2-normalized embeddings (dot product == cosine):
 - ``infonce``: each query scored against its positive, its own hard negatives and (``use_batch``) every
   other document of the *global* batch, cross-entropy on the positive. Ragged negatives are padded +
   masked (no per-sample Python loop); other ranks' documents are gathered *with* gradients, so 2 ranks x
-  batch B train exactly like 1 rank x batch 2B.
+  batch B train exactly like 1 rank x batch 2B. Optional query-query and document-document denominator terms
+  (Qwen3-Embedding / GTE) and hardness weighting of the negatives.
 - ``cosine_similarity``: MSE between cos(a, b) and a float label.
 - ``contrastive`` / ``online_contrastive``: sentence-transformers' margin losses on the cosine distance.
+- ``cosent`` / ``angle``: sentence-transformers' CoSENT and AnglE ranking of the batch's pair scores by label.
+
+The distillation losses (teacher_scores) are in ``embedtune.distillation``.
 
 Reranker losses take ``z = logit(yes) - logit(no)`` at the last position (sigmoid(z) is the probability of
 "yes" under the softmax over [no, yes]):
