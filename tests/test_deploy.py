@@ -210,6 +210,6 @@ def test_the_pipeline_deploys_after_register_only_when_asked(tmp_path):
                 found.append(([*conditions, cond], deps))
 
     walk(spec["root"]["dag"], [], [])
-    assert len(found) == 2  # after register, in the lora (merged) and the full branch
+    assert len(found) == 3  # after register: the lora (merged) and full branches, and the weights-merged one
     for conditions, after in found:
         assert any("deploy_model" in c for c in conditions) and any(t.startswith("register") for t in after)
