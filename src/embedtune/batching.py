@@ -180,30 +180,15 @@ def _own_documents_only(knobs: dict, in_batch_negatives) -> dict:
     return {**knobs, "use_batch": False, "include_qq": False, "include_dd": False}
 
 
-def _query_docs_loss(fn, out, *, neg_mask, doc_keys, in_batch_negatives=None, **knobs):
+def _query_docs_loss(fn, out, *, neg_mask, doc_keys, teacher=None, in_batch_negatives=None, **knobs):
+    # also scored_docs's: the teacher's (B, 1 + N) scores follow neg_mask when the layout collated them
     knobs = _own_documents_only(knobs, in_batch_negatives)
     b = neg_mask.shape[0]  # rows: out = [B queries, B positives, K real negatives]
     world, rank = world_and_rank()
     neg = pack_negatives(out[2 * b :], neg_mask)  # (B, N, H), zeros where neg_mask is False
-    return fn(out[:b], out[b : 2 * b], neg, neg_mask, world_size=world, rank=rank, doc_keys=doc_keys, **knobs)
-
-
-def _scored_docs_loss(fn, out, *, neg_mask, doc_keys, teacher, in_batch_negatives=None, **knobs):
-    knobs = _own_documents_only(knobs, in_batch_negatives)
-    b = neg_mask.shape[0]
-    world, rank = world_and_rank()
-    neg = pack_negatives(out[2 * b :], neg_mask)
-    return fn(
-        out[:b],
-        out[b : 2 * b],
-        neg,
-        neg_mask,
-        teacher,
-        world_size=world,
-        rank=rank,
-        doc_keys=doc_keys,
-        **knobs,
-    )
+    scores = () if teacher is None else (teacher,)
+    return fn(out[:b], out[b : 2 * b], neg, neg_mask, *scores, world_size=world, rank=rank, doc_keys=doc_keys,
+              **knobs)  # fmt: skip
 
 
 def _text_pairs_collate(feats: list[dict], seed: int):
@@ -230,8 +215,9 @@ def _prompt_groups_collate(feats: list[dict], seed: int):
     return texts, {"group_sizes": torch.tensor([len(f["pairs"]) for f in feats], dtype=torch.long)}
 
 
-def _prompt_groups_loss(fn, out, *, group_sizes, **knobs):
-    return fn(out, group_sizes, **knobs)
+def _prompt_groups_loss(fn, out, *, group_sizes, teacher=None, **knobs):
+    # also scored_groups's: the teacher's (M,) scores, in the order of out
+    return fn(out, group_sizes, *(() if teacher is None else (teacher,)), **knobs)
 
 
 def _scored_groups_collate(feats: list[dict], seed: int):
@@ -240,10 +226,6 @@ def _scored_groups_collate(feats: list[dict], seed: int):
         **extras,
         "teacher": torch.tensor([t for f in feats for t in f["teacher"]], dtype=torch.float32),
     }
-
-
-def _scored_groups_loss(fn, out, *, group_sizes, teacher, **knobs):
-    return fn(out, group_sizes, teacher, **knobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +239,8 @@ LAYOUTS = {
     "text_pairs": Layout(_text_pairs_collate, _text_pairs_loss),
     "prompts": Layout(_prompts_collate, _prompts_loss),
     "prompt_groups": Layout(_prompt_groups_collate, _prompt_groups_loss),
-    "scored_docs": Layout(_scored_docs_collate, _scored_docs_loss),
-    "scored_groups": Layout(_scored_groups_collate, _scored_groups_loss),
+    "scored_docs": Layout(_scored_docs_collate, _query_docs_loss),
+    "scored_groups": Layout(_scored_groups_collate, _prompt_groups_loss),
 }
 
 

@@ -45,8 +45,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from embedtune.errors import DataError, EmbedtuneError
-from embedtune.io import iter_jsonl
+from embedtune.io import iter_jsonl, json_bytes, read_lines
 from embedtune.objectives import LOSS_TYPES, objective, resolve_knobs
+from embedtune.outputs import OutputSet
+from embedtune.progress import say
 
 OPTIONAL_FIELDS = ("teacher_scores", "images", "source", "instruction")
 CANONICAL_FIELDS = ("query", "response", "rejected_response", "label", *OPTIONAL_FIELDS)
@@ -284,6 +286,21 @@ def read_rows(
     if not rows:
         raise EmbedtuneError(f"{path}: no rows")
     return rows
+
+
+def pass_rows_through(dataset: str, output: str, stats_path, step: str, why: str) -> dict:
+    """Copy `dataset`'s rows to `output` unchanged (byte for byte; a .gz input decompressed), with stats saying
+    so beside it, both committed together: what mine and score do when they have nothing to add. The rows are
+    checked as train will check them (`FILE:LINE: field: reason`): garbage is not passed on."""
+    n = len(read_rows(dataset))
+    result = {"dataset": dataset, "output": output, "passthrough": True, "rows": n}
+    with OutputSet() as outs:
+        out = outs.open(output)
+        for line in read_lines(dataset):
+            out.write(line)
+        outs.write_bytes(stats_path, json_bytes(result))
+    say(step, f"passthrough: {n} rows copied unchanged ({why})")
+    return result
 
 
 def check_loss_data(

@@ -44,13 +44,23 @@ def _global_count(n: torch.Tensor, world_size: int) -> torch.Tensor:
     return n
 
 
-def _embedding_group(q, pos, neg, neg_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cosines (B, 1 + N), real (B, 1 + N))`` of each query with its positive (column 0) and its negatives."""
+def _embedding_group(q, pos, neg, neg_mask, teacher, t_s: float, t_t: float):
+    """``(student, teacher, real)``, each ``(B, 1 + N)``: each query's cosine with its positive (column 0) and
+    its negatives over ``t_s`` (0: EMBEDDING_STUDENT_TEMPERATURE), the teacher's scores over ``t_t``, and
+    which slots hold a real document."""
     q = _up(q)
     neg = pack_negatives(neg, neg_mask) if neg.dim() == 2 else neg
     sims = torch.cat([(q * _up(pos)).sum(-1, keepdim=True), torch.einsum("bd,bnd->bn", q, _up(neg))], 1)
     real = torch.cat([neg_mask.new_ones(len(q), 1), neg_mask.to(q.device)], 1)
-    return sims, real
+    return sims / (t_s or EMBEDDING_STUDENT_TEMPERATURE), _up(teacher) / t_t, real
+
+
+def _reranker_group(z, group_sizes, teacher, t_s: float, t_t: float):
+    """``(student, teacher, real)``, each ``(G, longest)``: a reranker's flat scores ``z`` and the teacher's
+    ``(M,)`` cut into their groups, over ``t_s`` (0: RERANKER_STUDENT_TEMPERATURE) and ``t_t``."""
+    student, real = _groups(_up(z) / (t_s or RERANKER_STUDENT_TEMPERATURE), group_sizes)
+    target, _ = _groups(_up(teacher).to(student) / t_t, group_sizes)
+    return student, target, real
 
 
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -89,9 +99,7 @@ def distill_kl_loss(
     ``infonce_knobs`` (temperature, use_batch, mask_fake_negative, ...) go to :func:`losses.infonce_loss`
     when ``infonce_weight > 0``.
     """
-    sims, real = _embedding_group(q, pos, neg, neg_mask)
-    t_s = student_temperature or EMBEDDING_STUDENT_TEMPERATURE
-    kl = _kl_rows(sims / t_s, _up(teacher) / teacher_temperature, real)
+    kl = _kl_rows(*_embedding_group(q, pos, neg, neg_mask, teacher, student_temperature, teacher_temperature))
     rows = _global_count(torch.tensor(float(len(kl)), device=kl.device), world_size)
     loss = kl.sum() * (world_size / rows)
     if infonce_weight:
@@ -116,9 +124,10 @@ def margin_mse_loss(
 ) -> torch.Tensor:
     """Margin-MSE over every (row, real negative): the student's margin pos - neg regresses the teacher's.
     Shapes as :func:`distill_kl_loss`. Rows without a negative add nothing."""
-    sims, real = _embedding_group(q, pos, neg, neg_mask)
-    t_s = student_temperature or EMBEDDING_STUDENT_TEMPERATURE
-    terms = _margin_terms(sims / t_s, _up(teacher) / teacher_temperature, real)
+    student, target, real = _embedding_group(
+        q, pos, neg, neg_mask, teacher, student_temperature, teacher_temperature
+    )
+    terms = _margin_terms(student, target, real)
     pairs = _global_count(real[:, 1:].sum().to(terms), world_size).clamp(min=1)
     return terms.sum() * (world_size / pairs)
 
@@ -140,10 +149,9 @@ def distill_kl_reranker_loss(
 ) -> torch.Tensor:
     """:func:`distill_kl_loss` for a reranker: z ``(M,)`` flat scores of groups [positive, negatives...]
     (``group_sizes`` ``(G,)``), teacher ``(M,)`` in the same order; the mean over this rank's groups."""
-    t_s = student_temperature or RERANKER_STUDENT_TEMPERATURE
-    student, real = _groups(_up(z) / t_s, group_sizes)
-    target, _ = _groups(_up(teacher).to(student) / teacher_temperature, group_sizes)
-    return _kl_rows(student, target, real).mean()
+    return _kl_rows(
+        *_reranker_group(z, group_sizes, teacher, student_temperature, teacher_temperature)
+    ).mean()
 
 
 def margin_mse_reranker_loss(
@@ -155,8 +163,6 @@ def margin_mse_reranker_loss(
     teacher_temperature: float = 1.0,
 ) -> torch.Tensor:
     """:func:`margin_mse_loss` for a reranker (shapes as :func:`distill_kl_reranker_loss`), this rank's pairs."""
-    t_s = student_temperature or RERANKER_STUDENT_TEMPERATURE
-    student, real = _groups(_up(z) / t_s, group_sizes)
-    target, _ = _groups(_up(teacher).to(student) / teacher_temperature, group_sizes)
+    student, target, real = _reranker_group(z, group_sizes, teacher, student_temperature, teacher_temperature)
     terms = _margin_terms(student, target, real)
     return terms.sum() / real[:, 1:].sum().clamp(min=1)

@@ -26,7 +26,7 @@ import torch
 
 from embedtune.features import ids_of, pad, texts_of
 from embedtune.modeling import Embedder
-from embedtune.scoring import whole
+from embedtune.scoring import row_dots, whole
 
 
 def documents(row: dict) -> list[str]:
@@ -79,7 +79,7 @@ def score_pairs(model, queries: list[str], docs: list[str], max_tokens: int, sha
     uq, ud = list(dict.fromkeys(queries)), list(dict.fromkeys(docs))
     q, d = embed(uq, True), embed(ud, False)  # unit vectors: dot == cosine
     wq, wd = {t: i for i, t in enumerate(uq)}, {t: i for i, t in enumerate(ud)}
-    return np.einsum("ij,ij->i", q[[wq[t] for t in queries]], d[[wd[t] for t in docs]])
+    return row_dots(q, d, np.array([wq[t] for t in queries]), np.array([wd[t] for t in docs]))
 
 
 def score_rows(model, rows: Sequence[dict], max_tokens: int, shard=whole) -> list[list[float]]:

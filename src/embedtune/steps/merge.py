@@ -182,16 +182,16 @@ def checkpoints_end(src: Path, task_type: str):
     if not files:
         raise EmbedtuneError(f"merge_with checkpoints: {src} holds no {CHECKPOINT_WEIGHTS}/ (train with "
                              "keep_checkpoint_weights > 0 and save_steps below the run's steps)")  # fmt: skip
-    mean, model = None, None
+    mean: dict = {}
     for path in files:
         model = load_model(src, task_type)
         model.inner.load_state_dict(load_file(path))
         if is_adapter(src):
             merge_lora(model)
         state = model.inner.state_dict()
-        mean = {k: v.double() / len(files) for k, v in state.items()} if mean is None else {
-            k: mean[k] + v.double() / len(files) for k, v in state.items()}  # fmt: skip
-    state = {k: v.to(model.inner.state_dict()[k].dtype) for k, v in mean.items()}
+        for k, v in state.items():
+            mean[k] = mean.get(k, 0.0) + v.double() / len(files)
+    state = {k: v.to(state[k].dtype) for k, v in mean.items()}  # in the last checkpoint's dtypes
     model.inner.load_state_dict(state)
     return state, ", ".join(p.stem for p in files), model
 

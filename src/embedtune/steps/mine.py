@@ -34,10 +34,10 @@ import orjson
 import torch.distributed as dist
 
 from embedtune.config import MineConfig
-from embedtune.data import read_rows
+from embedtune.data import pass_rows_through, read_rows
 from embedtune.distributed import gather_over_ranks, init_ranks
 from embedtune.errors import EmbedtuneError
-from embedtune.io import json_bytes, read_json, read_lines
+from embedtune.io import json_bytes, read_json
 from embedtune.launch import inside_torchrun, torchrun
 from embedtune.mining import build_corpus, distinct_queries, search_depth, select_negatives, top_k
 from embedtune.outputs import OutputSet, refuse_inputs
@@ -52,7 +52,7 @@ def run(cfg: MineConfig) -> dict:
     check_knobs(cfg)
     stats_path = Path(f"{cfg.output}.stats.json")
     if cfg.passthrough:
-        return passthrough(cfg, stats_path)
+        return pass_rows_through(cfg.dataset, cfg.output, stats_path, "mine", "no negatives mined")
 
     # ---------------------------------------------------------------- 2. rows and corpus
     t0 = time.perf_counter()
@@ -174,17 +174,3 @@ def check_knobs(cfg: MineConfig) -> None:
         )
     refuse_inputs({"dataset": cfg.dataset, "corpus": split_paths(cfg.corpus), "model": cfg.model},
                   {"output": cfg.output, "stats": f"{cfg.output}.stats.json"})  # fmt: skip
-
-
-def passthrough(cfg: MineConfig, stats_path: Path) -> dict:
-    """Copy the rows unchanged (byte for byte; a .gz input decompressed) and write stats saying so. The rows
-    are checked as train will check them (`FILE:LINE: field: reason`): garbage is not passed on."""
-    n = len(read_rows(cfg.dataset))
-    result = {"dataset": cfg.dataset, "output": cfg.output, "passthrough": True, "rows": n}
-    with OutputSet() as outs:
-        out = outs.open(cfg.output)
-        for line in read_lines(cfg.dataset):
-            out.write(line)
-        outs.write_bytes(stats_path, json_bytes(result))
-    say("mine", f"passthrough: {n} rows copied unchanged (no negatives mined)")
-    return result

@@ -35,10 +35,10 @@ import orjson
 import torch.distributed as dist
 
 from embedtune.config import ScoreConfig
-from embedtune.data import read_rows
+from embedtune.data import pass_rows_through, read_rows
 from embedtune.distributed import gather_over_ranks, init_ranks
 from embedtune.errors import EmbedtuneError
-from embedtune.io import json_bytes, read_json, read_lines
+from embedtune.io import json_bytes, read_json, read_lines, write_json
 from embedtune.launch import inside_torchrun, torchrun
 from embedtune.mining import percentiles
 from embedtune.modeling import Embedder
@@ -56,7 +56,7 @@ def run(cfg: ScoreConfig) -> dict:
     partial, state_path, stats_path = partial_paths(cfg.output)
     check_knobs(cfg, partial, state_path, stats_path)
     if cfg.passthrough:
-        return passthrough(cfg, stats_path)
+        return pass_rows_through(cfg.dataset, cfg.output, stats_path, "score", "no teacher")
 
     # ---------------------------------------------------------------- 2. rows
     t0 = time.perf_counter()
@@ -101,14 +101,15 @@ def run(cfg: ScoreConfig) -> dict:
                     for r in chunk
                 )
                 size = append_synced(partial, lines)
-                write_state(state_path, {**fingerprint, "rows": start + len(chunk), "bytes": size})
+                write_json(state_path, {**fingerprint, "rows": start + len(chunk), "bytes": size})
             say("score", f"{min(start + len(chunk), len(given))}/{len(given)} rows")
     del teacher
 
     # ---------------------------------------------------------------- 6. write rows and stats
     result = None
     if rank() == 0:
-        scored = [orjson.loads(line) for line in read_lines(partial)]
+        lines = list(read_lines(partial))  # the rows of this run and of any run it resumed
+        scored = [orjson.loads(line) for line in lines]
         positive = [r["teacher_scores"][0] for r in scored if "teacher_scores" in r]
         negative = [s for r in scored if "teacher_scores" in r for s in r["teacher_scores"][1:]]
         t2 = time.perf_counter()
@@ -130,9 +131,7 @@ def run(cfg: ScoreConfig) -> dict:
             "pairs_per_second": round(pairs / max(t2 - t1, 1e-9), 2),
         }
         with OutputSet() as outs:  # rows and stats together, or neither
-            out = outs.open(cfg.output)
-            for line in read_lines(partial):
-                out.write(line)
+            outs.open(cfg.output).writelines(lines)
             outs.write_bytes(stats_path, json_bytes(result))
         for path in (partial, state_path):
             path.unlink(missing_ok=True)
@@ -190,23 +189,3 @@ def append_synced(path: Path, data: bytes) -> int:
         f.flush()
         os.fsync(f.fileno())
         return f.tell()
-
-
-def write_state(path: Path, state: dict) -> None:
-    """The resume point, replaced atomically (a kill leaves the old one or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(json_bytes(state))
-    os.replace(tmp, path)
-
-
-def passthrough(cfg: ScoreConfig, stats_path: Path) -> dict:
-    """Copy the rows unchanged (a .gz input decompressed), checked as train will check them."""
-    n = len(read_rows(cfg.dataset))
-    result = {"dataset": cfg.dataset, "output": cfg.output, "passthrough": True, "rows": n}
-    with OutputSet() as outs:
-        out = outs.open(cfg.output)
-        for line in read_lines(cfg.dataset):
-            out.write(line)
-        outs.write_bytes(stats_path, json_bytes(result))
-    say("score", f"passthrough: {n} rows copied unchanged (no teacher)")
-    return result
