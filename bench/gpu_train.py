@@ -20,6 +20,9 @@ hard negatives). In one run, each in its own process (a clean GPU):
   a GPU) and the row says so;
 - sentence-transformers' `SentenceTransformerTrainer`, MultipleNegativesRankingLoss with scale 1 / temperature
   (the same loss), last-token pooling, `no_duplicates` batches, bf16 on CUDA;
+- images (`--only ...,vision`): `embedtune train --deepspeed none` on a random GME-shaped Qwen2-VL (its
+  language model cut to `--layers`), the same rows with each positive an `--image-side`-pixel image + its text
+  (448: 256 image tokens); tokens/s counts the image tokens (MFU: rough, the vision tower sees patches);
 - encode: evaluate's path (`scoring.scoring_model` + `Embedder.encode`: token-length batches, `--dtype` auto =
   bf16 weights on the GPU) vs `SentenceTransformer.encode` on 2000 abstracts, per dtype.
 
@@ -31,7 +34,7 @@ written after every part, so a time-out keeps what was measured.
 
     python bench/gpu_train.py [--steps 50] [--batch 16] [--negatives 3] [--max-length 512] [--temperature 0.01]
         [--layers 28] [--hidden 1024] [--peak-tflops 790] [--data-dir ../shared/data] [--out gpu_train.json]
-        [--only embedtune,zero3,st,encode,ablation,levers] [--ablation autocast,compile_off,...] [--train-args "..."]
+        [--only embedtune,zero3,st,encode,ablation,levers,vision] [--image-side 448] [--ablation autocast,compile_off,...] [--train-args "..."]
     # a GPU session with little time: the calibration and the levers, ~15 runs of --steps 30
     python bench/gpu_train.py --steps 30 --out gpu_train.json
     python bench/gpu_train.py --smoke     # anywhere (CPU): 2 tiny layers, synthetic rows, 3 steps; tests run it
@@ -186,6 +189,73 @@ def build_model(path: Path, tokenizer, shape: dict) -> int:
     )
 
 
+GME_2B = {
+    "layers": 28,
+    "hidden": 1536,
+    "heads": 12,
+    "kv_heads": 2,
+    "intermediate": 8960,
+    "vision_depth": 32,
+    "vision_dim": 1280,
+    "vision_heads": 16,
+}  # gme-Qwen2-VL-2B-Instruct's shape (Qwen2-VL-2B)
+SMOKE_VL = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vision_depth": 2,
+            "vision_dim": 32, "vision_heads": 2}  # fmt: skip
+
+
+def build_vision_model(path: Path, tokenizer, shape: dict, image_side: int) -> int:
+    """Write a random Qwen2-VL (GME's architecture) with the bench tokenizer + Qwen-VL's vision tokens and an
+    image processor that keeps `image_side`-pixel images as they are; return its non-embedding size."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
+                                                                "<|video_pad|>"]})  # fmt: skip
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+    }
+    head_dim = shape["hidden"] // shape["heads"]
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": shape["hidden"], "intermediate_size": shape["intermediate"],
+                     "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+                     "num_key_value_heads": shape["kv_heads"], "max_position_embeddings": 32768,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                         "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]},
+                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None},
+        vision_config={"depth": shape["vision_depth"], "embed_dim": shape["vision_dim"], "hidden_size": shape["hidden"],
+                       "num_heads": shape["vision_heads"], "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "in_chans": 3},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    side = image_side * image_side
+    Qwen2VLImageProcessorPil(min_pixels=side, max_pixels=side).save_pretrained(path)
+    return sum(
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n
+    )
+
+
+def vision_rows(rows: list[dict], image_dir: Path, image_side: int, n_images: int = 64) -> list[dict]:
+    """The text rows with the positive as an image + its text (document-screenshot retrieval's shape): random
+    `image_side`-pixel PNGs, `n_images` of them reused across rows."""
+    import numpy as np
+    from PIL import Image
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        Image.fromarray((rng.random((image_side, image_side, 3)) * 255).astype("uint8")).save(
+            image_dir / f"{i}.png"
+        )
+    return [{**r, "response": "<image>" + r["response"], "images": [str(image_dir / f"{i % n_images}.png")]}
+            for i, r in enumerate(rows)]  # fmt: skip
+
+
 def real_tokens_per_row(tokenizer, rows: list[dict], max_length: int, negatives: int) -> dict:
     """Mean non-padding tokens of a row as trained (each text cut at max_length, + the appended EOS)."""
     sample = rows[:300]
@@ -314,7 +384,12 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("gpu_train.json"))
     parser.add_argument(
-        "--only", default="embedtune,zero3,st,encode,ablation,levers", help="comma-separated parts to run"
+        "--only",
+        default="embedtune,zero3,st,encode,ablation,levers,vision",
+        help="comma-separated parts to run",
+    )
+    parser.add_argument(
+        "--image-side", type=int, default=448, help="vision: image side in pixels (448: 256 tokens)"
     )
     parser.add_argument(
         "--ablation", default=",".join(ABLATION), help=f"ablation runs, of: {', '.join(ABLATION)}"
@@ -466,6 +541,41 @@ def main() -> int:
                 results["levers"][name] = entry
                 save()
 
+        if "vision" in parts:  # images: the positive is an image + text (GME's shape, random weights)
+            print("embedtune train, images (Qwen2-VL) ...", flush=True)
+            vshape = SMOKE_VL if args.smoke else {**GME_2B, "layers": min(args.layers, GME_2B["layers"])}
+            side = 112 if args.smoke else args.image_side
+            vtok = build_tokenizer(texts + [q for q, _ in pairs], vocab)
+            vparams = build_vision_model(work / "vl-model", vtok, vshape, side)
+            vdata = work / "vl-rows.jsonl"
+            vrows = vision_rows(rows, work / "images", side)
+            vdata.write_text("".join(json.dumps(r) + "\n" for r in vrows))
+            from embedtune.images import check_images
+            from embedtune.modeling import Embedder
+
+            probe_model = Embedder.from_pretrained(work / "vl-model", max_length=args.max_length)
+            sample = check_images(vrows[:64], str(vdata))
+            lengths = [sum(len(t["input_ids"]) if isinstance(t, dict) else len(t) for t in probe_model.texts(
+                [r["query"], r["response"], *r["rejected_response"][: args.negatives]],
+                images=[[], r["_image_info"], *[[]] * len(r["rejected_response"][: args.negatives])])) for r in sample]  # fmt: skip
+            image_tokens = probe_model.image_tokens(sample[0]["_image_info"][0])
+            del probe_model
+            out = work / "et-vision"
+            cmd = [sys.executable, "-m", "embedtune", "train", *common, "--model", str(work / "vl-model"),
+                   "--train-data", str(vdata), "--output-dir", str(out), "--deepspeed", "none"]  # fmt: skip
+            code, _, wall = run(cmd, args.out.with_suffix(".vision.log"), args.timeout)
+            entry = {"exit_code": code, "wall_seconds": round(wall, 1), "image_side": side,
+                     "image_tokens_per_row": image_tokens, "tokens_per_row": round(sum(lengths) / len(lengths)),
+                     "nonembedding_params": vparams}  # fmt: skip
+            if code == 0:
+                r = json.loads((out / "train_result.json").read_text())
+                tps = r["train_samples_per_second"] * entry["tokens_per_row"]
+                entry.update(rows_per_s=round(r["train_samples_per_second"], 2), real_tokens_per_s=round(tps),
+                             mfu=round(6 * vparams * tps / (args.peak_tflops * 1e12), 4),
+                             peak_memory_gb=r.get("peak_memory_gb"), median_step_seconds=r.get("median_step_seconds"))  # fmt: skip
+            results["vision"] = entry
+            save()
+
     ours, zero3, peer = (
         results.get(k, {}) for k in ("embedtune_none", "embedtune_zero3", "sentence_transformers")
     )
@@ -523,6 +633,11 @@ def main() -> int:
                     f"  {name:<14}{r.get('flags', ''):<56} "
                     + (r.get("skipped") or f"failed (exit {r.get('exit_code')})")
                 )
+    vision = results.get("vision", {})
+    if "rows_per_s" in vision:
+        print(f"\nimages (GME-shaped Qwen2-VL, {vision['image_tokens_per_row']} image tokens per row of "
+              f"{vision['tokens_per_row']}): {vision['rows_per_s']:.2f} rows/s, {vision['real_tokens_per_s']} "
+              f"tokens/s incl. image tokens, MFU {vision['mfu']:.1%} (6 x all non-embedding parameters x tokens: rough, the vision tower sees patches)")  # fmt: skip
     for key, value in results.get("encode_texts_per_s", {}).items():
         print(f"encode {key}: {value} texts/s")
     if not cuda:
@@ -533,6 +648,7 @@ def main() -> int:
         for k in ("embedtune_none", "embedtune_zero3", "sentence_transformers")
         if results.get(k, {}).get("exit_code", 0) != 0
     ] + [k for k, r in {**ablation, **levers}.items() if r.get("exit_code", 0) != 0]
+    failed += ["vision"] if results.get("vision", {}).get("exit_code", 0) != 0 else []
     return 1 if failed else 0
 
 

@@ -262,7 +262,19 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
     if not (work / "train_mined.jsonl").is_file():
         mine(files, work, model, knobs)
     mined = work / "train_mined.jsonl"
-    score = Scorer(files, args.max_length)
+    scorer = Scorer(files, args.max_length)
+
+    def score(
+        path: str,
+    ) -> dict:  # cached beside the model: the recipes share one --work folder and its baseline
+        cache = Path(str(path).rstrip("/") + f".scifact{args.max_length}.json")
+        if Path(path).parent == work and cache.is_file():
+            return json.loads(cache.read_text())
+        out = scorer(path)
+        if Path(path).parent == work:
+            cache.write_text(json.dumps(out))
+        return out
+
     stsb = Path(args.data_dir) / "stsb" / "dev.jsonl"
     common = ["--deepspeed", "none", "--num-train-epochs", str(args.epochs), "--per-device-train-batch-size",
               str(args.batch_size), "--learning-rate", str(args.learning_rate), "--warmup-ratio", "0.1",
@@ -277,6 +289,9 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
         return str(out)
 
     def guard(path: str) -> float:
+        cached = Path(path).with_suffix(".stsb.json")
+        if Path(path).parent == work and cached.is_file():
+            return json.loads(cached.read_text())["primary_value"]
         return embedtune("evaluate", "--model", path, "--eval-data", str(stsb), "--output",
                          str(Path(path).with_suffix(".stsb.json")))["primary_value"]  # fmt: skip
 
@@ -324,7 +339,7 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
             flush=True,
         )
     names = list(results)
-    print(f"\n== recipe {args.recipe} on SciFact dev ({len(score.queries)} claims, whole corpus), mean over seeds "
+    print(f"\n== recipe {args.recipe} on SciFact dev ({len(scorer.queries)} claims, whole corpus), mean over seeds "
           f"{','.join(map(str, seeds))} ({args.epochs:g} epoch, batch {args.batch_size}, lr {args.learning_rate}) ==")  # fmt: skip
     metrics = ["ndcg_at_10", "map", "mrr_at_10"] + (["stsb_spearman"] if args.recipe == "merge" else [])
     print(" | ".join(["metric", "base", *names]))

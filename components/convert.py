@@ -27,6 +27,8 @@ def convert(
     loss_type: str,
     on_error: str,
     max_errors: int,
+    image_root: str,
+    max_image_pixels: int,
 ):
     """Convert a dataset to canonical ms-swift rows and record its statistics."""
     inputs = dict(locals())

@@ -25,6 +25,7 @@ def split(
     seed: int,
     exclude_data: str,
     drop_eval_overlap: bool,
+    image_root: str,
 ):
     """Split rows into train and eval so that no query text is in both."""
     inputs = dict(locals())

@@ -38,6 +38,8 @@ def test_gpu_train_bench_smoke_runs_every_part_on_cpu(tmp_path):
     assert set(result["encode_texts_per_s"]) == {"embedtune_float32", "sentence_transformers_float32"}
     # the ablation: one speed lever off per run, each a ratio to the defaults (figures not asserted)
     assert set(result["ablation"]) == {"all_off"}
+    assert result["vision"]["exit_code"] == 0 and result["vision"]["rows_per_s"] > 0
+    assert result["vision"]["tokens_per_row"] > result["vision"]["image_tokens_per_row"] > 0
     for name, fields in result["ablation"].items():
         assert fields["exit_code"] == 0 and fields["rows_per_s"] > 0 and fields["over_defaults"] > 0, name
     assert "ablation (--deepspeed none, one lever off per row)" in proc.stdout

@@ -33,7 +33,8 @@ from embedtune.config import ConvertConfig, MergeConfig, RegisterConfig, TrainCo
 from embedtune.errors import EmbedtuneError
 from embedtune.io import read_jsonl, write_jsonl
 from embedtune.launch import free_port
-from embedtune.modeling import Embedder, add_lora
+from embedtune.lora import add_lora
+from embedtune.modeling import Embedder
 from embedtune.rundir import checkpoint_problem, latest_checkpoint
 from embedtune.steps import convert, merge, register, train
 from embedtune.trainer import StepLog

@@ -28,7 +28,8 @@ from embedtune.features import count, take, trim
 from embedtune.gradcache import RngState, cached_backward, plan
 from embedtune.io import read_jsonl
 from embedtune.launch import free_port
-from embedtune.modeling import Embedder, Reranker, add_lora
+from embedtune.lora import add_lora
+from embedtune.modeling import Embedder, Reranker
 from embedtune.steps import train
 from embedtune.trainer import TrainModel
 

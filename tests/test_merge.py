@@ -11,7 +11,8 @@ import torch
 from embedtune import cli
 from embedtune.config import MergeConfig
 from embedtune.errors import EmbedtuneError
-from embedtune.modeling import Embedder, Reranker, add_lora, read_meta
+from embedtune.lora import add_lora
+from embedtune.modeling import Embedder, Reranker, read_meta
 from embedtune.steps import merge
 
 TEXTS = ["how do cats purr", "the river runs to the sea", "a dog is playing in the park"]

@@ -47,18 +47,25 @@ def by_query(rows) -> dict[str, dict]:
 
 
 def test_optional_fields_survive_convert_split_mine_and_the_train_loader(tmp_path, minilm_path):
+    from PIL import Image
+
     given = rich_rows()
+    for i, name in enumerate(
+        ("q.png", "pos.png", "neg.png")
+    ):  # convert reads each image, and writes it absolute
+        Image.new("RGB", (8 + i, 8), (i * 80, 0, 0)).save(tmp_path / name)
     src = write_jsonl(tmp_path / "src.jsonl", [{**r, "unknown": 1} for r in given])  # unknown keys: dropped
     convert.run(ConvertConfig(source=str(src), output=str(tmp_path / "rows.jsonl")))
     converted = list(read_jsonl(tmp_path / "rows.jsonl"))
+    given[-1] = {**given[-1], "images": [str(tmp_path / n) for n in given[-1]["images"]]}
     assert converted == [canonical(r) for r in given]
     assert all(set(OPTIONAL_FIELDS) - {"images"} <= set(r) for r in converted) and set(
         OPTIONAL_FIELDS
     ) <= set(converted[-1])
     assert converted[-1]["instruction"] == "" and images_by_text(converted[-1]) == [
-        ["q.png"],
-        ["pos.png"],
-        ["neg.png"],
+        [str(tmp_path / "q.png")],
+        [str(tmp_path / "pos.png")],
+        [str(tmp_path / "neg.png")],
     ]
 
     cfg = SplitConfig(dataset=str(tmp_path / "rows.jsonl"), train_data=str(tmp_path / "train.jsonl"),
@@ -90,8 +97,10 @@ def test_optional_fields_survive_convert_split_mine_and_the_train_loader(tmp_pat
 
     loaded, _ = train.load_rows(str(tmp_path / "mined-True.jsonl"), TrainConfig(model="-", train_data="-",
                                                                               output_dir="-"))  # fmt: skip
+    infos = {r["query"]: r.pop("_image_info") for r in loaded if "_image_info" in r}  # the images, read once
     assert by_query(loaded) == by_query(train_rows)
     assert [r["_line"] for r in loaded] == list(range(1, len(train_rows) + 1))
+    assert [[i.ref for i in v] for v in infos.values()] == [r["images"] for r in train_rows if "images" in r]
 
 
 BAD = [

@@ -20,7 +20,8 @@ from embedtune.cli import main as cli
 from embedtune.config import EvaluateConfig, MergeConfig, TrainConfig
 from embedtune.errors import EmbedtuneError
 from embedtune.io import write_jsonl
-from embedtune.modeling import Embedder, add_lora, load_model
+from embedtune.lora import add_lora
+from embedtune.modeling import Embedder, load_model
 from embedtune.safety import check_pickle, mask_credentials
 from embedtune.steps import evaluate, merge, train
 

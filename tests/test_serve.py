@@ -462,7 +462,7 @@ def vectors(body: dict) -> np.ndarray:
 def test_a_lora_adapter_folder_is_served_on_its_base_model(tiny_qwen3_path, tmp_path):
     import torch
 
-    from embedtune.modeling import add_lora
+    from embedtune.lora import add_lora
 
     model = Embedder.from_pretrained(tiny_qwen3_path)
     torch.manual_seed(0)

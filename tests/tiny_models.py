@@ -74,3 +74,77 @@ def build_tiny_qwen3(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def _vision_tokenizer():
+    """The tiny tokenizer plus Qwen-VL's vision tokens (each one token, as in the real tokenizers)."""
+    tokenizer = _train_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *VISION_TOKENS]})
+    return tokenizer
+
+
+def build_tiny_qwen2_vl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2-VL (GME's architecture: 2 text layers, a 2-block vision tower with 14-pixel patches)
+    + tokenizer + image processor (min 4, max 64 merged patches per image) written to `path`."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    tokenizer = _vision_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "tie_word_embeddings": True, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28).save_pretrained(path)
+    return path
+
+
+def build_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen3-VL (Qwen3-VL-Embedding's architecture: 16-pixel patches, deepstack) + tokenizer +
+    image processor written to `path`."""
+    import torch
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = _vision_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                "mrope_interleaved": True},
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+                       "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    Qwen3VLForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, min_pixels=4 * 32 * 32, max_pixels=64 * 32 * 32,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(path)  # fmt: skip
+    return path

@@ -34,21 +34,27 @@ import hashlib
 import random
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
+from embedtune.data import row_texts
 from embedtune.distributed import world_and_rank
-from embedtune.features import ids_of, pad, texts_of
+from embedtune.errors import EmbedtuneError
+from embedtune.features import Text, ids_of, images_of, pad, texts_of
+from embedtune.images import infos_by_text
 from embedtune.losses import pack_negatives, pad_negatives
 from embedtune.modeling import Embedder, Reranker
 from embedtune.objectives import Objective
 from embedtune.sources import query_instruction, source_of
 
 
-def text_key(ids: np.ndarray) -> int:
-    """A stable 63-bit key of a text's (truncated) token ids: equal ids, equal key, on every rank (unlike
-    `hash`). Texts that differ only past `max_length` are the same text to the model, and get the same key."""
-    return int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little") >> 1
+def text_key(text: Text) -> int:
+    """A stable 63-bit key of a tokenized text's (truncated) token ids and its images' content hashes: equal
+    ids and equal image bytes, equal key, on every rank (unlike `hash`). Texts that differ only past
+    `max_length` are the same text to the model, and get the same key; the same image under two paths too."""
+    h = hashlib.blake2b(ids_of(text).tobytes(), digest_size=8)
+    for info in images_of(text):
+        h.update(bytes.fromhex(info.sha256))
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 def tokenize_rows(model: Embedder | Reranker, rows: list[dict], by_source: dict | None = None) -> list[dict]:
@@ -64,52 +70,52 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict], by_source: dict 
     if not rows:
         return []
 
-    def ids(texts, **kw) -> dict:
-        texts = list(dict.fromkeys(texts))
+    def tokenized(items, is_query: bool = False) -> dict:
+        """(text, own instruction or None, images) items -> their tokenized texts, each distinct item once."""
+        items = list(dict.fromkeys(items))
         out = {}
-        for i in range(0, len(texts), 4096):  # chunks bound the tokenizer's memory on big files
-            chunk = texts[i : i + 4096]
-            enc = model.tokenize(chunk, padding=False, **kw)["input_ids"]
-            out.update(zip(chunk, (np.asarray(e, dtype=np.int32) for e in enc), strict=True))
+        for i in range(0, len(items), 4096):  # chunks bound the tokenizer's memory on big files
+            chunk = items[i : i + 4096]
+            texts, own, imgs = zip(*chunk, strict=True)
+            enc = model.texts(texts, is_query, instructions=own, images=imgs if any(imgs) else None)
+            out.update(zip(chunk, enc, strict=True))
         return out
 
     feats = []
     if isinstance(model, Embedder):
         by_source = by_source or {}
-        # a query with its own instruction is tokenized as that text (no model instruction): keyed apart
-        own = [query_instruction(r, by_source) for r in rows]
-        queries = [r["query"] if i is None else i + r["query"] for r, i in zip(rows, own, strict=True)]
-        plain = ids([t for t, i in zip(queries, own, strict=True) if i is None], is_query=True)
-        instructed = ids([t for t, i in zip(queries, own, strict=True) if i is not None])
-        q = {
-            (i is None, t): (plain if i is None else instructed)[t] for t, i in zip(queries, own, strict=True)
-        }
-        d = ids([t for r in rows for t in [r["response"], *r.get("rejected_response", [])]])
+        # a query with its own instruction is tokenized with that one (no model instruction): keyed apart
+        per_text = [infos_by_text(r) for r in rows]  # (query, response, *negatives) images of each row
+        items = [
+            [(r["query"], query_instruction(r, by_source), tuple(p[0]))]
+            + [(t, None, tuple(x)) for t, x in zip(row_texts(r)[1:], p[1:], strict=True)]
+            for r, p in zip(rows, per_text, strict=True)
+        ]
+        q = tokenized([it[0] for it in items], is_query=True)
+        d = tokenized([x for it in items for x in it[1:]])
         q_keys = {k: text_key(a) for k, a in q.items()}
-        d_keys = {t: text_key(a) for t, a in d.items()}
-        for i, r in enumerate(rows):
-            qk = (own[i] is None, queries[i])
-            negs = [d[t] for t in r.get("rejected_response", [])]
-            texts = [q[qk], d[r["response"]], *negs]
+        d_keys = {k: text_key(a) for k, a in d.items()}
+        for i, (r, it) in enumerate(zip(rows, items, strict=True)):
+            texts = [q[it[0]], *(d[x] for x in it[1:])]
             feats.append(
                 {
                     "idx": i,
                     "query": texts[0],
                     "response": texts[1],
-                    "negatives": negs,
+                    "negatives": texts[2:],
                     "label": float(r.get("label", 1.0)),
                     "teacher": r.get("teacher_scores"),  # [positive, *negatives] or None
                     "source": source_of(r),
-                    "length": max(len(t) for t in texts),
+                    "length": max(len(ids_of(t)) for t in texts),
                     # (query, positive, *negatives): duplicate-free batches and the loss's false-negative mask
-                    "text_keys": (
-                        q_keys[qk],
-                        d_keys[r["response"]],
-                        *(d_keys[t] for t in r.get("rejected_response", [])),
-                    ),
+                    "text_keys": (q_keys[it[0]], *(d_keys[x] for x in it[1:])),
                 }
             )
         return feats
+    if any(r.get("images") for r in rows):
+        raise EmbedtuneError(
+            "rows with `images`: rerankers that read images are not supported yet (embedders are)"
+        )
     # Reranker: one prompt per (query, document); the positive first, its label (default 1), negatives 0.
     docs = [[r["response"], *r.get("rejected_response", [])] for r in rows]
     queries = [r["query"] for r, ds in zip(rows, docs, strict=True) for _ in ds]
@@ -256,12 +262,13 @@ class Collator:
     pad_to_multiple_of: int = 0
     knobs: dict = dataclasses.field(default_factory=dict)
     without_in_batch: frozenset = frozenset()  # sources whose batches score no in-batch negatives
+    pixels: Callable | None = None  # texts with images: their pixel tensors (`vision.ImageFeaturizer`)
 
     def __call__(self, feats: list[dict]) -> dict:
         texts, extras = LAYOUTS[self.objective.layout].collate(feats, self.seed, **self.knobs)
         if self.without_in_batch and all(f["source"] in self.without_in_batch for f in feats):
             extras["in_batch_negatives"] = torch.tensor(False)
-        return {"features": pad(texts, self.pad_id, self.pad_to_multiple_of), **extras}
+        return {"features": pad(texts, self.pad_id, self.pad_to_multiple_of, self.pixels), **extras}
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

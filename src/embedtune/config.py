@@ -58,13 +58,15 @@ class ConvertConfig(Checked):
 
     source: str  # local JSONL/JSON/CSV/TSV/Parquet file or folder, or a Hugging Face dataset `name[:subset]`
     output: str  # canonical JSONL to write; its stats JSON is written beside it (`<output>.stats.json`)
-    format: str = "auto"  # input shape: auto | canonical | mteb | sts | pairs (anchor/positive/negative columns)
+    format: str = "auto"  # input shape: auto | canonical | mteb | sts | pairs (anchor/positive/negative columns) | messages (ms-swift's message lists: messages / positive_messages / negative_messages, with images / positive_images / negative_images)
     hf_split: str = "train"  # split to read when `source` is a Hugging Face dataset
     score_scale: float = 5.0  # STS scores are divided by this to get `label` in [0, 1] (use 1.0 for 0..1 scores)
     sts_positive_threshold: float = 0.0  # > 0: keep only STS pairs with label >= this as positives (ms-swift stsb:positive = 0.75)
     loss_type: str = ""  # loss the data is for; validates labels (required 0/1 for contrastive, required [-1, 1] for cosine_similarity, [0, 1] for pointwise_reranker)
     on_error: str = "fail"  # fail: exit non-zero listing the first problems | skip: write good rows + a `.rejected.jsonl`
     max_errors: int = 20  # how many problems to list before stopping
+    image_root: str = ""  # rows with `images`: refuse local image paths that resolve outside this folder (empty: no limit); relative paths are read from the data file's folder and written absolute
+    max_image_pixels: int = 16777216  # rows with `images`: an image with more pixels is resized down to this many when loaded (aspect kept); only images that cannot be read or decoded are refused
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class SplitConfig(Checked):
     seed: int = 42  # seed of the query shuffle; same seed + same data -> same split
     exclude_data: str = ""  # leakage guard: comma-separated files (canonical rows, BEIR queries/corpus JSONL, or one text per line; .gz ok); train rows whose normalized query or positive is one of their texts are dropped and counted
     drop_eval_overlap: bool = True  # leakage guard: drop train rows whose normalized query or positive (NFKC, casefold, collapsed whitespace) is a query or positive of the eval split
+    image_root: str = ""  # rows with `images`: refuse local image paths that resolve outside this folder (empty: no limit); relative paths are read from the dataset's folder
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,11 @@ class TrainConfig(Checked):
     lora_dropout: float = 0.05  # LoRA dropout
     lora_target: str = "all-linear"  # modules LoRA wraps: all-linear or a comma-separated list of module names
     use_dora: bool = False  # LoRA as DoRA (weight-decomposed: magnitude + direction; PEFT's use_dora), merged like LoRA
+    freeze_vision: bool = True  # Qwen2-VL / Qwen3-VL: the vision tower and its merger stay frozen (full: no gradient; LoRA: no adapter on them); ms-swift's freeze_vit
+    min_pixels: int = 0  # Qwen2-VL / Qwen3-VL: the image processor's lower bound on an image's resized pixels (0: the model folder's); ms-swift's MIN_PIXELS
+    max_pixels: int = 0  # Qwen2-VL / Qwen3-VL: the image processor's upper bound on an image's resized pixels, which bounds its tokens (pixels / 784 for Qwen2-VL; 0: the model folder's); ms-swift's MAX_PIXELS
+    image_root: str = ""  # rows with `images`: refuse local image paths that resolve outside this folder (empty: no limit); relative paths are read from the data file's folder
+    max_image_pixels: int = 16777216  # rows with `images`: an image with more pixels is resized down to this many when read (aspect kept), before the processor's own resize
     deepspeed: str = "auto"  # auto (none for one process, zero3 for more: one GPU has no shards to spread, and ZeRO-3 turns torch_compile auto off) | zero3 | zero2 | none (configs ship in the package; 'auto' values filled by the Trainer)
     nproc: int = 1  # processes to launch with torchrun (one per GPU; 2 on CPU for tests); with nodes > 1, per node
     nodes: int = 1  # machines to train on, nproc processes each. Inside a multi-node job (torchrun's PET_* variables set, as Kubeflow Trainer sets them) the job's node count (must match when given). Elsewhere, > 1 submits this command as a Kubeflow Trainer TrainJob of `nodes` pods (needs shared_dir; see embedtune.trainjob)

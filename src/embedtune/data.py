@@ -22,6 +22,8 @@ objectives that declare them (`Objective.fields`) and ignored by the others:
   for distillation).
 - `images`: strings (local paths, URIs or data URIs), one per `<image>` tag in the row's texts, matched in
   order: the query's tags first, then the response's, then each rejected response's (ms-swift's format).
+  Whether each one reads and decodes is `embedtune.images.check_images`'s (it needs the file's folder);
+  `<video>` and `<audio>` tags are refused (not supported yet).
 - `source`: which input file or dataset the row came from (a visible string).
 - `instruction`: the row's own query instruction (a string).
 
@@ -53,6 +55,7 @@ from embedtune.progress import say
 OPTIONAL_FIELDS = ("teacher_scores", "images", "source", "instruction")
 CANONICAL_FIELDS = ("query", "response", "rejected_response", "label", *OPTIONAL_FIELDS)
 IMAGE_TAG = "<image>"
+UNSUPPORTED_TAGS = ("<video>", "<audio>")  # ms-swift's other media tags: refused, never read as text
 MAX_ERRORS = 20  # problems listed before a reader stops (every reader of canonical rows uses this cap)
 
 
@@ -176,7 +179,35 @@ def check_row(row: Any, loss_type: str = "") -> list[str]:
             problems.append(p)
     elif objective(loss_type).label_required:
         problems.append(f"label: missing (loss_type {loss_type} needs a label on every row)")
+    if not problems and has_media_tag(row_texts(row)):
+        problems += check_media_tags(row)
     return problems + (check_optional(row, texts_ok=not problems) if not OPTIONAL.isdisjoint(row) else [])
+
+
+MEDIA_TAGS = (IMAGE_TAG, *UNSUPPORTED_TAGS)
+
+
+def has_media_tag(texts: Sequence[str]) -> bool:
+    """Whether any text holds an `<image>`, `<video>` or `<audio>` tag (one scan per tag of the joined texts)."""
+    joined = "\x00".join(texts)
+    return any(tag in joined for tag in MEDIA_TAGS)
+
+
+def check_media_tags(row: dict) -> list[str]:
+    """`<video>` / `<audio>` refused (not supported yet); `<image>` tags need as many `images` (a row with tags
+    and no `images` at all is refused here: `check_optional` counts them when the field is there)."""
+    fields = [("query", row["query"]), ("response", row["response"])]
+    fields += [(f"rejected_response[{i}]", t) for i, t in enumerate(row.get("rejected_response") or [])]
+    problems = [
+        f"{name}: {tag} tags are not supported yet (images only: {IMAGE_TAG} with `images`)"
+        for name, text in fields
+        for tag in UNSUPPORTED_TAGS
+        if tag in text
+    ]
+    tags = sum(t.count(IMAGE_TAG) for _, t in fields)
+    if tags and row.get("images") is None:
+        problems.append(f"images: missing: the texts hold {tags} {IMAGE_TAG} tags, one image each")
+    return problems
 
 
 OPTIONAL = frozenset(OPTIONAL_FIELDS)

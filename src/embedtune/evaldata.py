@@ -66,6 +66,10 @@ class EvalData:
     labels: np.ndarray | None = None  # (M,) gold score (sts)
     relevant: np.ndarray | None = None  # (M,) True for a positive candidate (ranking)
     n_queries_skipped: int = 0  # ranking/retrieval: queries without any negative
+    query_images: list[tuple] | None = (
+        None  # rows with images: each query's resolved image entries (else None)
+    )
+    doc_images: list[tuple] | None = None  # and each document's
 
     @property
     def n_pairs(self) -> int:
@@ -73,24 +77,45 @@ class EvalData:
         return len(self.queries) * len(self.docs) if self.shape == "retrieval" else len(self.qi)
 
 
-def read_eval_data(path: str) -> EvalData:
-    """Validate canonical rows (DataError `FILE:LINE: field: reason`) and detect the data shape."""
+def read_eval_data(path: str, image_root: str = "") -> EvalData:
+    """Validate canonical rows (DataError `FILE:LINE: field: reason`; images read and decoded, relative paths
+    from the file's folder: `images.check_images`) and detect the data shape.
+
+    A text with images is its words and its images: the same words over another image is another text (the
+    texts of `queries` / `docs` then repeat, `query_images` / `doc_images` tell them apart)."""
     rows = read_rows(path, lines=True)
+    with_images = any(row.get("images") for row in rows)
+    if with_images:
+        from embedtune.images import check_images, images_by_text
+
+        rows = [
+            {**r, "query": (r["query"], per[0]), "response": (r["response"], per[1]),
+             "rejected_response": [(t, p) for t, p in zip(r.get("rejected_response") or [], per[2:], strict=True)]}
+            for r in check_images(rows, path, image_root)
+            for per in [[tuple(x) for x in images_by_text(r)]]
+        ]  # fmt: skip
     if any(row.get("rejected_response") for row in rows):
-        return _ranking_data(path, rows)
-    missing = [row["_line"] for row in rows if row.get("label") is None]
-    if not missing:
-        return _sts_data(path, rows)
-    if len(missing) < len(rows):
-        raise DataError(
-            f"{path}:{missing[0]}: label: missing (other rows have a label and none has rejected_response, "
-            "so the file is read as STS pairs, which all need a label; drop every label to evaluate the "
-            "pairs as retrieval)"
-        )
-    return _retrieval_data(path, rows)
+        data = _ranking_data(path, rows)
+    else:
+        missing = [row["_line"] for row in rows if row.get("label") is None]
+        if not missing:
+            data = _sts_data(path, rows)
+        elif len(missing) < len(rows):
+            raise DataError(
+                f"{path}:{missing[0]}: label: missing (other rows have a label and none has rejected_response, "
+                "so the file is read as STS pairs, which all need a label; drop every label to evaluate the "
+                "pairs as retrieval)"
+            )
+        else:
+            data = _retrieval_data(path, rows)
+    if with_images:  # (text, images) items back to texts + images
+        data.query_images = [q[1] for q in data.queries]
+        data.doc_images = [d[1] for d in data.docs]
+        data.queries, data.docs = [q[0] for q in data.queries], [d[0] for d in data.docs]
+    return data
 
 
-def _index(texts: list[str], table: dict[str, int], text: str) -> int:
+def _index(texts: list, table: dict, text) -> int:
     i = table.get(text)
     if i is None:
         i = table[text] = len(texts)

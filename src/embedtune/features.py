@@ -6,7 +6,8 @@
 
 The sequence tensors are those shaped like `attention_mask` on their first two dimensions (`input_ids`,
 `attention_mask`, and any `position_ids` / `token_type_ids` a collator adds); any other tensor rides along
-whole per row (a future image's `pixel_values` must then be laid out one row per text). A model that runs
+whole per row, as the images' tensors do (`IMAGE_KEYS`, laid out one row per text by `embedtune.vision`:
+`pixel_values` (T, P, D), `image_grid_thw` (T, K, 3), never cut as sequences). A model that runs
 padding-free packs the texts it is given into one row at its forward pass (`pack`): batches, chunks and buckets
 stay one row per text. Code that batches,
 chunks or buckets texts (`batching`, `gradcache`, `speed`) only ever takes rows (`take`) and cuts padding
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 Features = dict[str, torch.Tensor]
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # per-text image tensors (`embedtune.vision`), not sequences
 
 
 def count(features: Features) -> int:
@@ -37,14 +39,14 @@ def take(features: Features, rows) -> Features:
     return {k: v[rows] for k, v in features.items()}
 
 
-def _is_sequence(value: torch.Tensor, mask: torch.Tensor) -> bool:
-    return value.dim() >= 2 and value.shape[:2] == mask.shape
+def _is_sequence(key: str, value: torch.Tensor, mask: torch.Tensor) -> bool:
+    return key not in IMAGE_KEYS and value.dim() >= 2 and value.shape[:2] == mask.shape
 
 
 def cut(features: Features, width: int) -> Features:
     """Every sequence tensor cut to its first `width` columns (the others unchanged)."""
     mask = features["attention_mask"]
-    return {k: v[:, :width] if _is_sequence(v, mask) else v for k, v in features.items()}
+    return {k: v[:, :width] if _is_sequence(k, v, mask) else v for k, v in features.items()}
 
 
 def trim(features: Features) -> Features:
@@ -52,7 +54,11 @@ def trim(features: Features) -> Features:
     padded to its longest text need not carry that padding through the model. Padding is masked, so the
     outputs do not change (beyond float rounding)."""
     width = int(features["attention_mask"].any(0).nonzero().max()) + 1
-    return cut(features, width)
+    out = cut(features, width)
+    if "image_grid_thw" in out:  # and the patch rows no text of the chunk fills
+        patches = int((out["image_grid_thw"].prod(-1)).sum(1).max())
+        out["pixel_values"] = out["pixel_values"][:, : max(patches, 1)]
+    return out
 
 
 def pack(features: Features) -> Features:
@@ -64,7 +70,7 @@ def pack(features: Features) -> Features:
     out = {
         k: v[mask].unsqueeze(0)
         for k, v in features.items()
-        if k != "attention_mask" and _is_sequence(v, mask)
+        if k != "attention_mask" and _is_sequence(k, v, mask)
     }
     out["position_ids"] = (mask.long().cumsum(1) - 1)[mask].unsqueeze(0)
     return out
@@ -82,12 +88,18 @@ def round_up(n: int, multiple: int) -> int:
 
 
 # A tokenized text, unpadded: its token ids, or a dict of per-token arrays of one length (`input_ids` and, for
-# a text pair through a BERT-style tokenizer, `token_type_ids`).
+# a text pair through a BERT-style tokenizer, `token_type_ids`), plus, for a text with images, `images`: its
+# `embedtune.images.ImageInfo`s (read when the batch is padded, by `pad`'s `pixels`).
 Text = np.ndarray | dict[str, np.ndarray]
 
 
 def ids_of(text: Text) -> np.ndarray:
     return text["input_ids"] if isinstance(text, dict) else text
+
+
+def images_of(text: Text) -> tuple:
+    """A tokenized text's `ImageInfo`s (empty for a text without images)."""
+    return text.get("images", ()) if isinstance(text, dict) else ()
 
 
 def texts_of(encoding: dict) -> list[Text]:
@@ -101,18 +113,19 @@ def texts_of(encoding: dict) -> list[Text]:
     ]
 
 
-def pad(seqs: list[Text], pad_id: int, multiple: int = 0) -> Features:
+def pad(seqs: list[Text], pad_id: int, multiple: int = 0, pixels=None) -> Features:
     """(T,) ragged tokenized texts -> `{"input_ids", "attention_mask", ...}` (T, L), L = the longest of *this*
     batch (right padding; other per-token arrays such as `token_type_ids` padded with 0), rounded up to a
-    multiple of `multiple` when > 1 (fewer distinct shapes for compiled kernels)."""
+    multiple of `multiple` when > 1 (fewer distinct shapes for compiled kernels). Texts with `images` need
+    `pixels` (`vision.ImageFeaturizer`: texts -> their `IMAGE_KEYS` tensors), which reads them now."""
     longest = round_up(max(len(ids_of(s)) for s in seqs), multiple)
     ids = np.full((len(seqs), longest), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), longest), dtype=np.int64)
-    extra = (
-        {k: np.zeros((len(seqs), longest), dtype=np.int64) for k in seqs[0] if k != "input_ids"}
-        if isinstance(seqs[0], dict)
-        else {}
-    )
+    with_images = any(isinstance(s, dict) and "images" in s for s in seqs)
+    if with_images and pixels is None:
+        raise ValueError("texts with images need `pixels` to be padded")
+    per_token = [k for k in seqs[0] if k not in ("input_ids", "images")] if isinstance(seqs[0], dict) else []
+    extra = {k: np.zeros((len(seqs), longest), dtype=np.int64) for k in per_token}
     for i, s in enumerate(seqs):
         n = len(ids_of(s))
         ids[i, :n] = ids_of(s)
@@ -120,4 +133,5 @@ def pad(seqs: list[Text], pad_id: int, multiple: int = 0) -> Features:
         for k, array in extra.items():
             array[i, :n] = s[k]
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-    return {**out, **{k: torch.from_numpy(v) for k, v in extra.items()}}
+    out.update({k: torch.from_numpy(v) for k, v in extra.items()})
+    return {**out, **pixels(seqs)} if with_images else out

@@ -29,7 +29,7 @@ SWITCHES = ("auto", "on", "off")
 DEEPSPEED = ("auto", "zero3", "zero2", "none")
 POOLINGS = ("last", "mean", "cls")
 SAMPLINGS = ("top", "random")
-FORMATS = ("auto", "canonical", "mteb", "sts", "pairs")
+FORMATS = ("auto", "canonical", "mteb", "sts", "pairs", "messages")
 HEADS = ("auto", "generative", "classifier")
 BIG = 1 << 30  # "no real limit": a count past this is a typo (and past what any index can hold)
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
@@ -141,6 +141,9 @@ RULES: dict[str, Rule] = {
     "save_steps": OPTIONAL_COUNT,  # 0: no checkpoints
     "save_total_limit": COUNT,
     "keep_checkpoint_weights": OPTIONAL_COUNT,
+    "min_pixels": OPTIONAL_COUNT,
+    "max_pixels": OPTIONAL_COUNT,
+    "max_image_pixels": COUNT,
     "margin": Rule(lo=0, hi=2),  # a cosine distance is in [0, 2]
     "infonce_temperature": POSITIVE,
     "infonce_hard_negatives": at_least(0, 1 << 16),
@@ -183,6 +186,7 @@ FREE = frozenset({
     "reranker_instruction", "matryoshka_dims", "matryoshka_weights", "baseline_model", "primary_metric",
     "report", "tracking_uri", "dataset_stats", "image", "service_name", "namespace", "mlflow_secret",
     "api_key_secret", "served_model_name", "api_key_env", "teacher_model", "guard_data", "source_instructions", "source_in_batch_negatives",
+    "image_root",
 })  # fmt: skip
 
 

@@ -2,6 +2,8 @@
 
 - **embedder**: the `sentence_transformers` flavor (`log_embedder`): a list of strings -> (N, dim) float32
   unit vectors; `params={"prompt_name": "query"}` prepends the query instruction saved with the model.
+- **image embedder** (Qwen2-VL / Qwen3-VL): a pyfunc (`log_vision_embedder`): a DataFrame with `text` and
+  `images` (one entry per `<image>` tag: a data URI, an http(s) / s3 / gs URI or a path) -> (N, dim) float32.
 - **reranker**: a pyfunc (`log_reranker`) over the model folder plus this package's code (`code_paths`), so
   `embedtune` need not be installed where it is loaded. `RerankerModel` is the class serving unpickles: it
   scores (query, document) pairs in [0, 1].
@@ -115,11 +117,6 @@ def pairs_of(model_input) -> tuple[list[str], list[str]]:
 
 def log_reranker(model_dir: Path, meta: dict, extra_metadata: dict, redact: Callable[[str], str]):
     """pyfunc with the model folder (checkpoints left out) and embedtune's code as artifacts."""
-    import orjson
-    import safetensors
-    import torch
-    import transformers
-
     trust = bool((meta.get("train_config") or {}).get("trust_remote_code", False))
     example_scores = np.asarray(
         load_model(model_dir, "reranker", device="cpu", trust_remote_code=trust).score_pairs(
@@ -128,7 +125,19 @@ def log_reranker(model_dir: Path, meta: dict, extra_metadata: dict, redact: Call
         dtype=np.float64,
     )
     signature = infer_signature(SAMPLE_PAIRS, example_scores, params={"batch_size": 16})
-    with tempfile.TemporaryDirectory(prefix="embedtune-reranker-") as tmp:
+    return log_pyfunc(model_dir, RerankerModel(), signature, extra_metadata, redact)
+
+
+def log_pyfunc(model_dir: Path, python_model, signature, extra_metadata: dict, redact: Callable[[str], str]):
+    """A pyfunc over a copy of the model folder (checkpoints left out, embedtune.json redacted) with
+    embedtune's own code (`code_paths`) and pinned requirements."""
+    import orjson
+    import PIL
+    import safetensors
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="embedtune-model-") as tmp:
         staged = Path(tmp) / "model"
         staged.mkdir()
         for entry in model_dir.iterdir():
@@ -143,13 +152,61 @@ def log_reranker(model_dir: Path, meta: dict, extra_metadata: dict, redact: Call
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             return mlflow.pyfunc.log_model(
                 name="model",
-                python_model=RerankerModel(),
+                python_model=python_model,
                 artifacts={"model": str(staged)},
                 code_paths=[str(Path(embedtune.__file__).parent)],
                 signature=signature,
-                pip_requirements=[pin(m) for m in (torch, transformers, safetensors, orjson, np, pd)],
+                pip_requirements=[pin(m) for m in (torch, transformers, safetensors, orjson, np, pd, PIL)],
                 metadata=extra_metadata,
             )
+
+
+class VisionEmbedderModel(mlflow.pyfunc.PythonModel):
+    """pyfunc over a Qwen2-VL / Qwen3-VL embedder folder: a DataFrame with `text` (with `<image>` tags) and
+    `images` (per row a list of image entries, one per tag: a data URI, an http(s) / s3 / gs URI, or a path the
+    server can read) -> (N, dim) float32 unit vectors; `params={"prompt_name": "query"}` encodes queries (the
+    query instruction is the system prompt)."""
+
+    def load_context(self, context):
+        from embedtune.modeling import load_model
+
+        self.model = load_model(context.artifacts["model"], "embedding")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from embedtune.images import resolve
+
+        params = params or {}
+        texts = model_input["text"].astype(str).tolist()
+        given = model_input["images"].tolist() if "images" in model_input else [[]] * len(texts)
+        images = [[resolve(str(r)) for r in (refs if refs is not None else [])] for refs in given]
+        return self.model.encode_items(texts, images, is_query=params.get("prompt_name") == "query",
+                                       batch_size=int(params.get("batch_size", 8)))  # fmt: skip
+
+
+def log_vision_embedder(model_dir: Path, meta: dict, extra_metadata: dict, redact: Callable[[str], str]):
+    """`VisionEmbedderModel` (the sentence_transformers flavor cannot load these folders without torchvision,
+    and takes no images in its signature)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(png, format="PNG")
+    example = pd.DataFrame({"text": ["<image> a red square", "plain text"],
+                            "images": [["data:image/png;base64," + base64.b64encode(png.getvalue()).decode()], []]})  # fmt: skip
+    out = VisionEmbedderModel()
+    out.model = load_model(model_dir, "embedding", device="cpu")
+    signature = infer_signature(
+        example, out.predict(None, example), params={"prompt_name": "", "batch_size": 8}
+    )
+    del out.model
+    return log_pyfunc(model_dir, out, signature, extra_metadata, redact)
+
+
+def logger_for(meta: dict) -> Callable:
+    """How a model folder (its embedtune.json) is logged: `LOGGERS` by task type; image embedders apart."""
+    return log_vision_embedder if meta.get("vision_family") else LOGGERS[meta["task_type"]]
 
 
 LOGGERS = {"embedding": log_embedder, "reranker": log_reranker}

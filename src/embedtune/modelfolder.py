@@ -282,6 +282,15 @@ def reranker_head(path: str, head: str = "auto", trust_remote_code: bool = False
     return "generative" if is_decoder(config) else "classifier"
 
 
+VISION_FAMILIES = ("qwen2_vl", "qwen3_vl")  # model types that read images (`embedtune.vision.FAMILIES`)
+
+
+def vision_family(config) -> str | None:
+    """A config's family of `embedtune.vision` (a Qwen2-VL / Qwen3-VL backbone), else None."""
+    kind = getattr(config, "model_type", "")
+    return kind if kind in VISION_FAMILIES else None
+
+
 def is_decoder(config) -> bool:
     """A causal LM backbone (a `ForCausalLM` architecture, or a decoder model type)."""
     archs = getattr(config, "architectures", None) or []

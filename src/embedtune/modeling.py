@@ -50,6 +50,7 @@ from embedtune.modelfolder import (  # noqa: F401 (META_FILE, read_meta, ...: al
     st_max_length,
     st_prompts,
     task_type_of,
+    vision_family,
     write_meta,
     write_st_files,
 )
@@ -151,6 +152,9 @@ class Embedder(Wrapper):
     """Backbone + pooling + L2 normalization. `forward` keeps gradients (training); `encode` does not."""
 
     INNER = "backbone"
+    APPEND_EOS = (
+        True  # last-token pooling: the tokenizer appends the end-of-text token (not when a template does)
+    )
 
     def __init__(self, backbone, tokenizer, pooling: str, query_instruction: str = "", max_length: int = 512):
         super().__init__()
@@ -162,7 +166,7 @@ class Embedder(Wrapper):
         self.pooling = pooling
         self.query_instruction = query_instruction
         self.max_length = max_length
-        if pooling == "last":
+        if pooling == "last" and self.APPEND_EOS:
             append_eos_post_processor(tokenizer)
 
     @classmethod
@@ -175,11 +179,14 @@ class Embedder(Wrapper):
         trust_remote_code: bool = False,
         dtype: torch.dtype = torch.float32,
         attn_implementation: str | None = None,
+        vision: dict | None = None,
     ) -> Embedder:
         """Load an embedtune folder, a sentence-transformers folder, any HF model, or an adapter folder.
 
         Unset arguments come from the folder (embedtune.json, then sentence-transformers config, then the
-        architecture): `pooling`, `query_instruction` (the ST `query` prompt), `max_length`.
+        architecture): `pooling`, `query_instruction` (the ST `query` prompt), `max_length`. A Qwen2-VL /
+        Qwen3-VL folder loads as `vision.VisionEmbedder` (`vision`: its `min_pixels`, `max_pixels`,
+        `max_image_pixels`).
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -187,6 +194,11 @@ class Embedder(Wrapper):
         check_sources(path, trust_remote_code)
         meta = read_meta(path)
         config = hf_config(path, trust_remote_code)
+        if cls is Embedder and vision_family(config):  # Qwen2-VL / Qwen3-VL: texts with images
+            from embedtune.vision import VisionEmbedder
+
+            return VisionEmbedder.load(path, query_instruction, max_length, trust_remote_code, dtype,
+                                       attn_implementation, **(vision or {}))  # fmt: skip
         if pooling == "auto":
             pooling = meta.get("pooling") or detect_pooling(
                 path if not is_adapter(path) else adapter_base(path), config
@@ -226,6 +238,31 @@ class Embedder(Wrapper):
             max_length=max_length or self.max_length,
             return_tensors="pt" if padding else None,
         )
+
+    def texts(
+        self,
+        texts: Sequence[str],
+        is_query: bool = False,
+        instructions: Sequence[str | None] | None = None,
+        images: Sequence[Sequence] | None = None,
+    ) -> list:
+        """Texts -> tokenized texts (`features.Text`), unpadded. A text with its own instruction (`instructions`,
+        not None) gets that one instead of the model's. This model reads no images: any are refused."""
+        if images and any(images):
+            raise EmbedtuneError(
+                f"{self.backbone.config.model_type} reads no images; rows with `images` need a Qwen2-VL (GME) or "
+                "Qwen3-VL backbone"
+            )
+        own = list(instructions) if instructions else [None] * len(texts)
+        out: list = [None] * len(texts)
+        for given in (False, True):  # texts with the model's instruction (queries), then with their own
+            idx = [i for i, o in enumerate(own) if (o is not None) == given]
+            if idx:
+                batch = [own[i] + texts[i] if given else texts[i] for i in idx]
+                enc = self.tokenize(batch, is_query=is_query and not given, padding=False)["input_ids"]
+                for i, e in zip(idx, enc, strict=True):
+                    out[i] = np.asarray(e, dtype=np.int32)
+        return out
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Model inputs of B texts (`embedtune.features`: `input_ids`, `attention_mask`, (B, L)) -> (B, H)
@@ -607,34 +644,3 @@ def load_model(
             **kwargs,
         )
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-
-
-HEAD_MODULES = (
-    "classifier",
-    "score",
-    "head",
-)  # a classification head's modules (BERT / decoders / ModernBERT)
-
-
-def add_lora(
-    model: Embedder | Reranker, rank: int, alpha: int, dropout: float, target: str, use_dora: bool = False
-) -> None:
-    """Wrap the model's inner HF model in a PEFT LoRA (in place; `use_dora`: PEFT's DoRA). `target`: all-linear
-    or module names. A classifier reranker's head is trained in full (`modules_to_save`: saved with the adapter)."""
-    from peft import LoraConfig, get_peft_model
-
-    kind = "FEATURE_EXTRACTION" if isinstance(model, Embedder) else "CAUSAL_LM"
-    head = []
-    if isinstance(model, ClassifierReranker):
-        kind = "SEQ_CLS"
-        head = [name for name, _ in model.inner.named_children() if name in HEAD_MODULES]
-    lora = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
-        task_type=kind,
-        modules_to_save=head or None,
-        use_dora=use_dora,
-    )
-    model.set_inner(get_peft_model(model.inner, lora))

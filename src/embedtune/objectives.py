@@ -258,3 +258,20 @@ def env_knobs(obj: Objective) -> list[str]:
 
     read = {*obj.knobs.values(), *obj.collate_knobs.values(), *TASKS[obj.task_type].env_knobs}
     return [f for f in ENV_DEFAULTS if f in read]
+
+
+def log_env_knobs(given, cfg) -> None:
+    """Log the effective value of each env-var knob a TrainConfig's loss (and its task) reads, and where it
+    came from (`given`: the config as given, `cfg`: with the env defaults resolved)."""
+    import os
+
+    from embedtune.config import ENV_DEFAULTS
+    from embedtune.progress import say
+
+    for name in env_knobs(objective(cfg.loss_type)):
+        env = ENV_DEFAULTS[name][0]
+        if getattr(given, name) is not None:
+            source = "flag" + (f", env {env} ignored" if os.environ.get(env) else "")
+        else:
+            source = f"env {env}" if os.environ.get(env) else "default"
+        say("train", f"{name} = {getattr(cfg, name)!r} ({source})")

@@ -50,10 +50,13 @@ def normalize_text(text: str) -> str:
     return " ".join(folded.split())
 
 
-def text_key(text: str) -> int:
-    """64-bit key of the normalized text (never 0)."""
-    digest = hashlib.blake2b(normalize_text(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") or 1
+def text_key(text: str, images: str = "") -> int:
+    """64-bit key of the normalized text (never 0); with `images` (the content hashes of the text's images,
+    `images.text_image_hashes`), of both: the same words over other images are another text."""
+    data = normalize_text(text).encode("utf-8", "surrogatepass") + (
+        b"\x00" + images.encode() if images else b""
+    )
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") or 1
 
 
 # --------------------------------------------------------------------------------------------- text files

@@ -73,27 +73,41 @@ def encode_unique(
     batch_size: int,
     show_progress: bool = True,
     shard=whole,
+    query_images: list[tuple] | None = None,
+    doc_images: list[tuple] | None = None,
 ):
     """Embeddings of unique queries and docs, each distinct input encoded once.
 
     With a query instruction a text is a different input as a query and as a document; without one, a text
-    that is both (common in STS pairs) is encoded once. `shard`: see `measure`.
+    that is both (common in STS pairs) is encoded once. `shard`: see `measure`. `query_images` / `doc_images`
+    (eval rows with images, `EvalData`): each text's image entries, for a model that reads them.
     """
-
-    def encode(texts: list[str], is_query: bool = False) -> np.ndarray:
-        return shard(
-            lambda idx: model.encode(
-                [texts[i] for i in idx], is_query=is_query, batch_size=batch_size, show_progress=show_progress
-            ),
-            len(texts),
+    if query_images is not None and not hasattr(model, "encode_items"):
+        raise EmbedtuneError(
+            "the eval rows have images: this model reads no images (a Qwen2-VL / Qwen3-VL one does)"
         )
 
+    def encode(items: list[tuple], is_query: bool = False) -> np.ndarray:
+        def compute(idx):
+            texts = [items[i][0] for i in idx]
+            if query_images is None:
+                return model.encode(
+                    texts, is_query=is_query, batch_size=batch_size, show_progress=show_progress
+                )
+            return model.encode_items(
+                texts, [items[i][1] for i in idx], is_query=is_query, batch_size=batch_size
+            )
+
+        return shard(compute, len(items))
+
+    q_items = list(zip(queries, query_images or [()] * len(queries), strict=True))
+    d_items = list(zip(docs, doc_images or [()] * len(docs), strict=True))
     if model.query_instruction:
-        return encode(queries, is_query=True), encode(docs)
-    texts = list(dict.fromkeys(queries + docs))
-    where = {t: i for i, t in enumerate(texts)}
-    emb = encode(texts)
-    return emb[[where[t] for t in queries]], emb[[where[t] for t in docs]]
+        return encode(q_items, is_query=True), encode(d_items)
+    items = list(dict.fromkeys(q_items + d_items))
+    where = {t: i for i, t in enumerate(items)}
+    emb = encode(items)
+    return emb[[where[t] for t in q_items]], emb[[where[t] for t in d_items]]
 
 
 def measure(
@@ -110,6 +124,10 @@ def measure(
     """
     t0 = time.perf_counter()
     if isinstance(model, Reranker):
+        if data.query_images is not None:
+            raise EmbedtuneError(
+                "the eval rows have images: rerankers that read images are not supported yet"
+            )
         if data.shape != "ranking":
             raise EmbedtuneError(
                 f"a reranker needs ranking eval data (rows with rejected_response), not {data.shape}"
@@ -131,9 +149,8 @@ def measure(
         }
         plot = {"scores": prob, "relevant": data.relevant, "label": "reranker P(yes)"}
     else:
-        q, d = encode_unique(
-            model, data.queries, data.docs, batch_size, show_progress, shard
-        )  # (Q, H), (D, H)
+        q, d = encode_unique(model, data.queries, data.docs, batch_size, show_progress, shard, data.query_images,
+                             data.doc_images)  # fmt: skip  # (Q, H), (D, H)
         t1 = time.perf_counter()
         metrics, plot = embedding_metrics(q, d, data)
         for dim in dims:  # Matryoshka widths: the same metrics on truncated, re-normalized embeddings

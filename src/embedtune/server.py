@@ -199,8 +199,8 @@ def create_app(cfg, on_failure=None) -> FastAPI:
 
     async def tokens(fn, texts, *args):
         """Token ids, in a thread when there is much to tokenize (the event loop keeps serving)."""
-        if sum(map(len, texts)) < 20000:
-            return fn(texts, *args)
+        if all(isinstance(t, str) for t in texts) and sum(map(len, texts)) < 20000:
+            return fn(texts, *args)  # short texts (images are always fetched in a thread)
         return await asyncio.get_running_loop().run_in_executor(None, fn, texts, *args)
 
     @app.exception_handler(RequestError)
@@ -239,7 +239,10 @@ def create_app(cfg, on_failure=None) -> FastAPI:
     async def embeddings(request: Request):
         served = ready()
         texts, is_query, fmt, dims = embedding_request(await body_of(request), served, cfg.max_inputs)
-        seqs = await tokens(served.embedding_tokens, texts, is_query)
+        with_images = isinstance(
+            texts[0], tuple
+        )  # (text, image URLs, instruction): images fetched off the loop
+        seqs = await tokens(served.image_tokens if with_images else served.embedding_tokens, texts, is_query)
         vectors = unit(await state["batcher"].submit(seqs), dims)
         used = sum(len(ids_of(s)) for s in seqs)
         metrics.tokens.labels("/v1/embeddings").inc(used)

@@ -6,6 +6,10 @@
   re-normalized; refused unless the model was trained with `matryoshka_dims`), `input_type` (`query` |
   `document`, also Cohere's `search_query` / `search_document`) or sentence-transformers' `prompt_name`: a query
   gets the model's query instruction, a document none.
+  An image embedder (Qwen2-VL / Qwen3-VL) also takes images, as data URIs or http(s) URLs (never a server
+  path): vLLM's chat form, `messages` with content parts `{"type": "text", "text"}` / `{"type": "image_url",
+  "image_url": {"url"}}` (one input; a system message is its instruction), or Jina's, `input` items that are
+  objects `{"text"?, "image"?}`. Each image is fetched and decoded on arrival (a bad one: 400 naming it).
 - `POST /v1/rerank` and `/rerank`: the Cohere / Jina shape vLLM, TEI and Infinity answer: `query`,
   `documents` (strings, or objects with `text`), `top_n`, `return_documents` -> `results` sorted by
   `relevance_score` (a reranker's P(yes) = sigmoid(logit(yes) - logit(no)); an embedder's cosine of the query
@@ -117,10 +121,44 @@ class Served:
             self.model.tokenize([query] * len(docs), docs, padding=False, max_length=limit), "documents"
         )
 
+    def image_tokens(self, items: list[tuple[str, list[str], str | None]], is_query: bool) -> list[Text]:
+        """Texts with images (`image_inputs`: text with `<image>` tags, image URLs, own instruction) -> tokenized
+        texts; each image fetched and decoded here, once (kept as a data URI for the forward pass)."""
+        if not hasattr(self.model, "featurizer"):
+            raise RequestError(400, f"{self.name} reads no images (a Qwen2-VL / Qwen3-VL embedder does)")
+        from embedtune.images import ImageError, probe
+
+        infos = []
+        for i, (_, urls, _) in enumerate(items):
+            row = []
+            for j, url in enumerate(urls):
+                try:
+                    info = probe(
+                        url if url.startswith("data:") else _fetched(url),
+                        self.model.featurizer.max_image_pixels,
+                    )
+                except ImageError as e:
+                    raise RequestError(400, f"input[{i}]: image {j}: {e}") from None
+                row.append(info)
+            infos.append(row)
+        saved = self.model.max_length
+        self.model.max_length = self.limit
+        try:
+            seqs = self.model.texts([t for t, _, _ in items], is_query, [o for _, _, o in items], infos)
+        except EmbedtuneError as e:
+            raise RequestError(400, f"input: {e}") from None
+        finally:
+            self.model.max_length = saved
+        return seqs
+
     @torch.inference_mode()
     def forward(self, seqs: list[Text]) -> np.ndarray:
         """One forward pass over tokenized texts: (n, H) float32 unit vectors or (n,) float64 z."""
-        features = {k: v.to(self.device) for k, v in pad(seqs, self.model.tokenizer.pad_token_id).items()}
+        pixels = getattr(self.model, "featurizer", None)  # an image embedder reads the texts' images now
+        features = {
+            k: v.to(self.device)
+            for k, v in pad(seqs, self.model.tokenizer.pad_token_id, pixels=pixels).items()
+        }
         with autocast(self.dtype, self.device):
             out = self.model(features)
         return out.double().cpu().numpy() if self.kind == "reranker" else out.float().cpu().numpy()
@@ -340,14 +378,81 @@ def _width(body: dict, served: Served) -> int | None:
     return dims
 
 
+def _fetched(url: str) -> str:
+    """An image URL of a request -> a data URI of its bytes: only http(s) (a client names no server file)."""
+    from embedtune.images import ImageError, read_bytes
+
+    if not url.startswith(("http://", "https://")):
+        raise ImageError(f"{url[:80]!r}: images are data URIs or http(s) URLs")
+    return "data:image;base64," + base64.b64encode(read_bytes(url)).decode()
+
+
+def _image_url(part: dict, where: str) -> str:
+    url = part.get("image_url", part.get("image"))
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str) or not url:
+        raise RequestError(400, f"{where}: an image part needs image_url.url (a data URI or an http(s) URL)")
+    return url
+
+
+def image_inputs(body: dict, max_inputs: int) -> list[tuple[str, list[str], str | None]] | None:
+    """The inputs of a body that holds images, as (text with `<image>` tags, image URLs, own instruction), or
+    None for text-only bodies. Two shapes: vLLM's chat form, `messages` with content parts (`{"type": "text",
+    "text"}`, `{"type": "image_url", "image_url": {"url"}}`; one input; a system message is its instruction),
+    and Jina's, `input` items that are objects `{"text"?, "image"?}` (an image before its text)."""
+    if body.get("messages") is not None:
+        if body.get("input") is not None:
+            raise RequestError(400, "input, messages: give one of them")
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise RequestError(400, "messages: must be a non-empty list of messages")
+        text, urls, system = "", [], None
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise RequestError(400, f"messages[{i}]: content must be a string or a list of parts")
+            for j, part in enumerate(parts):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    if m.get("role") == "system":
+                        system = part["text"]
+                    else:
+                        text += part["text"]
+                elif kind in ("image_url", "image"):
+                    urls.append(_image_url(part, f"messages[{i}].content[{j}]"))
+                    text += "<image>"
+                else:
+                    raise RequestError(
+                        400, f"messages[{i}].content[{j}]: a part is text or image_url, got {kind!r}"
+                    )
+        return [(text, urls, system)]
+    items = body.get("input")
+    if not isinstance(items, list) or not any(isinstance(x, dict) for x in items):
+        return None
+    if len(items) > max_inputs:
+        raise RequestError(413, f"input: {len(items)} inputs, over max_inputs {max_inputs}", "too_large")
+    out = []
+    for i, item in enumerate(items):
+        item = {"text": item} if isinstance(item, str) else item
+        text = item.get("text", "") if isinstance(item, dict) else None
+        if not isinstance(text, str) or not (text or item.get("image")):
+            raise RequestError(400, f"input[{i}]: must be a string or an object with text and / or image")
+        urls = [_image_url(item, f"input[{i}]")] if item.get("image") is not None else []
+        out.append((("<image>" if urls else "") + text, urls, None))
+    return out
+
+
 def embedding_request(body: dict, served: Served, max_inputs: int):
-    """(texts, is_query, encoding_format, dimensions) of a valid /v1/embeddings body."""
+    """(texts, is_query, encoding_format, dimensions) of a valid /v1/embeddings body; with images, `texts` is
+    `image_inputs`' list."""
     if served.kind != "embedding":
         raise RequestError(400, f"{served.name} is a reranker: it has no embeddings (POST /v1/rerank)")
     _check_model(body, served)
-    if body.get("input") is None:
+    texts = image_inputs(body, max_inputs)
+    if texts is None and body.get("input") is None:
         raise RequestError(400, "input: missing")
-    texts = _texts(body["input"], "input", max_inputs)
+    texts = texts if texts is not None else _texts(body["input"], "input", max_inputs)
     fmt = _field(body, "encoding_format", str, "float")
     if fmt not in ("float", "base64"):
         raise RequestError(400, f"encoding_format: {fmt!r} is not one of float, base64")

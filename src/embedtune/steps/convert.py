@@ -20,6 +20,13 @@ Sources: a local file, a folder (every JSONL / JSON / CSV / TSV / Parquet file b
                --sts-positive-threshold T > 0 only pairs with label >= T are kept, without label
                (ms-swift's `stsb:positive` = T 0.75: infonce positives)
     pairs      {"anchor", "positive", "negative"? | "negative_1".."negative_N"?}  -> query / response / rejected
+    messages   ms-swift's message lists {"messages", "positive_messages", "negative_messages"?, "images"?,
+               "positive_images"?, "negative_images"?}  -> one row per positive; the images in tag order; a
+               system message of `messages` -> the row's `instruction`
+
+Images (`images` of a row, `embedtune.images`): each one is read and decoded here; relative paths are read
+from the data file's folder and written absolute; `--image-root` refuses paths outside it; an image over
+`--max-image-pixels` is kept (it is resized when read). A bad image is a bad row (`FILE:LINE: images[i]: reason`).
 
 Every row is validated (texts strings that are not blank, see `data.is_blank`; labels numbers in range for `--loss-type`). With
 `--on-error fail` the first `--max-errors` problems are listed as `FILE:LINE: field: reason` (Parquet and
@@ -56,14 +63,17 @@ from embedtune.data import (
     FILLER_CHARS,
     OPTIONAL,
     OPTIONAL_FIELDS,
+    _short,
     canonical,
     check_label,
     check_row,
     check_text,
     check_texts,
     format_problems,
+    has_media_tag,
 )
 from embedtune.errors import DataError, EmbedtuneError
+from embedtune.images import check_row_images
 from embedtune.objectives import objective
 from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import say
@@ -160,7 +170,73 @@ def _from_pairs(row: dict, cfg: ConvertConfig):
     )
 
 
-SHAPES = {"canonical": _from_canonical, "mteb": _from_mteb, "sts": _from_sts, "pairs": _from_pairs}
+def _message_text(messages, field: str) -> tuple[str | None, str | None, list[str]]:
+    """A message list -> (its one non-system message's content, the system content or None, problems)."""
+    if not isinstance(messages, list) or not messages:
+        return None, None, [f"{field}: must be a non-empty list of messages, got {_short(messages)}"]
+    system, texts, problems = None, [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            problems.append(f'{field}[{i}]: a message is {{"role": ..., "content": text}}, got {_short(m)}')
+        elif m.get("role") == "system":
+            system = m["content"]
+        else:
+            texts.append(m["content"])
+    if not problems and len(texts) != 1:
+        problems.append(
+            f"{field}: {len(texts)} non-system messages; one per text (multi-turn is not supported)"
+        )
+    return (texts[0] if texts else None), system, problems
+
+
+def _nested(value, n: int, field: str) -> tuple[list[list], list[str]]:
+    """`positive_images` / `negative_images`: a list of lists, one per message list (absent: none)."""
+    if value is None:
+        return [[] for _ in range(n)], []
+    if not isinstance(value, list) or len(value) != n or not all(isinstance(v, list) for v in value):
+        return [], [f"{field}: must be {n} lists of images, one per message list, got {_short(value)}"]
+    return value, []
+
+
+def _from_messages(row: dict, cfg: ConvertConfig):
+    """ms-swift's message-list rows (Qwen3-VL-Embedding / -Reranker): `messages` (the query; a system message
+    is its instruction), `positive_messages` / `negative_messages` (lists of message lists), `images` (the
+    query's), `positive_images` / `negative_images` (one list per message list). One row per positive."""
+    query, system, problems = _message_text(row.get("messages"), "messages")
+    lists = {}
+    for field in ("positive_messages", "negative_messages"):
+        value = row.get(field, [] if field == "negative_messages" else None)
+        if not isinstance(value, list) or (field == "positive_messages" and not value):
+            problems.append(
+                f"{field}: must be a {'non-empty ' if field[0] == 'p' else ''}list of message lists"
+            )
+            value = []
+        texts = []
+        for i, messages in enumerate(value):
+            text, _, bad = _message_text(messages, f"{field}[{i}]")
+            problems += bad
+            texts.append(text)
+        lists[field] = texts
+    pos_images, bad = _nested(row.get("positive_images"), len(lists["positive_messages"]), "positive_images")
+    neg_images, bad2 = _nested(row.get("negative_images"), len(lists["negative_messages"]), "negative_images")
+    problems += bad + bad2
+    if problems:
+        return [], problems, 0
+    out = []
+    negatives = lists["negative_messages"]
+    for text, images in zip(lists["positive_messages"], pos_images, strict=True):
+        r = {"query": query, "response": text, "rejected_response": negatives, "label": row.get("label"),
+             "images": [*(row.get("images") or []), *images, *(x for n in neg_images for x in n)] or None,
+             "instruction": system}  # fmt: skip
+        r = {k: v for k, v in r.items() if v is not None}
+        if problems := check_row(r, cfg.loss_type):
+            return [], problems, 0
+        out.append(canonical(r))
+    return out, [], 0
+
+
+SHAPES = {"canonical": _from_canonical, "mteb": _from_mteb, "sts": _from_sts, "pairs": _from_pairs,
+          "messages": _from_messages}  # fmt: skip
 
 
 def detect_format(keys) -> str | None:
@@ -174,6 +250,8 @@ def detect_format(keys) -> str | None:
         return "sts"
     if {"anchor", "positive"} <= keys:
         return "pairs"
+    if {"messages", "positive_messages"} <= keys:
+        return "messages"
     return None
 
 
@@ -277,6 +355,7 @@ class Converter:
         self.queries: set[int] = set()  # 64-bit hashes of distinct queries (sampled once past DISTINCT_CAP)
         self.qmask = 0  # a hash h is kept iff h & qmask == 0
         self.rows = self.input_rows = self.rejected_rows = self.filtered_rows = 0
+        self.images = 0  # images read and decoded (rows with `images`)
         self.neg_min, self.neg_max, self.neg_sum = None, 0, 0
         self.label_min = self.label_max = None
         self.label_sum = 0.0
@@ -325,11 +404,25 @@ class Converter:
                 s = abs(row["score"])
                 self.sts_max_score = s if self.sts_max_score is None else max(self.sts_max_score, s)
         self.filtered_rows += filtered
+        if not problems and any(r.get("images") for r in out):
+            out, problems = self._images(name, out)
         if problems:
             self._reject(where.format(name=name, n=n), row, problems)
         for r in out:
             extra = {k: r[k] for k in OPTIONAL_FIELDS if k in r}
             self._emit(r["query"], r["response"], r.get("rejected_response") or [], r.get("label"), extra)
+
+    def _images(self, name: str, out: list[dict]) -> tuple[list[dict], list[str]]:
+        """Each output row's images resolved (relative paths from the file's folder: absolute in the output, so
+        later steps find them wherever the rows go), read and decoded (`images.check_row_images`)."""
+        base = Path(name).parent
+        checked, problems = [], []
+        for r in out:
+            infos, bad = check_row_images(r, base, self.cfg.image_root, self.cfg.max_image_pixels)
+            problems += bad
+            checked.append({**r, "images": [x.ref for x in infos]} if infos else r)
+            self.images += len(infos)
+        return ([], problems) if problems else (checked, [])
 
     def _mteb_batch(self, name, where, shape, numbers, rows):
         # The hot loop (1M rows in a few seconds): C-level checks (all(), map(type)) decide that a row is
@@ -354,6 +447,7 @@ class Converter:
                 and (f := "".join(map(_first, texts))).isprintable()
                 and " " not in f
                 and FILLER_CHARS.isdisjoint(f)
+                and not has_media_tag(texts)  # `_slow` checks the tags (images refused without `images`)
             ):
                 self._slow(name, where, shape, n, row)
                 continue
@@ -400,6 +494,7 @@ class Converter:
                 and (f := "".join(map(_first, texts))).isprintable()
                 and " " not in f
                 and FILLER_CHARS.isdisjoint(f)
+                and not has_media_tag(texts)  # `_slow` checks the tags (images refused without `images`)
                 and (
                     (label is None and not required)
                     or (type(label) in (int, float) and check_label(label, loss) is None)
@@ -495,6 +590,7 @@ class Converter:
             "rows": self.rows,
             "rejected_rows": self.rejected_rows,
             "filtered_rows": self.filtered_rows,
+            "images": self.images,
             "distinct_queries": len(self.queries) * (self.qmask + 1),
             "distinct_queries_exact": self.qmask == 0,
             "negatives_per_row": {

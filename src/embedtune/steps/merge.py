@@ -55,12 +55,13 @@ from pathlib import Path
 import numpy as np
 
 from embedtune.config import MergeConfig
-from embedtune.data import read_rows
+from embedtune.data import images_by_text, read_rows, row_texts
 from embedtune.errors import EmbedtuneError
+from embedtune.images import check_images
 from embedtune.io import write_json
+from embedtune.lora import HEAD_MODULES
 from embedtune.modelfolder import adapter_base
 from embedtune.modeling import (
-    HEAD_MODULES,
     META_FILE,
     ClassifierReranker,
     Reranker,
@@ -99,21 +100,29 @@ SAMPLE_DOCS = [
 ]
 
 
-def sample_inputs(eval_data: str) -> tuple[list[str], list[str]]:
-    """(queries, docs) for the check: built-in sentences + the first rows of the eval data, if any."""
+def sample_inputs(eval_data: str) -> tuple[list, list]:
+    """(queries, docs) for the check: built-in sentences + the first rows of the eval data, if any; a text
+    with images as (text, its image entries)."""
     queries, docs = list(SAMPLE_QUERIES), list(SAMPLE_DOCS)
     if eval_data:
-        for row in read_rows(eval_data)[:SAMPLE_ROWS]:
-            queries.append(row["query"])
-            docs += [row["response"], *row.get("rejected_response", [])[:1]]
+        for row in check_images(read_rows(eval_data, lines=True)[:SAMPLE_ROWS], eval_data):
+            items = [
+                (t, tuple(i)) if i else t for t, i in zip(row_texts(row), images_by_text(row), strict=True)
+            ]
+            queries.append(items[0])
+            docs += items[1:3]
     return queries, docs
 
 
-def outputs(model, queries: list[str], docs: list[str]) -> np.ndarray:
+def outputs(model, queries: list, docs: list) -> np.ndarray:
     """What the check compares: (Q + D, H) embeddings, or (2 Q,) reranker z scores of query-document pairs."""
     if isinstance(model, Reranker):  # each query with 2 documents: 2 Q prompts, not Q x D
         pairs = [(q, docs[(i + j) % len(docs)]) for i, q in enumerate(queries) for j in range(2)]
         return model.logits([q for q, _ in pairs], [d for _, d in pairs], batch_size=16)
+    if any(isinstance(t, tuple) for t in queries + docs):  # rows with images: a model that reads them
+        q, d = ([(t, ()) if isinstance(t, str) else t for t in ts] for ts in (queries, docs))
+        return np.concatenate([model.encode_items([t for t, _ in q], [i for _, i in q], is_query=True),
+                               model.encode_items([t for t, _ in d], [i for _, i in d])]).astype(np.float64)  # fmt: skip
     return np.concatenate([model.encode(queries, is_query=True), model.encode(docs)]).astype(np.float64)
 
 

@@ -62,7 +62,7 @@ from embedtune.config import RegisterConfig
 from embedtune.data import is_number
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.io import read_json
-from embedtune.mlflow_models import LOGGERS, redacted_copy
+from embedtune.mlflow_models import logger_for, redacted_copy
 from embedtune.modeling import META_FILE, check_sources, is_adapter, read_meta
 from embedtune.progress import say
 from embedtune.registry import RUN_ID_TAG, current_champion, find_registered, resolve_tracking_uri
@@ -369,7 +369,7 @@ def run(cfg: RegisterConfig) -> dict:
                         (Path(tmp) / str(i)).mkdir()
                         mlflow.log_artifact(redacted_copy(src, Path(tmp) / str(i), redact), where)
             extra_metadata = {"embedtune_version": __version__, "task_type": meta["task_type"]}
-            info = LOGGERS[meta["task_type"]](model_dir, meta, extra_metadata, redact)
+            info = logger_for(meta)(model_dir, meta, extra_metadata, redact)
             mv = mlflow.register_model(
                 info.model_uri, cfg.name, tags={k: v for k, v in lineage.items() if k != RUN_ID_TAG}
             )

@@ -20,7 +20,10 @@ positive (NFKC, casefold, collapsed whitespace) is
   - a query or positive of the eval split (`--drop-eval-overlap`, on by default): a near-duplicate query
     ("What is X?" / "what is x ?") lands on the other side of a split by exact text, and a positive shared
     by a train and an eval query lets eval reward memorizing it: `train_rows_dropped_eval_overlap`.
-Eval rows are never dropped. Both checks compare 64-bit keys of the normalized texts.
+Eval rows are never dropped. Both checks compare 64-bit keys of the normalized texts. A text with images
+is keyed by its words and the sha256 of its images' bytes (`images.text_image_hashes`; relative paths from the
+dataset's folder), so one image under two paths is the same text, and one question over two images is two
+queries; an image that cannot be read is refused as `FILE:LINE: images[i]: reason`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import orjson
 from embedtune.config import SplitConfig
 from embedtune.data import MAX_ERRORS, check_row, format_problems
 from embedtune.errors import DataError, EmbedtuneError
+from embedtune.images import ImageError, text_image_hashes
 from embedtune.io import read_lines
 from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.overlap import exclusion_keys, split_paths, text_key
@@ -75,6 +79,14 @@ def run(cfg: SplitConfig) -> dict:
             problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
         else:
             problems += [f"{path}:{lineno}: {p}" for p in check_row(row)]
+            try:  # images: by the content hash of their bytes, never their path
+                hashes = (
+                    text_image_hashes(row, path.parent, cfg.image_root)
+                    if not problems and row.get("images")
+                    else ["", ""]
+                )
+            except ImageError as e:
+                problems.append(f"{path}:{lineno}: {e}")
         if problems:
             if len(problems) >= MAX_ERRORS:
                 break
@@ -82,11 +94,11 @@ def run(cfg: SplitConfig) -> dict:
             query_texts.append(0)
             positive_texts.append(0)
             continue
-        key = query_key(row["query"], cfg.seed) or 1  # 0 is reserved for blank lines
+        key = query_key(row["query"] + (f"\x00{hashes[0]}" if hashes[0] else ""), cfg.seed) or 1  # 0: blank
         row_keys.append(key)
         keys.add(key)
-        query_texts.append(text_key(row["query"]))
-        positive_texts.append(text_key(row["response"]))
+        query_texts.append(text_key(row["query"], hashes[0]))
+        positive_texts.append(text_key(row["response"], hashes[1]))
     if problems:
         hint = "split reads canonical rows; run `embedtune convert` on other shapes"
         raise DataError(

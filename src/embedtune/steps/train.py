@@ -59,20 +59,22 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from embedtune import sources
 from embedtune.batching import Collator, tokenize_rows
-from embedtune.config import ENV_DEFAULTS, TrainConfig, resolve_env_defaults
+from embedtune.config import TrainConfig, resolve_env_defaults
 from embedtune.data import check_loss_data, read_rows
 from embedtune.distributed import launched
 from embedtune.errors import EmbedtuneError
 from embedtune.evaldata import METRIC_NAMES, PRIMARY, measurable
+from embedtune.images import check_images
 from embedtune.io import read_json, write_json
 from embedtune.launch import LAUNCHED, inside_torchrun, job_topology, joined, torchrun
+from embedtune.lora import add_lora
 from embedtune.losses import matryoshka_spec
-from embedtune.modelfolder import hf_config, is_decoder
-from embedtune.modeling import ClassifierReranker, Embedder, Reranker, add_lora, reranker_head
+from embedtune.modelfolder import hf_config, is_decoder, vision_family
+from embedtune.modeling import ClassifierReranker, Embedder, Reranker, reranker_head
 from embedtune.objectives import (
     TASKS,
-    env_knobs,
     knob_problems,
+    log_env_knobs,
     losses_for,
     objective,
     resolve_knobs,
@@ -105,6 +107,7 @@ from embedtune.speed import (
 )
 from embedtune.trainer import EmbedtuneTrainer, StepLog, TrainModel, training_arguments
 from embedtune.trainjob import check_submit, run_on_nodes
+from embedtune.vision import freeze_vision, vision_knobs
 
 # DeepSpeed calls torch.distributed functions that warn "deprecated" on every call, every rank.
 DEPRECATED_DIST_CALLS = r".*torch\.distributed\.\w+`? is deprecated"
@@ -194,10 +197,8 @@ def run(cfg: TrainConfig) -> dict:
     step_log = StepLog(global_batch, PRIMARY[metric_data.shape] if metric_data else None)
     trainer.add_callback(step_log)
     if cfg.gradient_cache_chunk_size > 0 or cfg.gradient_cache_chunk_tokens > 0:
-        say(
-            "train",
-            f"gradient cache: {cfg.gradient_cache_chunk_size or 'any'} texts, {cfg.gradient_cache_chunk_tokens or 'any'} tokens per pass",
-        )
+        say("train", f"gradient cache: {cfg.gradient_cache_chunk_size or 'any'} texts, "
+                     f"{cfg.gradient_cache_chunk_tokens or 'any'} tokens per pass")  # fmt: skip
     say(
         "train", f"resuming from {resume} (step {resumed_step(resume)})" if resume else "starting from step 0"
     )
@@ -278,17 +279,6 @@ def run(cfg: TrainConfig) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- knobs
-def log_env_knobs(given: TrainConfig, cfg: TrainConfig) -> None:
-    """Log the effective value of each env-var knob the loss (and its task) reads, and where it came from."""
-    for field in env_knobs(objective(cfg.loss_type)):
-        env = ENV_DEFAULTS[field][0]
-        if getattr(given, field) is not None:
-            source = "flag" + (f", env {env} ignored" if os.environ.get(env) else "")
-        else:
-            source = f"env {env}" if os.environ.get(env) else "default"
-        say("train", f"{field} = {getattr(cfg, field)!r} ({source})")
-
-
 def check_knobs(cfg: TrainConfig) -> Precision:
     """Reject knob combinations that cannot work, before anything is loaded; returns the resolved precision.
     `cfg`'s env-var knobs must be resolved (`resolve_env_defaults`); each knob's own range was checked when
@@ -329,7 +319,9 @@ def load_rows(path: str, cfg: TrainConfig) -> tuple[list[dict], int]:
     """
     obj = objective(cfg.loss_type)
     knobs = resolve_knobs(obj, cfg)
-    rows = read_rows(path, cfg.loss_type, lines=True)
+    rows = check_images(
+        read_rows(path, cfg.loss_type, lines=True), path, cfg.image_root, cfg.max_image_pixels
+    )
     check_loss_data(cfg.loss_type, rows, knobs, source=path)
     sources.check_rows(rows, cfg.source_in_batch_negatives, path)
     kept = [r for r in rows if obj.keep_row(r, knobs)]
@@ -343,14 +335,18 @@ def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
     """Embedder or Reranker from `cfg.model`, what it trains as: weights in `precision.load` (bf16 weights:
     `embedtune.speed`), padding-free when `padding_free` says so, with `train_type=lora` a PEFT LoRA on its
     inner model, with `torch_compile` each layer compiled in place."""
-    packed, attn = resolve_padding_free(
-        cfg.padding_free, is_decoder(hf_config(cfg.model, cfg.trust_remote_code))
-    )
+    config = hf_config(cfg.model, cfg.trust_remote_code)  # a vision backbone pads: its ids hold image runs
+    packed, attn = resolve_padding_free(cfg.padding_free, is_decoder(config) and not vision_family(config))
     common = {"max_length": cfg.max_length, "trust_remote_code": cfg.trust_remote_code, "dtype": precision.load,
               "attn_implementation": attn}  # fmt: skip
     if cfg.task_type == "embedding":
         # an empty query_instruction: the model's own query prompt, if any
-        model = Embedder.from_pretrained(cfg.model, cfg.pooling, cfg.query_instruction or None, **common)
+        model = Embedder.from_pretrained(cfg.model, cfg.pooling, cfg.query_instruction or None, **common,
+                                         vision=vision_knobs(cfg))  # fmt: skip
+    elif vision_family(config):
+        raise EmbedtuneError(
+            f"{cfg.model}: rerankers on {config.model_type} are not supported yet (embedders are)"
+        )
     elif reranker_head(cfg.model, cfg.reranker_head, cfg.trust_remote_code) == "classifier":
         if packed:
             raise EmbedtuneError(
@@ -365,9 +361,12 @@ def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
     dims, _ = matryoshka_spec(cfg.matryoshka_dims)
     if dims and max(dims) > model.dim:
         raise EmbedtuneError(f"matryoshka_dims: {max(dims)} is larger than the model's dimension {model.dim}")
+    exclude = freeze_vision(model, cfg.freeze_vision, lora=cfg.train_type == "lora")  # a vision tower stays
     if cfg.train_type == "lora":
         torch.manual_seed(cfg.seed)  # LoRA's A is random: same seed, same adapter, whatever ran before
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, cfg.use_dora)
+        add_lora(
+            model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, cfg.use_dora, exclude
+        )
     regional_compile(model.inner, cfg.torch_compile, cfg.deepspeed)  # each layer in place, when enabled
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     kind = f"{cfg.task_type} ({model.HEAD} head)" if isinstance(model, Reranker) else cfg.task_type
@@ -394,5 +393,6 @@ def collator(model: Embedder | Reranker, cfg: TrainConfig) -> Collator:
     """The batch collator of the config's loss (its layout and the layout's knobs)."""
     obj = objective(cfg.loss_type)
     knobs = resolve_knobs(obj, cfg, collate=True)
-    off = sources.without_in_batch(cfg.source_in_batch_negatives)
-    return Collator(obj, model.tokenizer.pad_token_id, cfg.seed, cfg.pad_to_multiple_of, knobs, off)
+    off = sources.without_in_batch(cfg.source_in_batch_negatives)  # a model's images: read per batch
+    return Collator(obj, model.tokenizer.pad_token_id, cfg.seed, cfg.pad_to_multiple_of, knobs, off,
+                    getattr(model, "featurizer", None))  # fmt: skip
