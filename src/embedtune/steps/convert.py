@@ -63,7 +63,6 @@ from embedtune.data import (
     FILLER_CHARS,
     OPTIONAL,
     OPTIONAL_FIELDS,
-    _short,
     canonical,
     check_label,
     check_row,
@@ -74,6 +73,7 @@ from embedtune.data import (
 )
 from embedtune.errors import DataError, EmbedtuneError
 from embedtune.images import check_row_images
+from embedtune.messages import from_messages
 from embedtune.objectives import objective
 from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import say
@@ -170,69 +170,8 @@ def _from_pairs(row: dict, cfg: ConvertConfig):
     )
 
 
-def _message_text(messages, field: str) -> tuple[str | None, str | None, list[str]]:
-    """A message list -> (its one non-system message's content, the system content or None, problems)."""
-    if not isinstance(messages, list) or not messages:
-        return None, None, [f"{field}: must be a non-empty list of messages, got {_short(messages)}"]
-    system, texts, problems = None, [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            problems.append(f'{field}[{i}]: a message is {{"role": ..., "content": text}}, got {_short(m)}')
-        elif m.get("role") == "system":
-            system = m["content"]
-        else:
-            texts.append(m["content"])
-    if not problems and len(texts) != 1:
-        problems.append(
-            f"{field}: {len(texts)} non-system messages; one per text (multi-turn is not supported)"
-        )
-    return (texts[0] if texts else None), system, problems
-
-
-def _nested(value, n: int, field: str) -> tuple[list[list], list[str]]:
-    """`positive_images` / `negative_images`: a list of lists, one per message list (absent: none)."""
-    if value is None:
-        return [[] for _ in range(n)], []
-    if not isinstance(value, list) or len(value) != n or not all(isinstance(v, list) for v in value):
-        return [], [f"{field}: must be {n} lists of images, one per message list, got {_short(value)}"]
-    return value, []
-
-
 def _from_messages(row: dict, cfg: ConvertConfig):
-    """ms-swift's message-list rows (Qwen3-VL-Embedding / -Reranker): `messages` (the query; a system message
-    is its instruction), `positive_messages` / `negative_messages` (lists of message lists), `images` (the
-    query's), `positive_images` / `negative_images` (one list per message list). One row per positive."""
-    query, system, problems = _message_text(row.get("messages"), "messages")
-    lists = {}
-    for field in ("positive_messages", "negative_messages"):
-        value = row.get(field, [] if field == "negative_messages" else None)
-        if not isinstance(value, list) or (field == "positive_messages" and not value):
-            problems.append(
-                f"{field}: must be a {'non-empty ' if field[0] == 'p' else ''}list of message lists"
-            )
-            value = []
-        texts = []
-        for i, messages in enumerate(value):
-            text, _, bad = _message_text(messages, f"{field}[{i}]")
-            problems += bad
-            texts.append(text)
-        lists[field] = texts
-    pos_images, bad = _nested(row.get("positive_images"), len(lists["positive_messages"]), "positive_images")
-    neg_images, bad2 = _nested(row.get("negative_images"), len(lists["negative_messages"]), "negative_images")
-    problems += bad + bad2
-    if problems:
-        return [], problems, 0
-    out = []
-    negatives = lists["negative_messages"]
-    for text, images in zip(lists["positive_messages"], pos_images, strict=True):
-        r = {"query": query, "response": text, "rejected_response": negatives, "label": row.get("label"),
-             "images": [*(row.get("images") or []), *images, *(x for n in neg_images for x in n)] or None,
-             "instruction": system}  # fmt: skip
-        r = {k: v for k, v in r.items() if v is not None}
-        if problems := check_row(r, cfg.loss_type):
-            return [], problems, 0
-        out.append(canonical(r))
-    return out, [], 0
+    return from_messages(row, cfg.loss_type)
 
 
 SHAPES = {"canonical": _from_canonical, "mteb": _from_mteb, "sts": _from_sts, "pairs": _from_pairs,
