@@ -47,6 +47,22 @@ def tiny_qwen3_path(tmp_path_factory) -> Path:
     return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+@pytest.fixture(scope="module")  # module: a test file's trainings share it, none another file's
+def qwen2_vl(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL (GME's architecture) with its processor: `tiny_models.build_tiny_qwen2_vl`."""
+    from tiny_models import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-VL with its processor: `tiny_models.build_tiny_qwen3_vl`."""
+    from tiny_models import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES

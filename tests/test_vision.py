@@ -36,20 +36,6 @@ def rgb(seed: int, h: int = 56, w: int = 84):
 
 
 @pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory) -> Path:
-    from tiny_models import build_tiny_qwen2_vl
-
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
-
-
-@pytest.fixture(scope="module")
-def qwen3_vl(tmp_path_factory) -> Path:
-    from tiny_models import build_tiny_qwen3_vl
-
-    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
-
-
-@pytest.fixture(scope="module")
 def image_rows(tmp_path_factory) -> Path:
     """24 rows in the seed's format: images on the query, the response, a negative, none; relative paths."""
     d = tmp_path_factory.mktemp("image-rows")
@@ -69,6 +55,18 @@ def image_rows(tmp_path_factory) -> Path:
     return path
 
 
+def with_image_pads(image_processor, text: str, images: list) -> tuple[str, dict]:
+    """What Qwen2VLProcessor makes of a text with PIL images (its video half needs torchvision): each `<image>`
+    as `<|vision_start|>` + one `<|image_pad|>` per merged patch + `<|vision_end|>`, and the pixel inputs."""
+    content = text.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+    if not images:
+        return content, {}
+    pixels = image_processor(images=images, return_tensors="pt")
+    for n in (pixels["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist():
+        content = content.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
+    return content.replace("<|placeholder|>", "<|image_pad|>"), dict(pixels)
+
+
 def reference_embeddings(folder: Path, texts: list[str], images: list[list], system: str):
     """What a user gets from the folder with transformers' own classes and the documented template (GME's
     `gme_inference.py`): the folder's image processor and tokenizer on the full prompt, each `<|image_pad|>`
@@ -82,14 +80,7 @@ def reference_embeddings(folder: Path, texts: list[str], images: list[list], sys
     image_id = model.config.image_token_id
     out = []
     for text, imgs in zip(texts, images, strict=True):
-        extra = {}
-        content = text.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
-        if imgs:
-            pixels = image_processor(images=imgs, return_tensors="pt")
-            for n in (pixels["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist():
-                content = content.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
-            content = content.replace("<|placeholder|>", "<|image_pad|>")
-            extra = dict(pixels)
+        content, extra = with_image_pads(image_processor, text, imgs)
         prompt = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
                   "<|im_start|>assistant\n<|endoftext|>")  # fmt: skip
         ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
@@ -476,7 +467,7 @@ def test_the_mlflow_model_takes_texts_with_images_and_gives_the_folders_embeddin
     import mlflow
     import pandas as pd
 
-    from embedtune.mlflow_models import log_vision_embedder
+    from embedtune.mlflow_models import log_vision_model
 
     buf = io.BytesIO()
     rgb(5).save(buf, format="PNG")
@@ -485,7 +476,7 @@ def test_the_mlflow_model_takes_texts_with_images_and_gives_the_folders_embeddin
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("vision")
     with mlflow.start_run():
-        info = log_vision_embedder(Path(qwen2_vl), {"vision_family": "qwen2_vl"}, {}, lambda text: text)
+        info = log_vision_model(Path(qwen2_vl), {"vision_family": "qwen2_vl"}, {}, lambda text: text)
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     assert {c.name for c in loaded.metadata.get_input_schema().inputs} == {"text", "images"}
     frame = pd.DataFrame({"text": ["<image> one", "no image", "<image> local"],

@@ -112,17 +112,27 @@ def tokenize_rows(model: Embedder | Reranker, rows: list[dict], by_source: dict 
                 }
             )
         return feats
-    if any(r.get("images") for r in rows):
-        raise EmbedtuneError(
-            "rows with `images`: rerankers that read images are not supported yet (embedders are)"
-        )
     # Reranker: one prompt per (query, document); the positive first, its label (default 1), negatives 0.
     docs = [[r["response"], *r.get("rejected_response", [])] for r in rows]
     queries = [r["query"] for r, ds in zip(rows, docs, strict=True) for _ in ds]
     flat = [t for ds in docs for t in ds]
-    prompts = []
-    for i in range(0, len(flat), 4096):  # one tokenized text per pair (with token types for a cross-encoder)
-        prompts += texts_of(model.tokenize(queries[i : i + 4096], flat[i : i + 4096], padding=False))
+
+    def prompts_of(i: int, n: int) -> list:  # one tokenized text per pair (with token types: a cross-encoder)
+        return texts_of(model.tokenize(queries[i : i + n], flat[i : i + n], padding=False))
+
+    if any(r.get("images") for r in rows):  # a Qwen2-VL / Qwen3-VL reranker: each pair with its sides' images
+        if not hasattr(model, "pairs"):
+            raise EmbedtuneError(
+                "rows with `images`: this reranker reads no images (a Qwen2-VL / Qwen3-VL one does)"
+            )
+        per_text = [infos_by_text(r) for r in rows]
+        q_imgs = [p[0] for p, ds in zip(per_text, docs, strict=True) for _ in ds]
+        d_imgs = [x for p in per_text for x in p[1:]]
+
+        def prompts_of(i: int, n: int) -> list:
+            return model.pairs(queries[i : i + n], flat[i : i + n], q_imgs[i : i + n], d_imgs[i : i + n])
+
+    prompts = [t for i in range(0, len(flat), 4096) for t in prompts_of(i, 4096)]
     start = 0
     for i, (r, ds) in enumerate(zip(rows, docs, strict=True)):
         pairs = prompts[start : start + len(ds)]

@@ -141,7 +141,7 @@ class TrainConfig(Checked):
     pooling: str = "auto"  # auto (from the model's sentence-transformers config, else last for decoders, cls/mean for encoders) | last | mean | cls
     query_instruction: str = ""  # embedding: prefix put before every query (e.g. 'Instruct: {task}\nQuery:'); stored with the model
     reranker_head: str = "auto"  # reranker: auto (a classifier for encoder-only models and folders with a classification head, the yes/no head for causal LMs) | generative (Qwen3-Reranker: logit(yes) - logit(no)) | classifier (a one-logit sequence-classification head, a cross-encoder; ms-swift's --task_type reranker on a decoder)
-    reranker_instruction: str = QWEN3_RERANKER_INSTRUCTION  # reranker: the <Instruct> text of the Qwen3-Reranker prompt
+    reranker_instruction: str = ""  # reranker: the <Instruct> text of its prompt; empty: the folder's own, else the family's (Qwen3-Reranker's web-search one; Qwen3-VL-Reranker's "Given a search query, retrieve relevant candidates that answer the query.")
     max_length: int = 512  # tokens per text (query, document or reranker prompt); longer texts are truncated
     lora_rank: int = 16  # LoRA rank r (train_type=lora)
     lora_alpha: int = 32  # LoRA alpha (scaling = alpha / rank)

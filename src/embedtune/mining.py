@@ -6,8 +6,10 @@ What `embedtune mine` does with these (see `steps/mine.py` for the order):
 
 1. Corpus (`build_corpus`): every `response` and `rejected_response` of the rows, plus the texts of the
    `--corpus` files (canonical rows: responses and negatives; BEIR corpus.jsonl: `title text`; or one text
-   per line), each distinct text once. A text with an `<image>` tag is no candidate (it means nothing
-   without its image; mining images is not built yet), and rows with `images` are copied as they are.
+   per line), each distinct text once. With a text model, a text with an `<image>` tag is no candidate (it
+   means nothing without its image) and rows with `images` are copied as they are; with a model that reads
+   images (Qwen2-VL / Qwen3-VL), every candidate is a text with its images (`Item`), compared by words and
+   image content (`item_key`), and the mined rows carry their negatives' images.
 2. Search (`top_k`): the k highest cosines of each distinct query against the whole corpus, computed in
    blocks of QUERY_BLOCK queries x DOC_BLOCK documents, keeping a running top-k per query. Memory is the
    embeddings plus QUERY_BLOCK x (k + DOC_BLOCK) scores, never the Q x D matrix. k = `range_max` plus the
@@ -35,7 +37,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from embedtune.data import IMAGE_TAG, canonical
+from embedtune.data import IMAGE_TAG, canonical, read_rows, row_texts
+from embedtune.images import check_images, infos_by_text
 from embedtune.knobs import SAMPLINGS  # noqa: F401  (one source: the knob table)
 from embedtune.overlap import read_text_records, record_texts, text_key
 
@@ -44,30 +47,71 @@ DOC_BLOCK = 16384
 PERCENTILES = (5, 25, 50, 75, 95)
 
 
-def build_corpus(rows: Sequence[dict], corpus_files: Iterable[str] = ()) -> list[str]:
-    """Distinct candidate texts, in first-seen order: the rows' responses and negatives, then the files'
-    (texts with an `<image>` tag left out)."""
-    texts: dict[str, None] = {}
+Item = str | tuple  # a text, or, when the model reads images, (a text, its `ImageInfo`s)
+
+
+def row_items(row: dict, images: bool = False) -> list[Item]:
+    """A row's (query, response, *rejected) texts; with `images` (a row checked by `images.check_images`), each
+    as (text, its images)."""
+    texts = row_texts(row)
+    return texts if not images else [(t, tuple(i)) for t, i in zip(texts, infos_by_text(row), strict=True)]
+
+
+def item_key(item: Item) -> int:
+    """`overlap.text_key` of an item: its normalized text and, for one with images, their content hashes."""
+    if isinstance(item, str):
+        return text_key(item)
+    return text_key(item[0], ",".join(i.sha256 for i in item[1]))
+
+
+def texts_and_images(items: Sequence[Item], images: bool) -> tuple[list[str], list[tuple] | None]:
+    """Items -> (their texts, each one's image entries, or None without `images`): `encode_unique`'s inputs."""
+    if not images:
+        return list(items), None
+    return [t for t, _ in items], [tuple(i.ref for i in infos) for _, infos in items]
+
+
+def build_corpus(rows: Sequence[dict], corpus_files: Iterable[str] = (), images: bool = False) -> list[Item]:
+    """Distinct candidates, in first-seen order: the rows' responses and negatives, then the files'.
+
+    Without `images`, texts with an `<image>` tag are left out (they mean nothing without their image). With
+    `images` (a model that reads them; `rows` checked), candidates are (text, images) items, and a corpus
+    file of canonical rows with `images` is read as rows (validated, each image read: FILE:LINE: field)."""
+    items: dict[Item, None] = {}
     for row in rows:
-        texts[row["response"]] = None
-        texts.update(dict.fromkeys(row.get("rejected_response") or ()))
+        items.update(dict.fromkeys(row_items(row, images)[1:]))
     for path in corpus_files:
-        for lineno, record in read_text_records(path):
-            texts.update(dict.fromkeys(record_texts(path, lineno, record, ("response", "rejected_response"))))
-    return [t for t in texts if IMAGE_TAG not in t]
+        records = list(read_text_records(path))
+        if images and any(isinstance(r, dict) and r.get("images") for _, r in records):
+            for row in check_images(read_rows(path, lines=True), path):
+                items.update(dict.fromkeys(row_items(row, True)[1:]))
+            continue
+        for lineno, record in records:
+            texts = record_texts(path, lineno, record, ("response", "rejected_response"))
+            items.update(dict.fromkeys((t, ()) if images else t for t in texts))
+
+    def usable(item: Item) -> bool:  # an `<image>` tag without its image means nothing
+        text, infos = (item, ()) if isinstance(item, str) else item
+        return IMAGE_TAG not in text or bool(infos)
+
+    return [t for t in items if usable(t)]
 
 
-def distinct_queries(rows: Sequence[dict]) -> tuple[list[str], np.ndarray, list[set[int]]]:
-    """(distinct query texts, (R,) query index of each row, per query the keys it must never be mined:
-    its own positives' and its own text's normalized keys)."""
-    index: dict[str, int] = {}
+def distinct_queries(
+    rows: Sequence[dict], images: bool = False
+) -> tuple[list[Item], np.ndarray, list[set[int]]]:
+    """(distinct queries, (R,) query index of each row, per query the keys it must never be mined: its own
+    positives' and its own `item_key`s). With `images`, a query is (text, images): the same words over
+    another image are another query."""
+    index: dict[Item, int] = {}
     of_row = np.empty(len(rows), dtype=np.int64)
     skip: list[set[int]] = []
     for r, row in enumerate(rows):
-        i = index.setdefault(row["query"], len(index))
+        query, response = row_items(row, images)[:2]
+        i = index.setdefault(query, len(index))
         if i == len(skip):
-            skip.append({text_key(row["query"])})
-        skip[i].add(text_key(row["response"]))
+            skip.append({item_key(query)})
+        skip[i].add(item_key(response))
         of_row[r] = i
     return list(index), of_row, skip
 
@@ -135,11 +179,13 @@ def select_negatives(
     indices: np.ndarray,
     positive_scores: np.ndarray,
     cfg,
+    images: bool = False,
 ) -> tuple[list[dict], dict]:
     """The rows with mined `rejected_response`, and the counts and score percentiles of the stats JSON.
 
     `scores` / `indices` (Q, k): `top_k` of each distinct query; `positive_scores` (R,): each row's cosine to
-    its own positive; `cfg`: a `MineConfig` (window, filters, sampling, seed, keep_original_negatives).
+    its own positive; `cfg`: a `MineConfig` (window, filters, sampling, seed, keep_original_negatives);
+    `images`: the corpus is (text, images) items (`build_corpus`), each row's `images` rebuilt in tag order.
     """
     rng = np.random.default_rng(cfg.seed)
     out: list[dict] = []
@@ -168,16 +214,21 @@ def select_negatives(
         n_mined += len(mined)
         short += len(mined) < cfg.num_negatives
         negatives = mined
+        items = row_items(row, images)
         if cfg.keep_original_negatives and row.get("rejected_response"):
             own_keys = skip[qi]
-            original = [t for t in row["rejected_response"] if text_key(t) not in own_keys]
+            original = [t for t in items[2:] if item_key(t) not in own_keys]
             seen = set(original)
             negatives = original + [t for t in mined if t not in seen]
         without += not negatives
-        unchanged = negatives == (row.get("rejected_response") or [])
+        unchanged = negatives == items[2:]
         scores_dropped += row.get("teacher_scores") is not None and not unchanged
         teacher = row.get("teacher_scores") if unchanged else None  # they scored the negatives it had
-        out.append(canonical({**row, "rejected_response": negatives, "teacher_scores": teacher}))
+        new = {**row, "rejected_response": negatives, "teacher_scores": teacher}
+        if images:  # texts back apart from their images: `images` in tag order (query, response, negatives)
+            new["rejected_response"] = [t for t, _ in negatives]
+            new["images"] = [i.ref for _, infos in items[:2] + negatives for i in infos]
+        out.append(canonical(new))
     kept = np.concatenate(kept_scores) if kept_scores else np.zeros(0)
     stats = {
         "negatives_mined": n_mined,

@@ -2,8 +2,10 @@
 
 - **embedder**: the `sentence_transformers` flavor (`log_embedder`): a list of strings -> (N, dim) float32
   unit vectors; `params={"prompt_name": "query"}` prepends the query instruction saved with the model.
-- **image embedder** (Qwen2-VL / Qwen3-VL): a pyfunc (`log_vision_embedder`): a DataFrame with `text` and
+- **image embedder** (Qwen2-VL / Qwen3-VL): a pyfunc (`log_vision_model`): a DataFrame with `text` and
   `images` (one entry per `<image>` tag: a data URI, an http(s) / s3 / gs URI or a path) -> (N, dim) float32.
+- **image reranker** (Qwen2-VL / Qwen3-VL): a pyfunc too: `query`, `document`, `query_images`,
+  `document_images` -> (N,) scores in [0, 1].
 - **reranker**: a pyfunc (`log_reranker`) over the model folder plus this package's code (`code_paths`), so
   `embedtune` need not be installed where it is loaded. `RerankerModel` is the class serving unpickles: it
   scores (query, document) pairs in [0, 1].
@@ -173,19 +175,37 @@ class VisionEmbedderModel(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["model"], "embedding")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        from embedtune.images import resolve
-
         params = params or {}
         texts = model_input["text"].astype(str).tolist()
-        given = model_input["images"].tolist() if "images" in model_input else [[]] * len(texts)
-        images = [[resolve(str(r)) for r in (refs if refs is not None else [])] for refs in given]
-        return self.model.encode_items(texts, images, is_query=params.get("prompt_name") == "query",
+        return self.model.encode_items(texts, image_column(model_input, "images"),
+                                       is_query=params.get("prompt_name") == "query",
                                        batch_size=int(params.get("batch_size", 8)))  # fmt: skip
 
 
-def log_vision_embedder(model_dir: Path, meta: dict, extra_metadata: dict, redact: Callable[[str], str]):
-    """`VisionEmbedderModel` (the sentence_transformers flavor cannot load these folders without torchvision,
-    and takes no images in its signature)."""
+def image_column(frame: pd.DataFrame, column: str) -> list[list[str]]:
+    """Per row of `frame`, the image entries of `column` resolved (no column, or None: no images)."""
+    from embedtune.images import resolve
+
+    given = frame[column].tolist() if column in frame else [None] * len(frame)
+    return [[resolve(str(r)) for r in (refs if refs is not None else [])] for refs in given]
+
+
+class VisionRerankerModel(RerankerModel):
+    """pyfunc over a Qwen2-VL / Qwen3-VL reranker folder: a DataFrame with `query`, `document` (with `<image>`
+    tags) and `query_images`, `document_images` (per row a list of entries, one per tag of that side) ->
+    relevance scores in [0, 1]."""
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        queries, docs = pairs_of(model_input)
+        z = self.reranker.logits(queries, docs, int((params or {}).get("batch_size", 8)),
+                                 query_images=image_column(model_input, "query_images"),
+                                 doc_images=image_column(model_input, "document_images"))  # fmt: skip
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def log_vision_model(model_dir: Path, meta: dict, extra_metadata: dict, redact: Callable[[str], str]):
+    """`VisionEmbedderModel` / `VisionRerankerModel` (the sentence_transformers flavor cannot load these folders
+    without torchvision, and takes no images in its signature)."""
     import base64
     import io
 
@@ -193,20 +213,24 @@ def log_vision_embedder(model_dir: Path, meta: dict, extra_metadata: dict, redac
 
     png = io.BytesIO()
     Image.new("RGB", (56, 56), (200, 30, 30)).save(png, format="PNG")
-    example = pd.DataFrame({"text": ["<image> a red square", "plain text"],
-                            "images": [["data:image/png;base64," + base64.b64encode(png.getvalue()).decode()], []]})  # fmt: skip
-    out = VisionEmbedderModel()
-    out.model = load_model(model_dir, "embedding", device="cpu")
-    signature = infer_signature(
-        example, out.predict(None, example), params={"prompt_name": "", "batch_size": 8}
-    )
-    del out.model
+    red = ["data:image/png;base64," + base64.b64encode(png.getvalue()).decode()]
+    if meta.get("task_type") == "reranker":
+        out, loaded, params = VisionRerankerModel(), "reranker", {"batch_size": 8}
+        example = pd.DataFrame({"query": ["<image> what is this?", "a red square"],
+                                "document": ["a red square", "<image>"], "query_images": [red, []],
+                                "document_images": [[], red]})  # fmt: skip
+    else:
+        out, loaded, params = VisionEmbedderModel(), "model", {"prompt_name": "", "batch_size": 8}
+        example = pd.DataFrame({"text": ["<image> a red square", "plain text"], "images": [red, []]})
+    setattr(out, loaded, load_model(model_dir, meta.get("task_type") or "embedding", device="cpu"))
+    signature = infer_signature(example, out.predict(None, example), params=params)
+    delattr(out, loaded)
     return log_pyfunc(model_dir, out, signature, extra_metadata, redact)
 
 
 def logger_for(meta: dict) -> Callable:
-    """How a model folder (its embedtune.json) is logged: `LOGGERS` by task type; image embedders apart."""
-    return log_vision_embedder if meta.get("vision_family") else LOGGERS[meta["task_type"]]
+    """How a model folder (its embedtune.json) is logged: `LOGGERS` by task type; models reading images apart."""
+    return log_vision_model if meta.get("vision_family") else LOGGERS[meta["task_type"]]
 
 
 LOGGERS = {"embedding": log_embedder, "reranker": log_reranker}

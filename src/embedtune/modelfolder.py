@@ -268,7 +268,7 @@ DECODERS = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma", "gemma2"
 def reranker_head(path: str, head: str = "auto", trust_remote_code: bool = False) -> str:
     """`generative` or `classifier` for a reranker folder or hub id: `head` when given; else what the folder's
     embedtune.json says, a sequence-classification architecture (classifier), a causal LM (generative), or
-    by the model type: decoders generative, encoders (BERT, XLM-R, ModernBERT, MiniLM) a new classifier."""
+    by the model type: decoders (and Qwen2-VL / Qwen3-VL) generative, encoders (BERT, XLM-R, ModernBERT, MiniLM) a new classifier."""
     if head not in HEADS:
         raise EmbedtuneError(f"reranker_head: {head!r} is not one of {', '.join(HEADS)}")
     if head != "auto":
@@ -279,7 +279,7 @@ def reranker_head(path: str, head: str = "auto", trust_remote_code: bool = False
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "classifier"
-    return "generative" if is_decoder(config) else "classifier"
+    return "generative" if is_decoder(config) or vision_family(config) else "classifier"
 
 
 VISION_FAMILIES = ("qwen2_vl", "qwen3_vl")  # model types that read images (`embedtune.vision.FAMILIES`)

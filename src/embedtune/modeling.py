@@ -54,7 +54,7 @@ from embedtune.modelfolder import (  # noqa: F401 (META_FILE, read_meta, ...: al
     write_meta,
     write_st_files,
 )
-from embedtune.pooling import POOLINGS, pool, pool_packed
+from embedtune.pooling import POOLINGS, append_eos_post_processor, pool, pool_packed
 
 RERANKER_SYSTEM = 'Judge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
 RERANKER_PREFIX = f"<|im_start|>system\n{RERANKER_SYSTEM}<|im_end|>\n<|im_start|>user\n"
@@ -81,29 +81,6 @@ def _load_backbone(path: str, auto_cls, trust_remote_code: bool, dtype, **kwargs
         return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
     except pickle.UnpicklingError as e:  # a hub model's .bin refused by torch's weights-only loader
         raise EmbedtuneError(f"{path}: refused: {str(e).strip().splitlines()[0][:300]}") from None
-
-
-def append_eos_post_processor(tokenizer) -> None:
-    """Make a fast tokenizer append its end-of-text token, as Qwen3-Embedding's own tokenizer does.
-
-    Done on the tokenizer itself (not in our batching code) so the saved tokenizer does the same inside
-    sentence-transformers: training, evaluation and serving see identical token ids.
-    """
-    from tokenizers import processors
-
-    eos = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
-    if eos is None:
-        raise EmbedtuneError("last-token pooling needs an end-of-text token; the tokenizer has none")
-    eos_id = tokenizer.convert_tokens_to_ids(eos)
-    if tokenizer("a")["input_ids"][-1] == eos_id:
-        return  # already appends it
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise EmbedtuneError("last-token pooling needs a fast tokenizer to append the end-of-text token")
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, eos_id)]
-    )
-    assert tokenizer("a")["input_ids"][-1] == eos_id
 
 
 def _batches_by_length(lengths: Sequence[int], batch_size: int):
@@ -388,13 +365,20 @@ class Reranker(Wrapper):
         trust_remote_code: bool = False,
         dtype: torch.dtype = torch.float32,
         attn_implementation: str | None = None,
+        vision: dict | None = None,
     ) -> Reranker:
-        """Load a reranker folder (full or adapter); unset arguments come from its embedtune.json."""
+        """Load a reranker folder (full or adapter); unset arguments come from its embedtune.json. A Qwen2-VL /
+        Qwen3-VL folder loads as `vision.VisionReranker` (`vision`: as `Embedder.from_pretrained`'s)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = str(path)
         check_sources(path, trust_remote_code)
         meta = read_meta(path)
+        if cls is Reranker and vision_family(hf_config(path, trust_remote_code)):
+            from embedtune.vision import VisionReranker
+
+            return VisionReranker.load(path, instruction, max_length, positive_token, negative_token, trust_remote_code,
+                                       dtype, attn_implementation, **(vision or {}))  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         lm = _load_backbone(
             path, AutoModelForCausalLM, trust_remote_code, dtype, **_attention(attn_implementation)
@@ -427,13 +411,21 @@ class Reranker(Wrapper):
         logits would be rounded to ~0.1 and tie close candidates. Under ZeRO-3 (the head's weight is a
         shard its own forward gathers) the whole head runs: (B, V) logits instead of (B, L, V).
         """
-        lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        lm = self.base_lm
         if self.padding_free:
             hidden = lm.get_decoder()(**pack(features)).last_hidden_state[0]  # (N, H), N real tokens
             last = pool_packed(hidden, features, "last")
         else:
             last = pool(lm.get_decoder()(**features).last_hidden_state, features["attention_mask"], "last")
-        head = lm.get_output_embeddings()  # last: (B, H)
+        return self.yes_no(last)
+
+    @property
+    def base_lm(self) -> nn.Module:
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def yes_no(self, last: torch.Tensor) -> torch.Tensor:
+        """(B, H) hidden states at the last real token -> (B,) z = logit(yes) - logit(no)."""
+        head = self.base_lm.get_output_embeddings()
         if type(head) is not nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
             logits = head(last).float()  # (B, V)
             return logits[:, self.yes_id] - logits[:, self.no_id]

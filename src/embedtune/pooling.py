@@ -46,3 +46,26 @@ def pool_packed(hidden: torch.Tensor, features: dict, pooling: str) -> torch.Ten
         )
         return sums / n.unsqueeze(1).to(torch.float32)
     raise EmbedtuneError(f"unknown pooling {pooling!r}: choose one of {POOLINGS}")
+
+
+def append_eos_post_processor(tokenizer) -> None:
+    """Make a fast tokenizer append its end-of-text token, as Qwen3-Embedding's own tokenizer does.
+
+    Done on the tokenizer itself (not in our batching code) so the saved tokenizer does the same inside
+    sentence-transformers: training, evaluation and serving see identical token ids.
+    """
+    from tokenizers import processors
+
+    eos = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    if eos is None:
+        raise EmbedtuneError("last-token pooling needs an end-of-text token; the tokenizer has none")
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    if tokenizer("a")["input_ids"][-1] == eos_id:
+        return  # already appends it
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise EmbedtuneError("last-token pooling needs a fast tokenizer to append the end-of-text token")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, eos_id)]
+    )
+    assert tokenizer("a")["input_ids"][-1] == eos_id

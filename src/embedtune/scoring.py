@@ -124,19 +124,27 @@ def measure(
     """
     t0 = time.perf_counter()
     if isinstance(model, Reranker):
-        if data.query_images is not None:
+        if data.query_images is not None and not hasattr(model, "pairs"):
             raise EmbedtuneError(
-                "the eval rows have images: rerankers that read images are not supported yet"
+                "the eval rows have images: this reranker reads no images (a Qwen2-VL / Qwen3-VL one does)"
             )
         if data.shape != "ranking":
             raise EmbedtuneError(
                 f"a reranker needs ranking eval data (rows with rejected_response), not {data.shape}"
             )
         queries, docs = [data.queries[i] for i in data.qi], [data.docs[i] for i in data.di]
+        images = {}
+        if data.query_images is not None:  # each pair's sides' image entries
+            images = {"query_images": [data.query_images[i] for i in data.qi],
+                      "doc_images": [data.doc_images[i] for i in data.di]}  # fmt: skip
+
+        def pick(idx) -> dict:
+            return {k: [v[i] for i in idx] for k, v in images.items()}
+
         # z = logit(yes) - logit(no), float64: ranking uses z (sigmoid(z) saturates and ties), margins P(yes)
         scores = shard(
             lambda idx: model.logits(
-                [queries[i] for i in idx], [docs[i] for i in idx], batch_size, show_progress
+                [queries[i] for i in idx], [docs[i] for i in idx], batch_size, show_progress, **pick(idx)
             ),
             len(queries),
         )

@@ -116,11 +116,17 @@ def sample_inputs(eval_data: str) -> tuple[list, list]:
 
 def outputs(model, queries: list, docs: list) -> np.ndarray:
     """What the check compares: (Q + D, H) embeddings, or (2 Q,) reranker z scores of query-document pairs."""
+    images = any(isinstance(t, tuple) for t in queries + docs)  # rows with images: a model that reads them
+    q, d = ([(t, ()) if isinstance(t, str) else t for t in ts] for ts in (queries, docs))
     if isinstance(model, Reranker):  # each query with 2 documents: 2 Q prompts, not Q x D
-        pairs = [(q, docs[(i + j) % len(docs)]) for i, q in enumerate(queries) for j in range(2)]
-        return model.logits([q for q, _ in pairs], [d for _, d in pairs], batch_size=16)
-    if any(isinstance(t, tuple) for t in queries + docs):  # rows with images: a model that reads them
-        q, d = ([(t, ()) if isinstance(t, str) else t for t in ts] for ts in (queries, docs))
+        pairs = [(a, d[(i + j) % len(d)]) for i, a in enumerate(q) for j in range(2)]
+        sides = (
+            {"query_images": [a[1] for a, _ in pairs], "doc_images": [b[1] for _, b in pairs]}
+            if images
+            else {}
+        )
+        return model.logits([a[0] for a, _ in pairs], [b[0] for _, b in pairs], batch_size=16, **sides)
+    if images:
         return np.concatenate([model.encode_items([t for t, _ in q], [i for _, i in q], is_query=True),
                                model.encode_items([t for t, _ in d], [i for _, i in d])]).astype(np.float64)  # fmt: skip
     return np.concatenate([model.encode(queries, is_query=True), model.encode(docs)]).astype(np.float64)
@@ -254,6 +260,10 @@ def run(cfg: MergeConfig) -> dict:
 
     queries, docs = sample_inputs(cfg.eval_data)
     model = load_model(src, task_type)  # fp32, on the GPU when there is one
+    if export and hasattr(model, "featurizer"):
+        raise EmbedtuneError(
+            f"export_classifier: {src} reads images; only text rerankers have a classifier form"
+        )
     adapter_out = outputs(model, queries, docs)
     base_out, adapter_vs_base = adapter_out, 0.0  # full weights (exported only): nothing to tell apart
     if is_adapter(src):

@@ -9,8 +9,11 @@ Read top to bottom, `run(cfg)` is the whole step (the search and the filters are
 1. Check the knobs. `--passthrough`: copy the rows unchanged and stop (the pipeline always runs this step
    and passes `passthrough = not mine_hard_negatives`: kfp.local cannot pick train's input out of If/Else
    branches, so the DAG keeps one shape).
-2. Read the rows (validated canonical rows; rows with `images` are copied as they are, mining images is not
-   built yet) and build the corpus: every response and rejected_response, plus the `--corpus` files.
+2. Read the rows (validated canonical rows) and build the corpus: every response and rejected_response,
+   plus the `--corpus` files. Rows with `images`: a model that reads images (Qwen2-VL / Qwen3-VL) mines them
+   too, each text with its images (read and decoded first: `FILE:LINE: images[i]: reason`; candidates
+   compared by words and image content; a corpus file may hold canonical rows with images); a text model
+   copies them as they are.
 3. `--nproc N` outside torchrun: relaunch under torchrun (`embedtune.launch`), one process per GPU, and
    return the stats rank 0 wrote.
 4. Load the model for inference (`modeling.load_model`, with train's pooling and query instruction) and
@@ -37,13 +40,24 @@ from embedtune.config import MineConfig
 from embedtune.data import pass_rows_through, read_rows
 from embedtune.distributed import gather_over_ranks, init_ranks
 from embedtune.errors import EmbedtuneError
+from embedtune.images import check_images
 from embedtune.io import json_bytes, read_json
 from embedtune.launch import inside_torchrun, torchrun
-from embedtune.mining import build_corpus, distinct_queries, search_depth, select_negatives, top_k
+from embedtune.mining import (
+    build_corpus,
+    distinct_queries,
+    item_key,
+    row_items,
+    search_depth,
+    select_negatives,
+    texts_and_images,
+    top_k,
+)
 from embedtune.outputs import OutputSet, refuse_inputs
-from embedtune.overlap import split_paths, text_key
+from embedtune.overlap import split_paths
 from embedtune.progress import rank, say
 from embedtune.scoring import encode_unique, row_dots, scoring_model
+from embedtune.vision import reads_images
 
 
 def run(cfg: MineConfig) -> dict:
@@ -57,21 +71,25 @@ def run(cfg: MineConfig) -> dict:
     # ---------------------------------------------------------------- 2. rows and corpus
     t0 = time.perf_counter()
     given = read_rows(cfg.dataset)
-    rows = [r for r in given if not r.get("images")]  # rows with images: copied as they are (see mining.py)
-    if not rows:
-        raise EmbedtuneError(f"{cfg.dataset}: every row has images; mining image rows is not supported yet")
     files = split_paths(cfg.corpus)
     for path in files:
         if not Path(path).is_file():
             raise EmbedtuneError(f"corpus: {path}: file not found")
+    sees = reads_images(cfg.model, cfg.trust_remote_code)  # a Qwen2-VL / Qwen3-VL model mines every row
+    # rows with images: read and decoded now (FILE:LINE: images[i]), or copied as they are by a text model
+    rows = check_images(given, cfg.dataset) if sees else [r for r in given if not r.get("images")]
+    if not rows:
+        raise EmbedtuneError(
+            f"{cfg.dataset}: every row has images and {cfg.model} reads none (a Qwen2-VL / Qwen3-VL one does)"
+        )
 
     # ---------------------------------------------------------------- 3. several processes: relaunch
     if cfg.nproc > 1 and not inside_torchrun():
         torchrun("mine", cfg, cfg.nproc)
         return read_json(stats_path)
     world, device = init_ranks()
-    corpus = build_corpus(rows, files)
-    queries, row_query, skip = distinct_queries(rows)
+    corpus = build_corpus(rows, files, images=sees)  # texts, or (text, images) items
+    queries, row_query, skip = distinct_queries(rows, images=sees)
     say("mine", f"{len(rows)} rows, {len(queries)} queries, {len(corpus)} candidate texts")
 
     # ---------------------------------------------------------------- 4. encode
@@ -84,19 +102,15 @@ def run(cfg: MineConfig) -> dict:
         cfg.model, "embedding", cfg.dtype, like=like, max_length=cfg.max_length, device=device,
         trust_remote_code=cfg.trust_remote_code,
     ) as model:  # fmt: skip
-        q, d = encode_unique(
-            model,
-            queries,
-            corpus,
-            cfg.per_device_eval_batch_size,
-            show_progress=rank() == 0,
-            shard=gather_over_ranks,
-        )  # (Q, H), (D, H) unit vectors
+        (qt, qr), (dt, dr) = texts_and_images(queries, sees), texts_and_images(corpus, sees)
+        q, d = encode_unique(model, qt, dt, cfg.per_device_eval_batch_size, show_progress=rank() == 0,
+                             shard=gather_over_ranks, query_images=qr, doc_images=dr)  # fmt: skip
+        # (Q, H), (D, H) unit vectors
     del model
 
     # ---------------------------------------------------------------- 5. search
     t2 = time.perf_counter()
-    doc_keys = np.fromiter((text_key(t) for t in corpus), dtype=np.uint64, count=len(corpus))
+    doc_keys = np.fromiter((item_key(t) for t in corpus), dtype=np.uint64, count=len(corpus))
     k = search_depth(doc_keys, skip, cfg.range_max)
 
     def search(idx: np.ndarray) -> np.ndarray:
@@ -113,9 +127,10 @@ def run(cfg: MineConfig) -> dict:
     result = None
     if rank() == 0:
         where = {t: i for i, t in enumerate(corpus)}
-        positive_scores = row_dots(q, d, row_query, np.array([where[r["response"]] for r in rows]))
+        positives = [where[row_items(r, sees)[1]] for r in rows]
+        positive_scores = row_dots(q, d, row_query, np.array(positives))
         mined, counts = select_negatives(
-            rows, row_query, skip, corpus, doc_keys, scores, indices, positive_scores, cfg
+            rows, row_query, skip, corpus, doc_keys, scores, indices, positive_scores, cfg, images=sees
         )
         by_row = iter(mined)
         counts["rows_with_images_copied"] = len(given) - len(rows)
@@ -145,7 +160,7 @@ def run(cfg: MineConfig) -> dict:
         with OutputSet() as outs:  # rows and stats together, or neither
             out = outs.open(cfg.output)
             for r in given:
-                out.write(orjson.dumps(r if r.get("images") else next(by_row)) + b"\n")
+                out.write(orjson.dumps(r if r.get("images") and not sees else next(by_row)) + b"\n")
             outs.write_bytes(stats_path, json_bytes(result))
         say(
             "mine",

@@ -9,8 +9,9 @@ is `embedtune.teacher`):
 
 1. Check the knobs. `--passthrough`: copy the rows unchanged and stop (the pipeline always runs this step,
    passing `passthrough` when no teacher_model is given, for the reason mine does).
-2. Read the rows (validated canonical rows). Rows with `images` are copied unscored (a text teacher cannot
-   score them; counted in the stats).
+2. Read the rows (validated canonical rows). Rows with `images`: a teacher that reads images (Qwen2-VL /
+   Qwen3-VL) scores them with their images (each read and decoded first: `FILE:LINE: images[i]: reason`); a
+   text teacher copies them unscored (counted in the stats).
 3. `--nproc N` outside torchrun: relaunch under torchrun, one process per GPU, and return the stats rank 0
    wrote.
 4. Resume: a killed run left `.<output>.partial` (the rows scored so far, whole chunks only) and its
@@ -38,6 +39,7 @@ from embedtune.config import ScoreConfig
 from embedtune.data import pass_rows_through, read_rows
 from embedtune.distributed import gather_over_ranks, init_ranks
 from embedtune.errors import EmbedtuneError
+from embedtune.images import check_images
 from embedtune.io import json_bytes, read_json, read_lines, write_json
 from embedtune.launch import inside_torchrun, torchrun
 from embedtune.mining import percentiles
@@ -46,8 +48,14 @@ from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import rank, say
 from embedtune.scoring import scoring_model
 from embedtune.teacher import score_rows
+from embedtune.vision import reads_images
 
 KNOBS = ("teacher_model", "teacher_task_type", "max_length", "dtype")  # what a resume must share
+
+
+def scored_row(row: dict, checked: dict, scores: list[float]) -> dict:
+    """The row as given, with its teacher_scores (and its images as checked: resolved, when it has any)."""
+    return {**row, **({"images": checked["images"]} if row.get("images") else {}), "teacher_scores": scores}
 
 
 def run(cfg: ScoreConfig) -> dict:
@@ -61,9 +69,15 @@ def run(cfg: ScoreConfig) -> dict:
     # ---------------------------------------------------------------- 2. rows
     t0 = time.perf_counter()
     given = read_rows(cfg.dataset)
-    todo = [i for i, r in enumerate(given) if not r.get("images")]
+    sees = reads_images(cfg.teacher_model, cfg.trust_remote_code)  # a Qwen2-VL / Qwen3-VL teacher: every row
+    checked = (
+        check_images(given, cfg.dataset) if sees else given
+    )  # read and decoded now: FILE:LINE: images[i]
+    todo = [i for i, r in enumerate(given) if sees or not r.get("images")]
     if not todo:
-        raise EmbedtuneError(f"{cfg.dataset}: every row has images; scoring image rows is not supported yet")
+        raise EmbedtuneError(
+            f"{cfg.dataset}: every row has images and {cfg.teacher_model} reads none (a Qwen2-VL / Qwen3-VL one does)"
+        )
 
     # ---------------------------------------------------------------- 3. several processes: relaunch
     if cfg.nproc > 1 and not inside_torchrun():
@@ -92,13 +106,17 @@ def run(cfg: ScoreConfig) -> dict:
         kind = "embedding" if isinstance(teacher, Embedder) else "reranker"
         for start in range(done, len(given), cfg.score_chunk_rows):
             chunk = given[start : start + cfg.score_chunk_rows]
-            scorable = [r for r in chunk if not r.get("images")]
+            scorable = [c for r, c in zip(chunk, checked[start : start + len(chunk)], strict=True)
+                        if sees or not r.get("images")]  # fmt: skip
             scores = iter(score_rows(teacher, scorable, cfg.score_batch_tokens, shard=gather_over_ranks))
             pairs += sum(1 + len(r.get("rejected_response") or []) for r in scorable)
-            if rank() == 0:
+            if (
+                rank() == 0
+            ):  # a scored row with images keeps them resolved (absolute paths), as mine writes them
                 lines = b"".join(
-                    orjson.dumps(r if r.get("images") else {**r, "teacher_scores": next(scores)}) + b"\n"
-                    for r in chunk
+                    orjson.dumps(r if r.get("images") and not sees else scored_row(r, c, next(scores)))
+                    + b"\n"
+                    for r, c in zip(chunk, checked[start : start + len(chunk)], strict=True)
                 )
                 size = append_synced(partial, lines)
                 write_json(state_path, {**fingerprint, "rows": start + len(chunk), "bytes": size})

@@ -343,11 +343,9 @@ def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
         # an empty query_instruction: the model's own query prompt, if any
         model = Embedder.from_pretrained(cfg.model, cfg.pooling, cfg.query_instruction or None, **common,
                                          vision=vision_knobs(cfg))  # fmt: skip
-    elif vision_family(config):
-        raise EmbedtuneError(
-            f"{cfg.model}: rerankers on {config.model_type} are not supported yet (embedders are)"
-        )
     elif reranker_head(cfg.model, cfg.reranker_head, cfg.trust_remote_code) == "classifier":
+        if vision_family(config):
+            raise EmbedtuneError(f"{cfg.model}: a {config.model_type} reranker has the generative head only")
         if packed:
             raise EmbedtuneError(
                 "padding_free: not for a classifier reranker (its head finds the last token by padding)"
@@ -355,7 +353,7 @@ def build_model(cfg: TrainConfig, precision: Precision) -> Embedder | Reranker:
         model = ClassifierReranker.from_pretrained(cfg.model, **common)
     else:
         model = Reranker.from_pretrained(cfg.model, cfg.reranker_instruction, positive_token=cfg.positive_token,
-                                         negative_token=cfg.negative_token, **common)  # fmt: skip
+                                         negative_token=cfg.negative_token, **common, vision=vision_knobs(cfg))  # fmt: skip
     model.padding_free = packed
     apply_liger_kernel(model.inner, cfg.use_liger_kernel)  # before LoRA wraps the linear layers
     dims, _ = matryoshka_spec(cfg.matryoshka_dims)
