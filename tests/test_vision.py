@@ -532,3 +532,21 @@ def test_serve_takes_images_as_vllm_and_jina_send_them(qwen2_vl, tmp_path):
     finally:
         server.stop()
         httpd.shutdown()
+
+
+def test_ms_swift_max_pixels_env_bounds_the_image_tokens_unless_the_flag_is_given(
+    qwen2_vl, image_rows, tmp_path, monkeypatch, capsys
+):
+    """`MAX_PIXELS` (ms-swift's env var) is `--max-pixels`'s default: the saved processor resizes to it; an
+    explicit flag wins (and the log says the env var was ignored)."""
+    from embedtune.steps import train
+
+    rgb(3, 280, 280).save(tmp_path / "big.png")  # 100 merged 28-pixel patches before any bound
+    big = probe(str(tmp_path / "big.png"))
+    monkeypatch.setenv("MAX_PIXELS", str(16 * 28 * 28))
+    train.run(train_cfg(qwen2_vl, image_rows, tmp_path / "env", max_steps=1))
+    assert "max_pixels = 12544 (env MAX_PIXELS)" in capsys.readouterr().err
+    assert Embedder.from_pretrained(tmp_path / "env").image_tokens(big) <= 16
+    train.run(train_cfg(qwen2_vl, image_rows, tmp_path / "flag", max_steps=1, max_pixels=36 * 28 * 28))
+    assert "(flag, env MAX_PIXELS ignored)" in capsys.readouterr().err
+    assert 16 < Embedder.from_pretrained(tmp_path / "flag").image_tokens(big) <= 36

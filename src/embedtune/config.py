@@ -39,6 +39,8 @@ ENV_DEFAULTS = {
     "infonce_include_dd": ("INFONCE_INCLUDE_DD", "bool", False),
     "positive_token": ("GENERATIVE_RERANKER_POSITIVE_TOKEN", str, "yes"),
     "negative_token": ("GENERATIVE_RERANKER_NEGATIVE_TOKEN", str, "no"),
+    "min_pixels": ("MIN_PIXELS", int, 0),
+    "max_pixels": ("MAX_PIXELS", int, 0),
 }
 
 
@@ -149,8 +151,8 @@ class TrainConfig(Checked):
     lora_target: str = "all-linear"  # modules LoRA wraps: all-linear or a comma-separated list of module names
     use_dora: bool = False  # LoRA as DoRA (weight-decomposed: magnitude + direction; PEFT's use_dora), merged like LoRA
     freeze_vision: bool = True  # Qwen2-VL / Qwen3-VL: the vision tower and its merger stay frozen (full: no gradient; LoRA: no adapter on them); ms-swift's freeze_vit
-    min_pixels: int = 0  # Qwen2-VL / Qwen3-VL: the image processor's lower bound on an image's resized pixels (0: the model folder's); ms-swift's MIN_PIXELS
-    max_pixels: int = 0  # Qwen2-VL / Qwen3-VL: the image processor's upper bound on an image's resized pixels, which bounds its tokens (pixels / 784 for Qwen2-VL; 0: the model folder's); ms-swift's MAX_PIXELS
+    min_pixels: int | None = None  # Qwen2-VL / Qwen3-VL: the image processor's lower bound on an image's resized pixels (0: the model folder's); default: env MIN_PIXELS (ms-swift's), else 0
+    max_pixels: int | None = None  # Qwen2-VL / Qwen3-VL: the image processor's upper bound on an image's resized pixels, which bounds its tokens (pixels / 784 for Qwen2-VL; 0: the model folder's); default: env MAX_PIXELS (ms-swift's), else 0
     image_root: str = ""  # rows with `images`: refuse local image paths that resolve outside this folder (empty: no limit); relative paths are read from the data file's folder
     max_image_pixels: int = 16777216  # rows with `images`: an image with more pixels is resized down to this many when read (aspect kept), before the processor's own resize
     deepspeed: str = "auto"  # auto (none for one process, zero3 for more: one GPU has no shards to spread, and ZeRO-3 turns torch_compile auto off) | zero3 | zero2 | none (configs ship in the package; 'auto' values filled by the Trainer)

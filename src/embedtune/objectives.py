@@ -268,7 +268,8 @@ def log_env_knobs(given, cfg) -> None:
     from embedtune.config import ENV_DEFAULTS
     from embedtune.progress import say
 
-    for name in env_knobs(objective(cfg.loss_type)):
+    pixels = [n for n in ("min_pixels", "max_pixels") if getattr(cfg, n)]  # a model's, when set
+    for name in env_knobs(objective(cfg.loss_type)) + pixels:
         env = ENV_DEFAULTS[name][0]
         if getattr(given, name) is not None:
             source = "flag" + (f", env {env} ignored" if os.environ.get(env) else "")

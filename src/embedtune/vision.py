@@ -547,7 +547,7 @@ def freeze_vision(model, freeze: bool, lora: bool) -> str | None:
 def vision_knobs(cfg) -> dict:
     """A config's image-processor knobs, as `Embedder.from_pretrained(vision=...)` takes them."""
     return {
-        "min_pixels": cfg.min_pixels,
-        "max_pixels": cfg.max_pixels,
+        "min_pixels": cfg.min_pixels or 0,  # None: the env default unresolved (0: the folder's)
+        "max_pixels": cfg.max_pixels or 0,
         "max_image_pixels": cfg.max_image_pixels,
     }
