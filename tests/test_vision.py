@@ -364,6 +364,9 @@ def test_split_groups_and_guards_by_image_content_not_path(tmp_path):
                                    eval_data=str(tmp_path / "e.jsonl"), split_dataset_ratio=0.25))  # fmt: skip
     evals = [json.loads(x)["images"][0] for x in (tmp_path / "e.jsonl").read_text().splitlines()]
     trains = [json.loads(x)["images"][0] for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    # relative paths are written absolute (the split files may live in another folder), the rest unchanged
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in evals + trains)
+    evals, trains = [Path(p).name for p in evals], [Path(p).name for p in trains]
     assert len(evals) == round(0.25 * 41)  # 41 distinct queries: the same words over 40 images are 40
     for a, b in (("0.png", "copy-of-0.png"), ("copy-of-0.png", "0.png")):
         assert not (a in evals and b in trains), (

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
+
 from embedtune.data import MAX_ERRORS, format_problems, images_by_text
 from embedtune.errors import DataError
 
@@ -212,6 +214,17 @@ def text_image_hashes(row: dict, base: str | os.PathLike, image_root: str = "") 
             j += 1
         out.append(",".join(hashes))
     return out
+
+
+def with_absolute_paths(line: bytes, base: str | os.PathLike) -> bytes:
+    """A JSONL row as it is, unless its `images` hold relative paths: then the row with them absolute (from
+    `base`, the data file's folder), so the rows can be written anywhere (as convert writes them)."""
+    if b'"images"' not in line:
+        return line
+    row = orjson.loads(line)
+    refs = row.get("images") or []
+    fixed = [resolve(r, base) if isinstance(r, str) else r for r in refs]
+    return line if fixed == refs else orjson.dumps({**row, "images": fixed}) + b"\n"
 
 
 def infos_by_text(row: dict) -> list[list[ImageInfo]]:

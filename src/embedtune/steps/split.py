@@ -11,7 +11,7 @@ queries: eval gets `round(ratio * distinct queries)` of them, whatever their row
 Which queries go to eval is decided by a seeded 64-bit hash of the query text (blake2b keyed by the seed):
 the queries with the smallest hashes win. That is a uniform random sample for a given seed, deterministic,
 and independent of row order (shuffling the input file gives the same split). Rows are copied byte for
-byte, in input order. Two passes over the file; memory is 24 bytes per row plus one hash per distinct query.
+byte, in input order (a row's relative image paths are written absolute, from the dataset's folder). Two passes over the file; memory is 24 bytes per row plus one hash per distinct query.
 
 Leakage guard (`embedtune.overlap`): a train row is dropped, and counted, when its normalized query or
 positive (NFKC, casefold, collapsed whitespace) is
@@ -39,7 +39,7 @@ import orjson
 from embedtune.config import SplitConfig
 from embedtune.data import MAX_ERRORS, check_row, format_problems
 from embedtune.errors import DataError, EmbedtuneError
-from embedtune.images import ImageError, text_image_hashes
+from embedtune.images import ImageError, text_image_hashes, with_absolute_paths
 from embedtune.io import read_lines
 from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.overlap import exclusion_keys, split_paths, text_key
@@ -152,13 +152,15 @@ def run(cfg: SplitConfig) -> dict:
             f"{counts['eval_overlap']} overlapping eval); nothing is left to train on"
         )
 
-    # Pass 2: copy each row, unchanged, to its side.
+    # Pass 2: copy each row, unchanged, to its side (relative image paths made absolute, so the files can be
+    # anywhere).
     try:
         with OutputSet() as outs:  # both files appear together, or neither
             train, evalf = outs.open(cfg.train_data), outs.open(cfg.eval_data)
             for side, line in zip(sides, read_lines(path), strict=False):
                 if side:
-                    (evalf if side == EVAL else train).write(line if line.endswith(b"\n") else line + b"\n")
+                    line = with_absolute_paths(line if line.endswith(b"\n") else line + b"\n", path.parent)
+                    (evalf if side == EVAL else train).write(line)
     except OSError as e:
         raise EmbedtuneError(f"cannot write {cfg.train_data} / {cfg.eval_data}: {e}") from None
     return {
