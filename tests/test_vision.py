@@ -527,6 +527,14 @@ def test_serve_takes_images_as_vllm_and_jina_send_them(qwen2_vl, tmp_path):
         with torch.no_grad():
             want = model.eval()(pad([seq], model.tokenizer.pad_token_id, pixels=model.featurizer)).numpy()
         np.testing.assert_allclose([r.json()["data"][0]["embedding"]], want, atol=ATOL)
+        # /v1/rerank with images on an embedder: the cosines of the query's and the documents' embeddings
+        r = httpx.post(f"{server.url}/v1/rerank", timeout=60, json={
+            "query": {"text": "find", "image": uri}, "documents": ["plain words", {"text": "x", "image": url}]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        q = model.encode_items(["<image>find"], [[uri]], is_query=True)[0]
+        d = model.encode_items(["plain words", "<image>x"], [[], [str(tmp_path / "remote.png")]])
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        np.testing.assert_allclose([got[0], got[1]], d @ q, atol=ATOL)
         for image, words in (("/etc/hostname", "data URIs or http(s) URLs"),
                              ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not an image"),
                              (f"{url}.missing", "cannot read")):  # fmt: skip

@@ -8,6 +8,8 @@ and the merged adapter; evaluate, score and mine read each text with its images;
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -340,9 +342,9 @@ def test_image_rows_need_a_reranker_that_reads_images_and_vl_rerankers_are_gener
         train.run(rerank_cfg(text, rerank_rows, tmp_path / "b"))
 
 
-def test_serve_reranks_text_with_an_image_reranker(qwen2_vl, rerank_rows, tmp_path):
-    """`embedtune serve` (a real process, real httpx requests) on a trained image reranker: `/v1/rerank` on text
-    gives the folder's own scores."""
+def test_serve_reranks_text_and_images_with_an_image_reranker(qwen2_vl, rerank_rows, tmp_path):
+    """`embedtune serve` (a real process, real httpx requests) on a trained image reranker: `/v1/rerank` on text,
+    and on images as Jina and vLLM send them, gives the folder's own scores; a bad image or part is a 400."""
     import httpx
     from test_serve import Server
 
@@ -359,5 +361,37 @@ def test_serve_reranks_text_with_an_image_reranker(qwen2_vl, rerank_rows, tmp_pa
         assert r.status_code == 200, r.text
         got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
         np.testing.assert_allclose([got[i] for i in range(3)], want, atol=1e-5)
+        # images as Jina sends them ({text, image} objects; the query too) and as vLLM does (content parts)
+        buf = io.BytesIO()
+        rgb(30).save(buf, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        model = load_model(tmp_path / "tuned")
+        jina = {"query": {"text": "which one", "image": uri}, "return_documents": True,
+                "documents": [{"text": "a drawing", "image": uri}, "plain words", {"image": uri}]}  # fmt: skip
+        r = httpx.post(f"{server.url}/v1/rerank", json=jina, timeout=60)
+        assert r.status_code == 200, r.text
+        z = model.logits(["<image>which one"] * 3, ["<image>a drawing", "plain words", "<image>"],
+                         query_images=[[uri]] * 3, doc_images=[[uri], [], [uri]])  # fmt: skip
+        got = {x["index"]: x for x in r.json()["results"]}
+        np.testing.assert_allclose(
+            [got[i]["relevance_score"] for i in range(3)], 1 / (1 + np.exp(-z)), atol=1e-5
+        )
+        assert got[0]["document"] == {"text": "a drawing", "image": uri} and got[1]["document"] == {
+            "text": "plain words"
+        }
+        vllm = {"query": "which one", "documents": {"content": [
+            {"type": "text", "text": "plain words"}, {"type": "image_url", "image_url": {"url": uri}}]}}  # fmt: skip
+        r = httpx.post(f"{server.url}/rerank", json=vllm, timeout=60)
+        assert r.status_code == 200, r.text
+        z = model.logits(
+            ["which one"] * 2, ["plain words", "<image>"], query_images=[[]] * 2, doc_images=[[], [uri]]
+        )
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        np.testing.assert_allclose([got[0], got[1]], 1 / (1 + np.exp(-z)), atol=1e-5)
+        for body, words in (({"query": "q", "documents": [{"image": "/etc/hostname"}]}, "data URIs or http(s) URLs"),
+                            ({"query": "q", "documents": {"content": [{"type": "audio"}]}}, "a part is text or image_url"),
+                            ({"documents": [{"image": uri}]}, "query: missing")):  # fmt: skip
+            r = httpx.post(f"{server.url}/v1/rerank", json=body, timeout=60)
+            assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     finally:
         server.stop()

@@ -39,6 +39,7 @@ from embedtune.serving import (
     Batcher,
     RequestError,
     Served,
+    document_of,
     embedding_request,
     encode_vector,
     load_served,
@@ -257,12 +258,18 @@ def create_app(cfg, on_failure=None) -> FastAPI:
         served = ready()
         query, docs, top_n, with_docs = rerank_request(await body_of(request), served, cfg.max_inputs)
         batcher = state["batcher"]
+        images = isinstance(query, tuple)  # (text, image URLs) items: images fetched off the loop
         if served.kind == "reranker":
-            seqs = await tokens(lambda d: served.prompt_tokens(query, d), docs)
+            pairs = served.pair_image_tokens if images else served.prompt_tokens
+            seqs = await tokens(lambda d: pairs(query, d), docs)
             scores = 1 / (1 + np.exp(-(await batcher.submit(seqs))))  # P(yes), as Reranker.score
         else:  # an embedder ranks by cosine: the query with its instruction, the documents without
-            q_seqs = await tokens(served.embedding_tokens, [query], True, "query")
-            d_seqs = await tokens(served.embedding_tokens, docs, False, "documents")
+            if images:
+                q_seqs = await tokens(served.image_tokens, [(*query, None)], True)
+                d_seqs = await tokens(served.image_tokens, [(*d, None) for d in docs], False)
+            else:
+                q_seqs = await tokens(served.embedding_tokens, [query], True, "query")
+                d_seqs = await tokens(served.embedding_tokens, docs, False, "documents")
             q, d = await asyncio.gather(batcher.submit(q_seqs), batcher.submit(d_seqs))
             scores, seqs = (d @ q[0]).astype(np.float64), q_seqs + d_seqs
         used = sum(len(ids_of(s)) for s in seqs)
@@ -272,7 +279,7 @@ def create_app(cfg, on_failure=None) -> FastAPI:
             {
                 "index": int(i),
                 "relevance_score": float(scores[i]),
-                **({"document": {"text": docs[i]}} if with_docs else {}),
+                **({"document": document_of(docs[i])} if with_docs else {}),
             }
             for i in order
         ]

@@ -124,32 +124,52 @@ class Served:
     def image_tokens(self, items: list[tuple[str, list[str], str | None]], is_query: bool) -> list[Text]:
         """Texts with images (`image_inputs`: text with `<image>` tags, image URLs, own instruction) -> tokenized
         texts; each image fetched and decoded here, once (kept as a data URI for the forward pass)."""
+        infos = self._images([urls for _, urls, _ in items], "input")
+        return self._within_limit(
+            lambda: self.model.texts([t for t, _, _ in items], is_query, [o for _, _, o in items], infos),
+            "input",
+        )
+
+    def pair_image_tokens(
+        self, query: tuple[str, list[str]], docs: list[tuple[str, list[str]]]
+    ) -> list[Text]:
+        """An image reranker's prompts for (query, document) items with images (`rerank_items`)."""
+        q_infos, *d_infos = self._images([query[1]] + [urls for _, urls in docs], "documents")
+        return self._within_limit(
+            lambda: self.model.pairs(
+                [query[0]] * len(docs), [t for t, _ in docs], [q_infos] * len(docs), d_infos
+            ),
+            "documents",
+        )
+
+    def _images(self, urls: list[list[str]], what: str) -> list[list]:
+        """Each input's image URLs -> their `ImageInfo`s, each fetched and decoded here, once (kept as a data URI
+        for the forward pass); a bad one is a 400 naming it."""
         if not hasattr(self.model, "featurizer"):
-            raise RequestError(400, f"{self.name} reads no images (a Qwen2-VL / Qwen3-VL embedder does)")
+            raise RequestError(400, f"{self.name} reads no images (a Qwen2-VL / Qwen3-VL model does)")
         from embedtune.images import ImageError, probe
 
         infos = []
-        for i, (_, urls, _) in enumerate(items):
-            row = []
-            for j, url in enumerate(urls):
+        for i, row in enumerate(urls):
+            infos.append([])
+            for j, url in enumerate(row):
                 try:
-                    info = probe(
-                        url if url.startswith("data:") else _fetched(url),
-                        self.model.featurizer.max_image_pixels,
-                    )
+                    data = url if url.startswith("data:") else _fetched(url)
+                    infos[-1].append(probe(data, self.model.featurizer.max_image_pixels))
                 except ImageError as e:
-                    raise RequestError(400, f"input[{i}]: image {j}: {e}") from None
-                row.append(info)
-            infos.append(row)
+                    raise RequestError(400, f"{what}[{i}]: image {j}: {e}") from None
+        return infos
+
+    def _within_limit(self, tokenize, what: str) -> list[Text]:
+        """`tokenize()` with the model's max length at `limit` (texts cut, image tokens never: too many, a 400)."""
         saved = self.model.max_length
         self.model.max_length = self.limit
         try:
-            seqs = self.model.texts([t for t, _, _ in items], is_query, [o for _, _, o in items], infos)
+            return tokenize()
         except EmbedtuneError as e:
-            raise RequestError(400, f"input: {e}") from None
+            raise RequestError(400, f"{what}: {e}") from None
         finally:
             self.model.max_length = saved
-        return seqs
 
     @torch.inference_mode()
     def forward(self, seqs: list[Text]) -> np.ndarray:
@@ -459,19 +479,82 @@ def embedding_request(body: dict, served: Served, max_inputs: int):
     return texts, _is_query(body), fmt, _width(body, served)
 
 
+def rerank_items(body: dict, max_inputs: int) -> tuple[tuple, list[tuple]] | None:
+    """A rerank body that holds images, as (query, documents) items `(text with <image> tags, image URLs)`, or
+    None for text-only bodies. Jina's shape: the query and each document a string or `{"text"?, "image"?}` (an
+    image before its text); vLLM's: `documents` an object `{"content": [parts]}`, each part one document (a
+    text part, or an `image_url` part)."""
+    query, docs = body.get("query"), body.get("documents")
+
+    def has_image(x) -> bool:
+        return isinstance(x, dict) and x.get("image") is not None
+
+    if isinstance(docs, dict):
+        parts = docs.get("content")
+        if not isinstance(parts, list) or not parts:
+            raise RequestError(400, "documents: an object holds content, a non-empty list of parts")
+        docs = [_part_item(part, f"documents.content[{i}]") for i, part in enumerate(parts)]
+    elif isinstance(docs, list) and docs and (has_image(query) or any(has_image(d) for d in docs)):
+        docs = [_object_item(d, f"documents[{i}]") for i, d in enumerate(docs)]
+    else:
+        return None
+    if len(docs) > max_inputs:
+        raise RequestError(
+            413, f"documents: {len(docs)} documents, over max_inputs {max_inputs}", "too_large"
+        )
+    if query is None:
+        raise RequestError(400, "query: missing")
+    return _object_item(query, "query"), docs
+
+
+def _object_item(value, where: str) -> tuple[str, list[str]]:
+    """A string or a Jina object `{"text"?, "image"?}` -> (text with an `<image>` tag first if any, its URLs)."""
+    item = {"text": value} if isinstance(value, str) else value
+    text = item.get("text", "") if isinstance(item, dict) else None
+    if not isinstance(text, str) or not (text or item.get("image")):
+        raise RequestError(400, f"{where}: must be a string or an object with text and / or image")
+    urls = [_image_url(item, where)] if item.get("image") is not None else []
+    return ("<image>" if urls else "") + text, urls
+
+
+def _part_item(part, where: str) -> tuple[str, list[str]]:
+    """A content part (`{"type": "text", "text"}` or `{"type": "image_url", "image_url": {"url"}}`) -> an item."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str) and part["text"]:
+        return part["text"], []
+    if kind in ("image_url", "image"):
+        return "<image>", [_image_url(part, where)]
+    raise RequestError(400, f"{where}: a part is text or image_url, got {kind!r}")
+
+
 def rerank_request(body: dict, served: Served, max_inputs: int):
-    """(query, documents, top_n, return_documents) of a valid rerank body."""
+    """(query, documents, top_n, return_documents) of a valid rerank body; with images (`rerank_items`), the
+    query and the documents are (text, image URLs) items."""
     _check_model(body, served)
-    query = _field(body, "query", str, required=True)
-    if not query:
-        raise RequestError(400, "query: empty string")
-    docs = _field(body, "documents", list, required=True)
-    docs = [d.get("text") if isinstance(d, dict) else d for d in docs]  # Cohere also takes {"text": ...}
-    docs = _texts(docs, "documents", max_inputs)
+    items = rerank_items(body, max_inputs)
+    if items is not None and not any(urls for _, urls in [items[0], *items[1]]):  # content parts of text only
+        query, docs = items[0][0], _texts([t for t, _ in items[1]], "documents", max_inputs)
+    elif items is not None:
+        query, docs = items
+    else:
+        query = _field(body, "query", str, required=True)
+        if not query:
+            raise RequestError(400, "query: empty string")
+        docs = _field(body, "documents", list, required=True)
+        docs = [d.get("text") if isinstance(d, dict) else d for d in docs]  # Cohere also takes {"text": ...}
+        docs = _texts(docs, "documents", max_inputs)
     top_n = _field(body, "top_n", int, len(docs))
     if top_n < 1:
         raise RequestError(400, f"top_n: {top_n} must be >= 1")
     return query, docs, min(top_n, len(docs)), _field(body, "return_documents", bool, False)
+
+
+def document_of(doc: str | tuple) -> dict:
+    """A document as a rerank response echoes it: `{"text"}`, with its `"image"` URL when it had one."""
+    if isinstance(doc, str):
+        return {"text": doc}
+    text, urls = doc
+    return {"text": text.removeprefix("<image>") if urls else text, **({"image": urls[0]} if urls else {})}
 
 
 def unit(rows: np.ndarray, dims: int | None) -> np.ndarray:
