@@ -162,14 +162,11 @@ class Served:
 
     def _within_limit(self, tokenize, what: str) -> list[Text]:
         """`tokenize()` with the model's max length at `limit` (texts cut, image tokens never: too many, a 400)."""
-        saved = self.model.max_length
-        self.model.max_length = self.limit
         try:
-            return tokenize()
+            with self.model.max_length_at(self.limit):
+                return tokenize()
         except EmbedtuneError as e:
             raise RequestError(400, f"{what}: {e}") from None
-        finally:
-            self.model.max_length = saved
 
     @torch.inference_mode()
     def forward(self, seqs: list[Text]) -> np.ndarray:

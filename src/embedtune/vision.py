@@ -29,6 +29,7 @@ A reranker's (query, document) prompt is one such text, its images the query's t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -168,6 +169,16 @@ class ReadsImages:
             else:
                 expanded.append(t)
         return np.asarray(expanded, dtype=np.int32)
+
+    @contextlib.contextmanager
+    def max_length_at(self, max_length: int):
+        """`max_length` as the model's for the block (0: the model's own), restored after."""
+        saved = self.max_length
+        self.max_length = max_length or saved
+        try:
+            yield
+        finally:
+            self.max_length = saved
 
     def _too_many(self, counts: list[int]) -> EmbedtuneError:
         return EmbedtuneError(
@@ -318,12 +329,8 @@ class VisionEmbedder(ReadsImages, Embedder):
         self, texts: Sequence[str], is_query: bool = False, padding: bool = True, max_length: int = 0
     ):
         """Text-only texts in the template (what evaluate and serve send): `{"input_ids", "attention_mask"}`."""
-        saved = self.max_length
-        self.max_length = max_length or saved
-        try:
+        with self.max_length_at(max_length):
             seqs = self.texts(texts, is_query)
-        finally:
-            self.max_length = saved
         if not padding:
             return {"input_ids": [s.tolist() for s in seqs]}
         return pad(seqs, self.tokenizer.pad_token_id)
@@ -458,12 +465,8 @@ class VisionReranker(ReadsImages, Reranker):
         self, queries: Sequence[str], docs: Sequence[str], padding: bool = True, max_length: int = 0
     ):
         """Text-only pairs in the prompt (what score, evaluate and serve send without images)."""
-        saved = self.max_length
-        self.max_length = max_length or saved
-        try:
+        with self.max_length_at(max_length):
             seqs = self.pairs(queries, docs)
-        finally:
-            self.max_length = saved
         return (
             pad(seqs, self.tokenizer.pad_token_id) if padding else {"input_ids": [s.tolist() for s in seqs]}
         )

@@ -70,9 +70,8 @@ def run(cfg: ScoreConfig) -> dict:
     t0 = time.perf_counter()
     given = read_rows(cfg.dataset)
     sees = reads_images(cfg.teacher_model, cfg.trust_remote_code)  # a Qwen2-VL / Qwen3-VL teacher: every row
-    checked = (
-        check_images(given, cfg.dataset) if sees else given
-    )  # read and decoded now: FILE:LINE: images[i]
+    # images read and decoded now (FILE:LINE: images[i]); a scored row keeps them resolved, as mine writes them
+    checked = check_images(given, cfg.dataset) if sees else given
     todo = [i for i, r in enumerate(given) if sees or not r.get("images")]
     if not todo:
         raise EmbedtuneError(
@@ -110,9 +109,7 @@ def run(cfg: ScoreConfig) -> dict:
                         if sees or not r.get("images")]  # fmt: skip
             scores = iter(score_rows(teacher, scorable, cfg.score_batch_tokens, shard=gather_over_ranks))
             pairs += sum(1 + len(r.get("rejected_response") or []) for r in scorable)
-            if (
-                rank() == 0
-            ):  # a scored row with images keeps them resolved (absolute paths), as mine writes them
+            if rank() == 0:
                 lines = b"".join(
                     orjson.dumps(r if r.get("images") and not sees else scored_row(r, c, next(scores)))
                     + b"\n"
