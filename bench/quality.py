@@ -264,15 +264,18 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
     mined = work / "train_mined.jsonl"
     scorer = Scorer(files, args.max_length)
 
-    def score(
-        path: str,
-    ) -> dict:  # cached beside the model: the recipes share one --work folder and its baseline
-        cache = Path(str(path).rstrip("/") + f".scifact{args.max_length}.json")
-        if Path(path).parent == work and cache.is_file():
-            return json.loads(cache.read_text())
+    def cache(path: str, suffix: str) -> Path:
+        # The recipes share one --work folder, its baseline and the base model's scores: each model's figures
+        # are cached beside it (the base model's in the work folder).
+        name = Path(path).name if Path(path).parent == work else "base"
+        return work / f"{name}.{suffix}.json"
+
+    def score(path: str) -> dict:
+        cached = cache(path, f"scifact{args.max_length}")
+        if cached.is_file():
+            return json.loads(cached.read_text())
         out = scorer(path)
-        if Path(path).parent == work:
-            cache.write_text(json.dumps(out))
+        cached.write_text(json.dumps(out))
         return out
 
     stsb = Path(args.data_dir) / "stsb" / "dev.jsonl"
@@ -289,18 +292,22 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
         return str(out)
 
     def guard(path: str) -> float:
-        cached = Path(path).with_suffix(".stsb.json")
-        if Path(path).parent == work and cached.is_file():
+        cached = cache(path, "stsb")
+        if cached.is_file():
             return json.loads(cached.read_text())["primary_value"]
         return embedtune("evaluate", "--model", path, "--eval-data", str(stsb), "--output",
-                         str(Path(path).with_suffix(".stsb.json")))["primary_value"]  # fmt: skip
+                         str(cached))["primary_value"]  # fmt: skip
 
     if args.recipe == "distill":
         teacher = work / "teacher"
         if not (teacher / "train_result.json").is_file():
             embedtune("train", "--model", model, "--task-type", "reranker", "--reranker-head", "classifier",
                       "--loss-type", "pointwise_reranker", "--train-data", str(mined), "--output-dir", str(teacher),
-                      "--seed", "1", *common[:-2], "--learning-rate", "2e-5")  # fmt: skip
+                      "--seed", "1", *common[:-2], "--learning-rate", "2e-5",
+                      # Each row is 8 (query, abstract) pairs of up to 256 tokens: 32 rows per pass took 24 GiB
+                      # and was OOM-killed; pointwise loss, so 4 accumulated micro-batches of 8 are exact.
+                      "--per-device-train-batch-size", "8", "--gradient-accumulation-steps",
+                      str(max(1, args.batch_size // 8)))  # fmt: skip
         scored = work / "train_scored.jsonl"
         if not scored.is_file():
             stats = embedtune("score", "--dataset", str(mined), "--teacher-model", str(teacher),
@@ -329,8 +336,10 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
             tuned["stsb_spearman"] = guard(tuned["path"])
             for method in ("linear", "slerp"):
                 out = str(work / f"merged-{method}-{seed}")
-                embedtune("merge", "--adapter", tuned["path"], "--output", out, "--merge-method", method,
-                          "--merge-weight", "0.5")  # fmt: skip
+                # merge writes the folder whole or not at all: a folder with embedtune.json is a finished merge
+                if not (Path(out) / "embedtune.json").is_file():
+                    embedtune("merge", "--adapter", tuned["path"], "--output", out, "--merge-method", method,
+                              "--merge-weight", "0.5")  # fmt: skip
                 results.setdefault(f"merged {method} 0.5", []).append(
                     {**score(out), "stsb_spearman": guard(out)}
                 )
