@@ -278,9 +278,8 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
 
     def cache(path: str, suffix: str) -> Path:
         # The recipes share one --work folder, its baseline and the base model's scores: each model's figures
-        # are cached beside it (the base model's in the work folder).
-        name = Path(path).name if Path(path).parent == work else "base"
-        return work / f"{name}.{suffix}.json"
+        # are cached beside it in the work folder, the base model's (a folder elsewhere) as base.*.json.
+        return work / f"{'base' if path == model else Path(path).name}.{suffix}.json"
 
     def score(path: str) -> dict:
         cached = cache(path, f"scifact{args.max_length}")
