@@ -259,8 +259,9 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
     - qqdd: infonce vs + include_qq, + include_dd, + both.
     - merge: infonce, then that model merged with the base (linear and slerp, weight 0.5); also measured on
       STS-B dev as a guard set (general ability the fine-tune may cost).
-    - distill: a cross-encoder teacher (MiniLM with a classifier head, pointwise on the same mined rows) scores
+    - distill: a cross-encoder teacher (MiniLM with a classifier head, listwise on the same mined rows) scores
       the rows (`embedtune score`); distill_kl (pure KL, and KL + infonce) vs infonce on the same rows.
+    `--columns` runs a subset (the baseline always runs), e.g. `--columns distill_kl`.
     """
     sys.path.insert(0, str(REPO / "bench"))
     from mine_quality import Scorer, mine
@@ -268,12 +269,31 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"embedtune-recipe-{args.recipe}-"))
     work.mkdir(parents=True, exist_ok=True)
+    mined, scored = work / "train_mined.jsonl", work / "train_scored-listwise.jsonl"
+    if args.recipe == "distill":
+        columns = [("infonce (baseline)", mined, []),
+                   ("distill_kl", scored, ["--loss-type", "distill_kl"]),
+                   ("distill_kl + infonce", scored, ["--loss-type", "distill_kl", "--distill-infonce-weight", "1"])]  # fmt: skip
+    elif args.recipe == "qqdd":
+        columns = [("infonce (baseline)", mined, []),
+                   ("+ qq", mined, ["--infonce-include-qq", "true"]),
+                   ("+ dd", mined, ["--infonce-include-dd", "true"]),
+                   ("+ qq + dd", mined, ["--infonce-include-qq", "true", "--infonce-include-dd", "true"])]  # fmt: skip
+    else:
+        columns = [("infonce (baseline)", mined, [])]
+    slug = {name: re.sub(r"\W+", "-", name).strip("-") for name, _, _ in columns}
+    if args.columns:
+        # a subset of the recipe's columns by folder name (the baseline always runs): 3 seeds of one column fit
+        # a sitting where all of them do not
+        keep = set(args.columns.split(","))
+        if unknown := keep - set(slug.values()):
+            sys.exit(f"--columns: unknown {sorted(unknown)}; this recipe has {sorted(slug.values())}")
+        columns = [c for i, c in enumerate(columns) if i == 0 or slug[c[0]] in keep]
     files = prepare_scifact(Path(args.data_dir), work, 7)
     knobs = argparse.Namespace(num_negatives=7, max_length=args.max_length, range_min=0, range_max=100,
                                relative_margin=0.05, sampling="top")  # fmt: skip
-    if not (work / "train_mined.jsonl").is_file():
+    if not mined.is_file():
         mine(files, work, model, knobs)
-    mined = work / "train_mined.jsonl"
     scorer = Scorer(files, args.max_length)
 
     def cache(path: str, suffix: str) -> Path:
@@ -322,7 +342,6 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
                       # and was OOM-killed; a loss per row, so 4 accumulated micro-batches of 8 are exact.
                       "--per-device-train-batch-size", "8", "--gradient-accumulation-steps",
                       str(max(1, args.batch_size // 8)))  # fmt: skip
-        scored = work / "train_scored-listwise.jsonl"
         if not scored.is_file():
             stats = embedtune("score", "--dataset", str(mined), "--teacher-model", str(teacher),
                               "--output", str(scored), "--max-length", str(args.max_length))  # fmt: skip
@@ -330,21 +349,11 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
                 f"teacher scores: positives {stats['positive_scores']}, negatives {stats['negative_scores']}"
             )
         print(f"teacher on its own train rows: {teacher_separation(scored)}", flush=True)
-        columns = [("infonce (baseline)", mined, []),
-                   ("distill_kl", scored, ["--loss-type", "distill_kl"]),
-                   ("distill_kl + infonce", scored, ["--loss-type", "distill_kl", "--distill-infonce-weight", "1"])]  # fmt: skip
-    elif args.recipe == "qqdd":
-        columns = [("infonce (baseline)", mined, []),
-                   ("+ qq", mined, ["--infonce-include-qq", "true"]),
-                   ("+ dd", mined, ["--infonce-include-dd", "true"]),
-                   ("+ qq + dd", mined, ["--infonce-include-qq", "true", "--infonce-include-dd", "true"])]  # fmt: skip
-    else:
-        columns = [("infonce (baseline)", mined, [])]
     results: dict[str, list[dict]] = {}
     base = {**score(model), "stsb_spearman": guard(model) if args.recipe == "merge" else None}
     for seed in seeds:
         for name, data, flags in columns:
-            path = train(re.sub(r"\W+", "-", name).strip("-"), seed, data, *flags)
+            path = train(slug[name], seed, data, *flags)
             results.setdefault(name, []).append({**score(path), "path": path})
         if args.recipe == "merge":
             tuned = results["infonce (baseline)"][-1]
@@ -503,6 +512,10 @@ def main() -> None:
         "--skip-reranker-smoke",
         action="store_true",
         help="rerank tasks: skip the tiny-decoder reranker smoke test",
+    )
+    ap.add_argument(
+        "--columns",
+        help="--task scifact: comma-separated subset of the recipe's columns by folder name, e.g. distill_kl",
     )
     ap.add_argument("--work", default="", help="--task scifact: work folder (a rerun reuses what is there)")
     ap.add_argument(
