@@ -37,6 +37,7 @@ from pathlib import Path
 from run_cli import embedtune
 
 from embedtune.io import read_jsonl, write_jsonl
+from embedtune.teacher import separation
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
@@ -240,18 +241,6 @@ def run_recipe(args, recipe: dict, files: dict, model: str, seeds: list[int], wo
 SCIFACT_RECIPES = ("qqdd", "merge", "distill")
 
 
-def teacher_separation(scored: Path) -> str:
-    """How often the teacher puts a row's positive above all its negatives (in-sample: an upper bound), vs chance."""
-    first, chance, rows = 0, 0.0, 0
-    for line in scored.read_text().splitlines():
-        scores = json.loads(line).get("teacher_scores") or []
-        if len(scores) > 1:
-            rows += 1
-            first += scores[0] > max(scores[1:])
-            chance += 1 / len(scores)
-    return f"positive ranked first in {first}/{rows} rows ({first / max(rows, 1):.1%}; chance {chance / max(rows, 1):.1%})"
-
-
 def scifact_recipe(args, model: str, seeds: list[int]) -> None:
     """SciFact (BEIR; train qrels split by claim as bench/mine_quality.py does, nDCG@10 of the dev claims over the
     whole 5183-abstract corpus), every column trained on the same mined rows (7 mined, 3 seen per step):
@@ -351,7 +340,10 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
             print(
                 f"teacher scores: positives {stats['positive_scores']}, negatives {stats['negative_scores']}"
             )
-        print(f"teacher on its own train rows: {teacher_separation(scored)}", flush=True)
+        # in-sample (the teacher trained on these rows): an upper bound of what it knows
+        sep = separation([r["teacher_scores"] for r in read_jsonl(scored) if "teacher_scores" in r])
+        print(f"teacher on its own train rows: positive ranked first in {sep['positive_first']:.1%} of "
+              f"{sep['rows']} rows (chance {sep['chance']:.1%}), within-row std {sep['row_std']}", flush=True)  # fmt: skip
     results: dict[str, list[dict]] = {}
     base = {**score(model), "stsb_spearman": guard(model) if args.recipe == "merge" else None}
     for seed in seeds:

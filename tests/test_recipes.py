@@ -337,11 +337,27 @@ def rows_of(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_separation_counts_positives_ranked_first_and_the_spread_within_rows():
+    from embedtune.teacher import separation
+
+    # [3, 1, 2]: first, std sqrt(2/3); [0.1, 0.2]: not first, std 0.05; a tie is not first, std 0.0829;
+    # a row without negatives is left out
+    sep = separation([[3.0, 1.0, 2.0], [0.1, 0.2], [0.5, 0.5, 0.4, 0.3], [1.0]])
+    assert sep["rows"] == 3 and sep["positive_first"] == pytest.approx(1 / 3, abs=1e-4)
+    assert sep["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3, abs=1e-4)
+    assert sep["row_std"]["p50"] == pytest.approx(np.std([0.5, 0.5, 0.4, 0.3]), abs=1e-4)
+    assert sep["row_std"]["mean"] == pytest.approx((np.sqrt(2 / 3) + 0.05 + 0.0829156) / 3, abs=1e-4)
+    assert sep["flat"]  # median spread 0.083 < 0.25: temperature 1 would give near-uniform targets
+    assert not separation([[3.0, 1.0, 2.0], [5.0, 0.0]])["flat"]  # logits a reranker spreads
+    assert separation([[1.0], []]) == {"rows": 0}
+
+
 def test_score_writes_a_reranker_teachers_logits_and_an_embedders_cosines(
-    tiny_qwen3_path, fixtures_dir, tmp_path
+    tiny_qwen3_path, fixtures_dir, tmp_path, capsys
 ):
     from embedtune.modeling import load_model
     from embedtune.steps import score
+    from embedtune.teacher import separation
 
     data = fixtures_dir / "train" / "infonce.jsonl"
     given = rows_of(data)
@@ -360,6 +376,10 @@ def test_score_writes_a_reranker_teachers_logits_and_an_embedders_cosines(
     assert stats["pairs_scored_this_run"] == sum(1 + len(r.get("rejected_response", [])) for r in given)
     assert json.loads((tmp_path / "scored.jsonl.stats.json").read_text()) == stats
     assert not list(tmp_path.glob(".*partial*"))
+    assert stats["separation"] == separation([s["teacher_scores"] for s in scored])
+    assert stats["separation"]["rows"] == sum(bool(r.get("rejected_response")) for r in given)
+    # the warning follows the measured spread (a random tiny teacher's is whatever it is; both ways wired)
+    assert ("warning: the scores spread little" in capsys.readouterr().err) == stats["separation"]["flat"]
 
     out = tmp_path / "cos.jsonl"
     score.run(ScoreConfig(dataset=str(data), output=str(out), teacher_model=str(tiny_qwen3_path),

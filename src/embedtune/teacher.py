@@ -29,6 +29,7 @@ import torch
 
 from embedtune.features import ids_of, pad, texts_of
 from embedtune.images import infos_by_text
+from embedtune.mining import percentiles
 from embedtune.modeling import Embedder
 from embedtune.scoring import row_dots, whole
 
@@ -114,3 +115,31 @@ def score_rows(model, rows: Sequence[dict], max_tokens: int, shard=whole) -> lis
         out.append([float(x) for x in flat[start : start + n]])
         start += n
     return out
+
+
+# Below this median within-row spread the softmax at temperature 1 is near uniform: scores 0.25 apart weigh at
+# most e^0.5 ~ 1.6x each other, so distill_kl at --distill-teacher-temperature 1 trains toward "all alike".
+FLAT_SPREAD = 0.25
+
+
+def separation(score_lists: Sequence[Sequence[float]]) -> dict:
+    """What a teacher's scores can teach, over rows with a positive and at least one negative (on its own
+    training rows this is in-sample, an upper bound):
+
+    - `positive_first`: the fraction of rows whose positive (`scores[0]`) beats every negative, beside `chance`
+      (the mean of 1 / documents), what a teacher that knows nothing gets;
+    - `row_std`: the percentiles of each row's score std (population): the spread `--distill-teacher-temperature`
+      divides; near-zero spreads give near-uniform targets at temperature 1 (`flat`: median below FLAT_SPREAD).
+    """
+    ranked = [np.asarray(s, dtype=np.float64) for s in score_lists if len(s) > 1]
+    if not ranked:
+        return {"rows": 0}
+    first = sum(bool(s[0] > s[1:].max()) for s in ranked)
+    stds = [float(s.std()) for s in ranked]
+    return {
+        "rows": len(ranked),
+        "positive_first": round(first / len(ranked), 4),
+        "chance": round(float(np.mean([1 / len(s) for s in ranked])), 4),
+        "row_std": percentiles(stds),
+        "flat": bool(np.median(stds) < FLAT_SPREAD),
+    }

@@ -22,7 +22,9 @@ is `embedtune.teacher`):
    at a time (`teacher.score_rows`: batched by tokens, the passes split across ranks); after each chunk
    rank 0 appends it to the partial file, syncs it and records the new resume point.
 6. Write the rows and `<output>.stats.json` together (`outputs.OutputSet`), then remove the partial files:
-   rows, pairs, score percentiles of positives and negatives, seconds, pairs/s.
+   rows, pairs, score percentiles of positives and negatives, the teacher's `separation` (how often it ranks
+   the positive first vs chance, and its within-row spread: a warning when that is too flat for temperature
+   1), seconds, pairs/s.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from embedtune.modeling import Embedder
 from embedtune.outputs import OutputSet, refuse_inputs
 from embedtune.progress import rank, say
 from embedtune.scoring import scoring_model
-from embedtune.teacher import score_rows
+from embedtune.teacher import FLAT_SPREAD, score_rows, separation
 from embedtune.vision import reads_images
 
 KNOBS = ("teacher_model", "teacher_task_type", "max_length", "dtype")  # what a resume must share
@@ -125,8 +127,8 @@ def run(cfg: ScoreConfig) -> dict:
     if rank() == 0:
         lines = list(read_lines(partial))  # the rows of this run and of any run it resumed
         scored = [orjson.loads(line) for line in lines]
-        positive = [r["teacher_scores"][0] for r in scored if "teacher_scores" in r]
-        negative = [s for r in scored if "teacher_scores" in r for s in r["teacher_scores"][1:]]
+        lists = [r["teacher_scores"] for r in scored if "teacher_scores" in r]
+        positive, negative = [s[0] for s in lists], [x for s in lists for x in s[1:]]
         t2 = time.perf_counter()
         result = {
             "dataset": cfg.dataset,
@@ -142,6 +144,7 @@ def run(cfg: ScoreConfig) -> dict:
             "processes": world,
             "positive_scores": percentiles(positive),
             "negative_scores": percentiles(negative),
+            "separation": separation(lists),
             "seconds": {"read": round(t1 - t0, 3), "score": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
             "pairs_per_second": round(pairs / max(t2 - t1, 1e-9), 2),
         }
@@ -155,6 +158,20 @@ def run(cfg: ScoreConfig) -> dict:
             f"{pairs} pairs in {t2 - t1:.1f}s; positive p50 {result['positive_scores'].get('p50')}, "
             f"negative p50 {result['negative_scores'].get('p50')}",
         )
+        sep = result["separation"]
+        if sep["rows"]:
+            say(
+                "score",
+                f"positive ranked first in {sep['positive_first']:.1%} of {sep['rows']} rows "
+                f"(chance {sep['chance']:.1%}); median spread within a row {sep['row_std']['p50']}",
+            )
+        if sep.get("flat"):
+            say(
+                "score",
+                f"warning: the scores spread little within rows (median std {sep['row_std']['p50']} < "
+                f"{FLAT_SPREAD}): at --distill-teacher-temperature 1 distill_kl's targets are near uniform; "
+                "pass a temperature near that spread (cosine-like scores: the student's, e.g. 0.02)",
+            )
     if world > 1:
         dist.barrier()
         result = result if result is not None else read_json(stats_path)
