@@ -37,7 +37,6 @@ from pathlib import Path
 from run_cli import embedtune
 
 from embedtune.io import read_jsonl, write_jsonl
-from embedtune.teacher import separation
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
@@ -340,8 +339,9 @@ def scifact_recipe(args, model: str, seeds: list[int]) -> None:
             print(
                 f"teacher scores: positives {stats['positive_scores']}, negatives {stats['negative_scores']}"
             )
-        # in-sample (the teacher trained on these rows): an upper bound of what it knows
-        sep = separation([r["teacher_scores"] for r in read_jsonl(scored) if "teacher_scores" in r])
+        # score writes its teacher's separation beside the rows (both or neither); in-sample here (the teacher
+        # trained on these rows): an upper bound of what it knows
+        sep = json.loads(Path(f"{scored}.stats.json").read_text())["separation"]
         print(f"teacher on its own train rows: positive ranked first in {sep['positive_first']:.1%} of "
               f"{sep['rows']} rows (chance {sep['chance']:.1%}), within-row std {sep['row_std']}", flush=True)  # fmt: skip
     results: dict[str, list[dict]] = {}
